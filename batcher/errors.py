@@ -1,0 +1,124 @@
+"""The exception tree of batcher.
+
+Everything batcher raises on purpose derives from :class:`BatcherError`; the CLI turns each
+family into one exit code and a plain message, and nothing else in the package prints.
+
+    BatcherError
+    ├── UsageError            exit 2: a bad command line or option
+    │   └── ManifestError     exit 2: a manifest that cannot be run (file, line, field)
+    ├── ConfigError           exit 2: a provider that cannot be reached as configured (missing key)
+    ├── AuthError             exit 3: the provider refused the key or the config (401/403)
+    ├── Interrupted           exit 130: Ctrl-C or SIGTERM; the same command resumes
+    └── ProviderError         one request went wrong; the runner classifies it and retries or records
+        ├── HTTPStatusError   the provider answered with a non-2xx status
+        ├── ResponseError     a 2xx answer without the fields it promises (bad JSON, no data, bad base64)
+        ├── TransportError    timeout, refused or reset connection, truncated body
+        └── DownloadError     an image URL that could not be fetched or is not an image
+
+Lower-level exceptions (aiohttp, json, binascii, yaml) are translated into these in exactly one
+place each, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class BatcherError(Exception):
+    """Base class of every error batcher raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(BatcherError):
+    """The command line or an option is wrong; nothing was sent."""
+
+    exit_code = 2
+
+
+class ManifestError(UsageError):
+    """A manifest that cannot be run: names the file, the line where known, and the field."""
+
+    def __init__(
+        self, message: str, *, file: str, line: int | None = None, field: str | None = None
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.field = field
+        self.reason = message
+        where = f"{file}:{line}" if line else file
+        what = f"{field}: {message}" if field else message
+        super().__init__(f"{where}: {what}")
+
+
+class ConfigError(BatcherError):
+    """A provider is configured in a way that cannot work (a missing key); nothing was sent."""
+
+    exit_code = 2
+
+
+class AuthError(BatcherError):
+    """The provider refused the key or the configuration (401/403); the run stopped early."""
+
+    exit_code = 3
+
+
+class Interrupted(BatcherError):
+    """The run was interrupted by a signal; everything finished is saved."""
+
+    exit_code = 130
+
+
+class ProviderError(BatcherError):
+    """One request to a provider went wrong. ``reason`` is a short stable name for reports."""
+
+    reason = "provider_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class HTTPStatusError(ProviderError):
+    """The provider answered with a non-2xx status; ``message``/``code`` come from its error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
+        self.code = code
+        self.reason = f"http_{status}"
+
+    def __str__(self) -> str:
+        code = f" ({self.code})" if self.code else ""
+        return f"HTTP {self.status}{code}: {self.message}"
+
+
+class ResponseError(ProviderError):
+    """A 2xx answer that does not hold what it promises."""
+
+    def __init__(self, message: str, *, reason: str = "bad_response") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TransportError(ProviderError):
+    """The request never got a whole answer: timeout, refused or reset connection."""
+
+    def __init__(self, message: str, *, reason: str = "connection") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class DownloadError(ProviderError):
+    """An image URL could not be downloaded, or what came back is not an image."""
+
+    def __init__(self, message: str, *, reason: str = "download", retryable: bool = True) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retryable = retryable
