@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from aiolimiter import AsyncLimiter
 
 _UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
@@ -62,42 +62,78 @@ def parse_rate(text: str) -> Rate:
 class Pacer:
     """Rate limit, concurrency cap and shared pause for one provider.
 
-    The rate limit is the spacing form of a leaky bucket: one start per ``rate.interval``, so no
-    rolling window of the period ever holds more than ``rate.count`` starts (a bucket of
-    capacity N would let up to 2N-1 through one window). A 429 pauses every worker at once.
+    Starts are spaced evenly, one per ``interval``: no rolling window of the period ever holds
+    more than ``rate.count`` starts (a token bucket of capacity N would let up to 2N-1 through
+    one window). Each request reserves the next free start time, so waiters go in order. A 429
+    pauses every worker at once and voids the turns reserved before it; the pacer then slows to
+    the pace the provider accepted and creeps back up while no 429 comes.
     """
+
+    RECOVERY = 1.05  # speed-up per quiet period after a slow-down
 
     def __init__(self, rate: Rate | None, concurrency: int) -> None:
         self.rate = rate
-        self._limiter = AsyncLimiter(1, rate.interval) if rate else None
+        self.interval = rate.interval if rate else 0.0
         self._slots = asyncio.Semaphore(concurrency)
+        self._next = 0.0
         self._resume_at = 0.0
-        self.paused_total = 0.0
+        self._epoch = 0
+        self._starts: deque[float] = deque()
+        self._quiet_since = 0.0
 
     def pause(self, seconds: float) -> None:
         """Hold every new request to this provider for ``seconds`` from now."""
-        loop = asyncio.get_running_loop()
-        resume_at = loop.time() + seconds
+        resume_at = asyncio.get_running_loop().time() + max(seconds, 0.0)
         if resume_at > self._resume_at:
-            self.paused_total += resume_at - max(self._resume_at, loop.time())
             self._resume_at = resume_at
+            self._next = resume_at
+            self._epoch += 1
 
-    async def _wait_for_pause(self) -> None:
+    def slow_down(self) -> None:
+        """The provider answered 429: pace at what it accepted over the last period."""
+        if self.rate is None:
+            return
+        now = asyncio.get_running_loop().time()
+        self._forget(now)
+        accepted = max(len(self._starts) - 1, 1)  # the start just refused does not count
+        self.interval = max(self.interval, self.rate.period / accepted + JITTER_MARGIN / 10)
+        self._quiet_since = now
+
+    def _forget(self, now: float) -> None:
+        assert self.rate is not None
+        while self._starts and self._starts[0] <= now - self.rate.period:
+            self._starts.popleft()
+
+    def _recover(self, now: float) -> None:
+        assert self.rate is not None
+        if self.interval > self.rate.interval and now - self._quiet_since >= self.rate.period:
+            self.interval = max(self.rate.interval, self.interval / self.RECOVERY)
+            self._quiet_since = now
+
+    async def _take_turn(self) -> None:
         loop = asyncio.get_running_loop()
-        while (delay := self._resume_at - loop.time()) > 0:
-            await asyncio.sleep(delay)
+        while True:
+            now = loop.time()
+            if self.rate is None:
+                if self._resume_at <= now:
+                    return
+                await asyncio.sleep(self._resume_at - now)
+                continue
+            self._recover(now)
+            epoch = self._epoch
+            start = max(now, self._next, self._resume_at)
+            self._next = start + self.interval
+            if start > now:
+                await asyncio.sleep(start - now)
+            if epoch == self._epoch:  # no 429 arrived while waiting: the turn stands
+                now = loop.time()
+                self._starts.append(now)
+                self._forget(now)
+                return
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Wait for a concurrency slot, the end of any pause and the next rate-limit start."""
-        loop = asyncio.get_running_loop()
+        """Hold a concurrency slot from the next paced start until the request is done."""
         async with self._slots:
-            while True:
-                await self._wait_for_pause()
-                if self._limiter is not None:
-                    await self._limiter.acquire()
-                # A 429 that arrived while this request waited for its turn voids the turn:
-                # going now would burst everyone queued behind the pause at once.
-                if self._resume_at <= loop.time():
-                    break
+            await self._take_turn()
             yield

@@ -1,0 +1,65 @@
+"""Request bodies: a task turned into the JSON an OpenAI-compatible endpoint takes.
+
+Local input images become ``data:`` URIs (read once, kept while a few jobs share them);
+URLs and data URIs pass through. The sidecar copy of a body names each input image by its
+sha256 instead of carrying the image again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import mimetypes
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from batcher.tasks import Task, chat_messages
+
+_CACHE_SIZE = 16
+
+
+class InputImages:
+    """Turns a task's image references into what the API takes, caching the last few files."""
+
+    def __init__(self) -> None:
+        self._cache: OrderedDict[Path, tuple[str, str]] = OrderedDict()
+
+    def data_uri(self, ref: str, base_dir: Path | None) -> tuple[str, str]:
+        """(what to send, how the sidecar names it)."""
+        if ref.startswith(("http://", "https://")):
+            return ref, ref
+        if ref.startswith("data:"):
+            return ref, "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
+        path = ((base_dir or Path.cwd()) / ref).expanduser()
+        cached = self._cache.get(path)
+        if cached is None:
+            data = path.read_bytes()
+            mime = mimetypes.guess_type(path.name)[0] or "image/png"
+            encoded = base64.b64encode(data).decode("ascii")
+            cached = (f"data:{mime};base64,{encoded}", "sha256:" + hashlib.sha256(data).hexdigest())
+            self._cache[path] = cached
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(path)
+        return cached
+
+
+def build_body(task: Task, images: InputImages) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the request body, a copy fit for the sidecar: input images named by hash)."""
+    body: dict[str, Any] = {"model": task.model}
+    if task.kind == "chat":
+        body["messages"] = (
+            list(task.messages) if task.messages is not None
+            else chat_messages(task.prompt, task.system)
+        )
+    else:
+        body["prompt"] = task.prompt
+    body.update(task.params or {})
+    if task.seed is not None:
+        body["seed"] = task.seed
+    if not task.images:
+        return body, body
+    sent, named = zip(*(images.data_uri(ref, task.base_dir) for ref in task.images), strict=True)
+    return {**body, "images": list(sent)}, {**body, "images": list(named)}

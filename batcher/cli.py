@@ -1,0 +1,183 @@
+"""The command line: parse arguments, set up logging, run, map errors to exit codes.
+
+Exit codes: 0 every task ok; 1 some failed; 2 bad manifest or command line (nothing sent);
+3 the provider refused the key or config; 130 interrupted (the same command resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from batcher import commands
+from batcher.errors import BatcherError, UsageError
+from batcher.limits import parse_rate
+from batcher.plan import Selection
+from batcher.runner import RunOptions
+
+log = logging.getLogger("batcher")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write I/N, such as 2/4") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be from 1 to N")
+    return index, count
+
+
+def _rate(text: str):  # type: ignore[no-untyped-def]
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", type=Path, help="a YAML manifest or a JSONL task file")
+    parser.add_argument("--output", type=Path, help="output folder (default: the manifest's)")
+    parser.add_argument("--provider", help="provider for a JSONL task file (default: vultr)")
+    parser.add_argument("--concurrency", type=_positive, help="most requests in flight")
+    parser.add_argument("--rate", type=_rate, help="rate limit, such as 60/min or 20/10s")
+    parser.add_argument("--only", metavar="JOB", help="run only this job")
+    parser.add_argument("--limit", type=_positive, help="run at most N new tasks")
+    parser.add_argument("--skip-failed", action="store_true", help="leave failed tasks alone")
+    parser.add_argument("--shard", type=_shard, metavar="I/N", help="run only shard I of N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batcher", description="Run manifests of image and chat jobs, paced and resumable."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run what is not done yet")
+    _add_run_options(run)
+    run.add_argument("--dry-run", action="store_true", help="plan only; send nothing")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    run.add_argument("--log-every", type=float, default=10.0, metavar="S",
+                     help="seconds between progress lines when not on a terminal")
+    run.add_argument("--grace", type=float, default=10.0, metavar="S",
+                     help="seconds in-flight requests get to finish after Ctrl-C")
+
+    plan = sub.add_parser("plan", help="count what a run would do; send nothing")
+    _add_run_options(plan)
+    plan.add_argument("--check", action="store_true",
+                      help="ask each provider's /models and flag unknown model names")
+
+    validate = sub.add_parser("validate", help="check a manifest (exit 0 or 2)")
+    validate.add_argument("manifest", type=Path)
+    validate.add_argument("--provider")
+
+    status = sub.add_parser("status", help="what the ledger says")
+    status.add_argument("target", type=Path, help="a manifest or an output folder")
+    status.add_argument("--output", type=Path)
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--verify", action="store_true", help="re-hash every file")
+
+    models = sub.add_parser("models", help="list a provider's models")
+    models.add_argument("provider")
+    models.add_argument("--manifest", type=Path, help="a manifest that defines the provider")
+
+    serve = sub.add_parser("serve", help="the built-in OpenAI-compatible server")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--latency", type=float, default=0.0, metavar="S")
+    serve.add_argument("--rate-limit", type=_rate, metavar="N/PERIOD",
+                       help="answer 429 past this many requests in a rolling window")
+    serve.add_argument("--api-key", help="require this bearer key (401 otherwise)")
+    serve.add_argument("--fault-rate", type=float, default=0.0,
+                       help="fraction of distinct requests that fail on their first try")
+    serve.add_argument("--fault-kinds", default="500,502,503,reset,truncated")
+    serve.add_argument("--fail-rate", type=float, default=0.0,
+                       help="fraction of distinct requests that always fail")
+
+    merge = sub.add_parser("merge", help="combine shard outputs into one")
+    merge.add_argument("inputs", nargs="+", type=Path)
+    merge.add_argument("--output", type=Path, required=True)
+
+    report = sub.add_parser("report", help="write results.jsonl and index.html again")
+    report.add_argument("output", type=Path)
+    return parser
+
+
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    selection = Selection(
+        only=args.only, shard=args.shard, skip_failed=args.skip_failed, limit=args.limit
+    )
+    return RunOptions(
+        output=args.output, selection=selection, concurrency=args.concurrency, rate=args.rate,
+        progress=False if getattr(args, "no_progress", False) else None,
+        log_every=getattr(args, "log_every", 10.0), grace=getattr(args, "grace", 10.0),
+    )
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run" and args.dry_run:
+        args.command, args.check = "plan", False
+    if args.command in {"run", "plan"}:
+        options = _run_options(args)
+        if args.command == "plan":
+            return commands.plan(args.manifest, args.provider, options, check=args.check)
+        return asyncio.run(commands.run(args.manifest, args.provider, options))
+    if args.command == "validate":
+        return commands.validate(args.manifest, args.provider)
+    if args.command == "status":
+        return commands.status(args.target, args.output, as_json=args.json, verify=args.verify)
+    if args.command == "models":
+        return asyncio.run(commands.models(args.provider, args.manifest))
+    if args.command == "serve":
+        return commands.serve(args)
+    if args.command == "merge":
+        return commands.merge(args.inputs, args.output)
+    if args.command == "report":
+        return commands.report(args.output)
+    raise UsageError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("batcher").setLevel(logging.INFO)
+    try:
+        return dispatch(args)
+    except BatcherError as error:
+        print(f"batcher: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("batcher: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def print_json(data: object) -> None:
+    print(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""What each command does, returning its exit code; printing for people happens here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from batcher.errors import BatcherError, ConfigError, UsageError
+from batcher.ledger import LEDGER_NAME, Ledger
+from batcher.manifest import Manifest, load_manifest
+from batcher.plan import Plan, make_plan, output_dir
+from batcher.providers.config import builtin_providers, resolve_key
+from batcher.providers.openai_compat import OpenAICompatible
+from batcher.runner import RunOptions, effective_configs, run as run_manifest, used_providers
+from batcher.status import ledger_status, print_status
+
+
+def validate(path: Path, provider: str | None) -> int:
+    manifest = load_manifest(path, provider=provider)
+    jobs = ", ".join(job.name for job in manifest.jobs)
+    print(f"{path}: ok ({len(manifest.jobs)} jobs: {jobs})")
+    return 0
+
+
+async def run(path: Path, provider: str | None, options: RunOptions) -> int:
+    manifest = load_manifest(path, provider=provider)
+    outcome = await run_manifest(manifest, options)
+    summary = outcome.summary
+    print(
+        f"batcher: {summary['ok']} ok, {summary['failed']} failed, {summary['pending']} pending "
+        f"of {summary['total']} ({summary['skipped']} already done, {summary['ran']} ran, "
+        f"{summary['retries']} retries, {summary['rate_limited']} rate-limited) in "
+        f"{summary['elapsed_s']:.1f} s -> {outcome.output}",
+        file=sys.stderr,
+    )
+    if outcome.message:
+        print(f"batcher: {outcome.message}", file=sys.stderr)
+    if outcome.exit_code == 130:
+        print("batcher: interrupted; run the same command to finish", file=sys.stderr)
+    return outcome.exit_code
+
+
+def _done_and_failed(manifest: Manifest, root: Path) -> tuple[set[str], set[str]]:
+    ledger = Ledger.open_existing(root)
+    if ledger is None:
+        return set(), set()
+    with ledger:
+        return ledger.statuses(root)
+
+
+def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool) -> int:
+    manifest = load_manifest(path, provider=provider)
+    root = output_dir(manifest, options.output)
+    done, failed = _done_and_failed(manifest, root)
+    result = make_plan(manifest, options.selection, done, failed)
+    configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
+    _print_plan(result, {name: c.rate_limit for name, c in configs.items()}, root)
+    if check:
+        return asyncio.run(_check_models(manifest, result, options))
+    return 0
+
+
+def _print_plan(result: Plan, rates: dict, root: Path) -> None:  # type: ignore[type-arg]
+    print(f"{'job':<24} {'model':<40} {'total':>9} {'done':>9} {'failed':>8} {'to run':>9}")
+    for (job, model), c in result.by_model.items():
+        print(f"{job:<24} {model:<40} {c.total:>9} {c.done:>9} {c.failed:>8} {c.to_run:>9}")
+    t = result.totals
+    print(f"{'total':<65} {t.total:>9} {t.done:>9} {t.failed:>8} {t.to_run:>9}")
+    eta = result.eta_seconds(rates)
+    limits = ", ".join(f"{name} {rate or 'unlimited'}" for name, rate in sorted(rates.items()))
+    eta_text = "unknown (no rate limit)" if eta is None else _duration(eta)
+    print(f"output: {root}\nrate limits: {limits}\nETA at the rate limit: {eta_text}")
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+async def _check_models(manifest: Manifest, result: Plan, options: RunOptions) -> int:
+    """Ask each provider's /models; flag model names it does not serve. Exit 2 if any."""
+    configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
+    wanted: dict[str, set[str]] = {}
+    for job in manifest.jobs:
+        if job.provider in configs:
+            wanted.setdefault(job.provider, set()).update(job.models)
+    for job, model in result.by_model:
+        spec = next(j for j in manifest.jobs if j.name == job)
+        wanted.setdefault(spec.provider, set()).add(model)
+    missing = 0
+    async with _client_session() as session, _local_server_if(configs) as server:
+        for name, config in configs.items():
+            client = OpenAICompatible(
+                config, session, resolve_key(config),
+                base_url=server.api_url if config.is_local and server else None,
+            )
+            served = set(await _list_models(client, name))
+            for model in sorted(wanted.get(name, ())):
+                if model not in served:
+                    missing += 1
+                    print(f"check: provider {name} does not serve model {model!r}")
+    print("check: every model is served" if not missing else f"check: {missing} unknown models")
+    return 2 if missing else 0
+
+
+async def _list_models(client: OpenAICompatible, name: str) -> list[str]:
+    from batcher.errors import HTTPStatusError, ProviderError
+
+    try:
+        return await client.list_models()
+    except HTTPStatusError as exc:
+        if exc.status in {401, 403}:
+            from batcher.errors import AuthError
+
+            raise AuthError(f"provider {name} refused the key: {exc}") from exc
+        raise BatcherError(f"provider {name}: {exc}") from exc
+    except ProviderError as exc:
+        raise BatcherError(f"provider {name}: {exc}") from exc
+
+
+def _client_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession()
+
+
+class _local_server_if:  # noqa: N801 - used as a context manager
+    """Start the built-in server when one of the providers is ``local``."""
+
+    def __init__(self, configs: dict) -> None:  # type: ignore[type-arg]
+        self._needed = any(config.is_local for config in configs.values())
+        self._server = None
+
+    async def __aenter__(self):  # type: ignore[no-untyped-def]
+        if self._needed:
+            from batcher.server import LocalServer
+
+            self._server = LocalServer()
+            await self._server.start()
+        return self._server
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            await self._server.stop()
+
+
+async def models(name: str, manifest_path: Path | None) -> int:
+    providers = load_manifest(manifest_path).providers if manifest_path else builtin_providers()
+    config = providers.get(name)
+    if config is None:
+        raise UsageError(f"unknown provider {name!r} (known: {', '.join(sorted(providers))})")
+    async with _client_session() as session, _local_server_if({name: config}) as server:
+        client = OpenAICompatible(
+            config, session, resolve_key(config),
+            base_url=server.api_url if server is not None else None,
+        )
+        for model in await _list_models(client, name):
+            print(model)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from batcher.server import ServerOptions, serve_forever
+
+    options = ServerOptions(
+        host=args.host, port=args.port, latency=args.latency,
+        rate_limit=(args.rate_limit.count, args.rate_limit.period) if args.rate_limit else None,
+        api_key=args.api_key, fault_rate=args.fault_rate,
+        fault_kinds=tuple(kind.strip() for kind in args.fault_kinds.split(",") if kind.strip()),
+        fail_rate=args.fail_rate,
+    )
+    try:
+        asyncio.run(serve_forever(options))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def status(target: Path, output: Path | None, *, as_json: bool, verify: bool) -> int:
+    manifest = None
+    if target.is_file():
+        manifest = load_manifest(target, provider=None if target.suffix != ".jsonl" else None)
+        root = output_dir(manifest, output)
+    else:
+        root = output or target
+    if not (root / LEDGER_NAME).is_file():
+        raise UsageError(f"{root}: no ledger here (nothing has run into this folder yet)")
+    report = ledger_status(root, manifest, verify=verify)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_status(report)
+    return 1 if report["failed"] or report.get("changed") else 0
+
+
+def merge(inputs: list[Path], output: Path) -> int:
+    from batcher.merge import merge_outputs
+
+    count = merge_outputs(inputs, output)
+    print(f"merged {count} tasks from {len(inputs)} outputs into {output}")
+    return 0
+
+
+def report(output: Path) -> int:
+    from batcher.report import write_listings
+
+    ledger = Ledger.open_existing(output)
+    if ledger is None:
+        raise UsageError(f"{output}: no ledger here")
+    with ledger:
+        write_listings(output, ledger)
+    print(f"wrote {output / 'results.jsonl'} and {output / 'index.html'}")
+    return 0
+
+
+__all__ = ["ConfigError", "merge", "models", "plan", "report", "run", "serve", "status",
+           "validate"]

@@ -1,0 +1,90 @@
+"""Fetching generated images from their URLs, at once, with no API key.
+
+The downloader has its own ``aiohttp.ClientSession`` with no default headers, so nothing of the
+API's authentication can reach an image host, even across a redirect. Bytes are streamed to a
+temporary file with a size cap (checked against Content-Length and the bytes actually read) and
+must start like an image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from batcher.errors import DownloadError
+from batcher.imagegen import image_kind
+from batcher.retry import backoff
+from batcher.storage import AtomicFile
+
+CHUNK = 256 * 1024
+ATTEMPTS = 3
+
+
+class Downloader:
+    """Downloads image URLs into atomic files under the output folder."""
+
+    def __init__(self, session: aiohttp.ClientSession, *, cap: int, timeout: float) -> None:
+        self._session = session
+        self._cap = cap
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
+
+    async def fetch(self, url: str, stem: Path) -> tuple[Path, int, str]:
+        """Download ``url`` to ``stem`` plus the image's extension; retried a few times.
+
+        Returns (path, size, sha256). Raises :class:`DownloadError` once the tries are spent,
+        which makes the runner retry the generation itself.
+        """
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in {"http", "https"}:
+            raise DownloadError(f"image URL is not http(s): {url[:100]}", reason="bad_url",
+                                retryable=False)
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return await self._fetch_once(url, stem)
+            except DownloadError as exc:
+                if not exc.retryable or attempt == ATTEMPTS:
+                    raise
+                await asyncio.sleep(backoff(attempt, base=0.2, cap=2.0))
+        raise AssertionError("unreachable")
+
+    async def _fetch_once(self, url: str, stem: Path) -> tuple[Path, int, str]:
+        try:
+            async with self._session.get(url, timeout=self._timeout, max_redirects=5) as response:
+                if response.status != 200:
+                    raise DownloadError(
+                        f"image download answered HTTP {response.status}",
+                        reason=f"download_{response.status}",
+                    )
+                length = response.content_length
+                if length is not None and length > self._cap:
+                    raise DownloadError(
+                        f"image is {length} bytes, over the {self._cap}-byte cap",
+                        reason="download_too_large", retryable=False,
+                    )
+                return await self._save(response, stem)
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            raise DownloadError("image download timed out", reason="download_timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise DownloadError(f"image download failed: {exc}", reason="download") from exc
+
+    async def _save(self, response: aiohttp.ClientResponse, stem: Path) -> tuple[Path, int, str]:
+        first = b""
+        while len(first) < 16 and (more := await response.content.read(16 - len(first))):
+            first += more
+        kind = image_kind(first)
+        if kind is None:
+            raise DownloadError("the image URL did not serve an image", reason="not_image")
+        final = stem.with_name(f"{stem.name}.{kind}")
+        async with AtomicFile(final) as handle:
+            await handle.write(first)
+            async for block in response.content.iter_chunked(CHUNK):
+                if handle.size + len(block) > self._cap:
+                    raise DownloadError(
+                        f"image is over the {self._cap}-byte cap", reason="download_too_large",
+                        retryable=False,
+                    )
+                await handle.write(block)
+        return final, handle.size, handle.sha256

@@ -1,0 +1,229 @@
+"""The SQLite ledger: the source of truth for what finished, one row per task.
+
+A row is written only after its files are renamed into place, so a row never names a missing
+file. Rows that finish in the same turn of the event loop are committed together, right after:
+a group commit that adds no waiting, so a kill loses at most the results of that one turn.
+The database runs in WAL mode; a committed row survives a killed process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LEDGER_NAME = "ledger.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id          TEXT PRIMARY KEY,
+    job         TEXT NOT NULL,
+    provider    TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    prompt      TEXT NOT NULL,
+    seed        INTEGER,
+    vars        TEXT,
+    status      TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    attempts    INTEGER NOT NULL,
+    reason      TEXT,
+    error       TEXT,
+    error_code  TEXT,
+    http_status INTEGER,
+    files       TEXT NOT NULL DEFAULT '[]',
+    usage       TEXT,
+    response    TEXT,
+    started     REAL,
+    finished    REAL,
+    elapsed     REAL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_COLUMNS = (
+    "id", "job", "provider", "kind", "model", "prompt", "seed", "vars", "status", "attempts",
+    "reason", "error", "error_code", "http_status", "files", "usage", "response", "started",
+    "finished", "elapsed",
+)
+_UPSERT = (
+    f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+    "ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in {"id", "attempts"})
+    + ", attempts = tasks.attempts + excluded.attempts"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """A saved file, relative to the output folder."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(slots=True)
+class Record:
+    """The outcome of one task in one run; ``attempts`` adds to earlier runs' count."""
+
+    id: str
+    job: str
+    provider: str
+    kind: str
+    model: str
+    prompt: str
+    seed: int | None
+    status: str
+    attempts: int
+    vars: Mapping[str, str] = field(default_factory=dict)
+    reason: str | None = None
+    error: str | None = None
+    error_code: str | None = None
+    http_status: int | None = None
+    files: list[FileRecord] = field(default_factory=list)
+    usage: Mapping[str, Any] | None = None
+    response: Mapping[str, Any] | None = None
+    started: float | None = None
+    finished: float | None = None
+    elapsed: float | None = None
+
+    def as_row(self) -> tuple[Any, ...]:
+        return (
+            self.id, self.job, self.provider, self.kind, self.model, self.prompt, self.seed,
+            _dumps(dict(self.vars)) if self.vars else None, self.status, self.attempts,
+            self.reason, self.error, self.error_code, self.http_status,
+            _dumps([[f.path, f.size, f.sha256] for f in self.files]),
+            _dumps(self.usage), _dumps(self.response), self.started, self.finished, self.elapsed,
+        )
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Record:
+        data = dict(row)
+        data["vars"] = json.loads(data["vars"]) if data["vars"] else {}
+        data["files"] = [FileRecord(*item) for item in json.loads(data["files"] or "[]")]
+        for key in ("usage", "response"):
+            data[key] = json.loads(data[key]) if data[key] else None
+        return cls(**data)
+
+
+def _dumps(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class Ledger:
+    """One output folder's ledger. Not thread-safe: use it from the event loop's thread."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        if readonly:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        self._db.row_factory = sqlite3.Row
+        self._pending: list[Record] = []
+        self._flush_scheduled = False
+
+    @classmethod
+    def open_existing(cls, output: Path) -> Ledger | None:
+        path = output / LEDGER_NAME
+        return cls(path, readonly=True) if path.is_file() else None
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+
+    def record(self, record: Record) -> None:
+        """Queue a row; it is committed with the others of this loop turn, right after it."""
+        self._pending.append(record)
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Commit every queued row in one transaction."""
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(_UPSERT, [r.as_row() for r in rows])
+
+    def write_rows(self, rows: list[sqlite3.Row]) -> None:
+        """Copy whole rows from another ledger (``merge``), keeping their attempt counts."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+                [tuple(row[c] for c in _COLUMNS) for row in rows],
+            )
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value))
+            )
+
+    # ------------------------------------------------------------------ reading
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def statuses(self, root: Path) -> tuple[set[str], set[str]]:
+        """(done, failed): ids whose latest record is ok with every file present at its
+        recorded size, and ids whose latest record is failed."""
+        done: set[str] = set()
+        failed: set[str] = set()
+        for task_id, status, files in self._db.execute("SELECT id, status, files FROM tasks"):
+            if status == "failed":
+                failed.add(task_id)
+            elif _files_present(root, files):
+                done.add(task_id)
+        return done, failed
+
+    def records(self, where: str = "", params: tuple[Any, ...] = ()) -> Iterator[Record]:
+        for row in self._db.execute(f"SELECT * FROM tasks {where} ORDER BY rowid", params):
+            yield Record.from_row(row)
+
+    def raw_rows(self) -> list[sqlite3.Row]:
+        return self._db.execute("SELECT * FROM tasks").fetchall()
+
+    def integrity_ok(self) -> bool:
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _files_present(root: Path, files_json: str) -> bool:
+    for path, size, _sha in json.loads(files_json):
+        try:
+            if os.stat(root / path).st_size != size:
+                return False
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,605 @@
+"""Load and validate manifests: YAML job files and JSONL task files.
+
+Everything here runs before a request is sent. A manifest that cannot be run raises
+:class:`~batcher.errors.ManifestError` naming the file, the line and the field. JSONL lines are
+parsed by :func:`iter_jsonl`, which both the validator and the task expansion use, so a file of a
+million lines is never held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batcher.errors import ManifestError
+from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+JOB_TYPES = ("image", "chat")
+DEFAULT_JSONL_PROVIDER = "vultr"
+TOP_FIELDS = {"name", "output", "providers", "defaults", "jobs"}
+JOB_FIELDS = {
+    "name", "type", "provider", "model", "models", "prompt", "prompts", "vars", "seeds",
+    "images", "params", "system", "file",
+}
+# Fields of the request body that batcher fills itself; a job's params may not set them.
+RESERVED_PARAMS = {"model", "prompt", "messages", "images"}
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """One job of a manifest, validated: either a prompt grid or a JSONL ``file`` of tasks."""
+
+    name: str
+    type: str
+    provider: str
+    line: int | None = None
+    models: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    vars: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    seeds: tuple[int, ...] | None = None
+    images: tuple[str, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    system: str | None = None
+    file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A whole manifest: where it came from, where it writes, its providers and jobs."""
+
+    name: str
+    path: Path
+    output: Path
+    providers: Mapping[str, ProviderConfig]
+    jobs: tuple[JobSpec, ...]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+class _Mapping(dict[str, Any]):
+    """A YAML mapping that remembers the line of each key (1-based)."""
+
+    line: int | None = None
+    lines: dict[str, int]
+
+
+class _LineLoader(yaml.SafeLoader):
+    """The safe loader, recording where each mapping key stands in the file."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Mapping:
+    loader.flatten_mapping(node)
+    result = _Mapping()
+    result.line = node.start_mark.line + 1
+    result.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            raise ManifestError(
+                "keys must be strings", file=loader.name, line=key_node.start_mark.line + 1,
+                field=str(key),
+            )
+        if key in result:
+            raise ManifestError(
+                "appears twice in the same mapping", file=loader.name,
+                line=key_node.start_mark.line + 1, field=key,
+            )
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError("no such file", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"cannot read: {exc}", file=str(path)) from None
+
+
+def _load_yaml(path: Path) -> Any:
+    text = _read_text(path)
+    loader = _LineLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = exc.problem or "invalid YAML"
+        if "could not determine a constructor" in problem:
+            problem = "this tag is not allowed (batcher loads YAML safely: plain data only)"
+        raise ManifestError(problem, file=str(path), line=line) from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"invalid YAML: {exc}", file=str(path)) from None
+    finally:
+        loader.dispose()
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+@dataclass(slots=True)
+class _Where:
+    """The file and mapping a value was read from, for error messages."""
+
+    file: str
+    mapping: Mapping[str, Any] | None = None
+    prefix: str = ""
+
+    def line(self, key: str | None = None) -> int | None:
+        if isinstance(self.mapping, _Mapping):
+            if key is not None and key in self.mapping.lines:
+                return self.mapping.lines[key]
+            return self.mapping.line
+        return None
+
+    def error(self, key: str | None, message: str) -> ManifestError:
+        name = f"{self.prefix}{key}" if key else (self.prefix.rstrip(".") or None)
+        return ManifestError(message, file=self.file, line=self.line(key), field=name)
+
+    def child(self, key: str, mapping: Any) -> _Where:
+        sub = mapping if isinstance(mapping, Mapping) else None
+        where = _Where(self.file, sub, f"{self.prefix}{key}.")
+        if sub is None or not isinstance(sub, _Mapping):
+            # Point at the parent key when the child carries no lines of its own.
+            where.mapping = _Mapping()
+            where.mapping.line = self.line(key)
+            where.mapping.lines = {}
+        return where
+
+
+def _require_mapping(value: Any, where: _Where, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise where.error(key, f"must be a mapping, not {_kind(value)}")
+    return value
+
+
+def _check_fields(data: Mapping[str, Any], allowed: set[str], where: _Where) -> None:
+    for key in data:
+        if key not in allowed:
+            raise where.error(key, f"unknown field (expected one of: {', '.join(sorted(allowed))})")
+
+
+def _kind(value: Any) -> str:
+    return {
+        type(None): "nothing", bool: "a boolean", int: "a number", float: "a number",
+        str: "a string", list: "a list",
+    }.get(type(value), "a mapping" if isinstance(value, Mapping) else type(value).__name__)
+
+
+def _name(value: Any, where: _Where, key: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or value in {".", ".."}:
+        raise where.error(key, "required; letters, digits, '.', '_' and '-' only")
+    return value
+
+
+def _string_list(data: Mapping[str, Any], one: str, many: str, where: _Where) -> tuple[str, ...]:
+    if one in data and many in data:
+        raise where.error(many, f"give either {one} or {many}, not both")
+    if one in data:
+        values, key = [data[one]], one
+    elif many in data:
+        values, key = data[many], many
+        if not isinstance(values, list) or not values:
+            raise where.error(key, "must be a non-empty list")
+    else:
+        raise where.error(None, f"{one} or {many} is required")
+    for value in values:
+        if not isinstance(value, str) or not value.strip():
+            raise where.error(key, "each entry must be a non-empty string")
+    return tuple(values)
+
+
+def placeholders(text: str) -> set[str]:
+    """The ``{names}`` a template uses; ``{{`` and ``}}`` are literal braces."""
+    names: set[str] = set()
+    for _, name, spec, conversion in string.Formatter().parse(text):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"{{{name}}} is not a plain {{placeholder}}")
+        names.add(name)
+    return names
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _parse_vars(value: Any, where: _Where) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    data = _require_mapping(value, where, "vars")
+    sub = where.child("vars", data)
+    result = []
+    for name, values in data.items():
+        if not name.isidentifier():
+            raise sub.error(name, "a var name must be a plain identifier")
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise sub.error(name, "must list at least one value")
+        for item in values:
+            if isinstance(item, (Mapping, list)) or item is None:
+                raise sub.error(name, "values must be strings or numbers")
+        result.append((name, tuple(str(item) for item in values)))
+    return tuple(result)
+
+
+def _parse_seeds(value: Any, where: _Where) -> tuple[int, ...]:
+    if isinstance(value, bool):
+        raise where.error("seeds", "must be a count or a list of integers")
+    if isinstance(value, int):
+        if value < 1:
+            raise where.error("seeds", "a count of seeds must be at least 1")
+        return tuple(range(value))
+    if isinstance(value, list) and value:
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in value):
+            raise where.error("seeds", "each seed must be an integer")
+        if len(set(value)) != len(value):
+            raise where.error("seeds", "a seed is listed twice")
+        return tuple(value)
+    raise where.error("seeds", "must be a count (3 -> 0, 1, 2) or a non-empty list of integers")
+
+
+def _parse_images(value: Any, where: _Where, base_dir: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise where.error("images", "must be a non-empty list of files or http(s) URLs")
+    for ref in value:
+        if not isinstance(ref, str) or not ref:
+            raise where.error("images", "each entry must be a file path or an http(s) URL")
+        if ref.startswith(("http://", "https://")):
+            continue
+        if "://" in ref:
+            raise where.error("images", f"{ref}: only local files and http(s) URLs are read")
+        if not (base_dir / ref).expanduser().is_file():
+            raise where.error("images", f"{ref}: no such file (paths are relative to the manifest)")
+    return tuple(value)
+
+
+def _parse_job(
+    data: Mapping[str, Any], where: _Where, base_dir: Path, providers: Mapping[str, Any]
+) -> JobSpec:
+    _check_fields(data, JOB_FIELDS, where)
+    name = _name(data.get("name"), where, "name")
+    provider = data.get("provider")
+    if not isinstance(provider, str) or provider not in providers:
+        known = ", ".join(sorted(providers))
+        raise where.error("provider", f"unknown provider {provider!r} (known: {known})")
+    if "file" in data:
+        return _parse_file_job(data, where, base_dir, name, provider)
+    kind = data.get("type")
+    if kind not in JOB_TYPES:
+        raise where.error("type", f"must be image or chat, not {kind!r}")
+    models = _string_list(data, "model", "models", where)
+    prompts = _string_list(data, "prompt", "prompts", where)
+    job_vars = _parse_vars(data["vars"], where) if "vars" in data else ()
+    seeds = _parse_seeds(data["seeds"], where) if "seeds" in data else None
+    params = dict(_require_mapping(data.get("params", {}), where, "params"))
+    reserved = RESERVED_PARAMS | ({"seed"} if seeds is not None else set())
+    for key in params:
+        if key in reserved:
+            raise where.child("params", params).error(key, "is set by batcher; remove it here")
+    system = data.get("system")
+    if system is not None and (kind != "chat" or not isinstance(system, str)):
+        raise where.error("system", "only a chat job takes a system message (a string)")
+    images = _parse_images(data["images"], where, base_dir) if "images" in data else ()
+    if images and kind != "image":
+        raise where.error("images", "only image jobs take input images")
+    var_names = {name for name, _ in job_vars}
+    for key, texts in (("prompts" if "prompts" in data else "prompt", prompts),
+                       ("system", (system,) if system else ())):
+        for text in texts:
+            try:
+                missing = placeholders(text) - var_names
+            except ValueError as exc:
+                raise where.error(key, str(exc)) from None
+            if missing:
+                raise where.error(
+                    key, f"{{{sorted(missing)[0]}}} has no var of that name "
+                    "(add it under vars, or write {{ and }} for literal braces)",
+                )
+    return JobSpec(
+        name=name, type=kind, provider=provider, line=where.line(), models=models,
+        prompts=prompts, vars=job_vars, seeds=seeds, images=images, params=params,
+        system=system,
+    )
+
+
+def _parse_file_job(
+    data: Mapping[str, Any], where: _Where, base_dir: Path, name: str, provider: str
+) -> JobSpec:
+    for key in data:
+        if key not in {"name", "file", "provider", "type"}:
+            raise where.error(key, "a job with a file takes its tasks from the file; remove this")
+    ref = data["file"]
+    if not isinstance(ref, str) or not ref:
+        raise where.error("file", "must be the path of a JSONL file")
+    path = (base_dir / ref).expanduser()
+    if not path.is_file():
+        raise where.error("file", f"{ref}: no such file (paths are relative to the manifest)")
+    return JobSpec(name=name, type="file", provider=provider, line=where.line(), file=path)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
+    """Load and validate a YAML manifest or a JSONL task file (by its ``.jsonl`` suffix).
+
+    ``provider`` names the provider for a bare JSONL file (default ``vultr``).
+    Raises :class:`ManifestError` on anything that would stop the run.
+    """
+    path = Path(path)
+    if path.suffix.lower() in {".jsonl", ".ndjson"}:
+        return _load_jsonl_manifest(path, provider or DEFAULT_JSONL_PROVIDER)
+    if provider is not None:
+        raise ManifestError("--provider is only for JSONL task files", file=str(path))
+    data = _load_yaml(path)
+    where = _Where(str(path), data if isinstance(data, Mapping) else None)
+    if not isinstance(data, Mapping):
+        raise ManifestError("a manifest must be a YAML mapping with name and jobs", file=str(path))
+    _check_fields(data, TOP_FIELDS, where)
+    name = _name(data.get("name"), where, "name")
+    output = data.get("output", f"output/{name}")
+    if not isinstance(output, str) or not output:
+        raise where.error("output", "must be a folder path")
+    providers = _parse_providers(data.get("providers", {}), where)
+    defaults = dict(_require_mapping(data.get("defaults", {}), where, "defaults"))
+    _check_fields(defaults, JOB_FIELDS - {"name"}, where.child("defaults", defaults))
+    jobs_data = data.get("jobs")
+    if not isinstance(jobs_data, list) or not jobs_data:
+        raise where.error("jobs", "required: a non-empty list of jobs")
+    defaults_where = where.child("defaults", defaults)
+    jobs: list[JobSpec] = []
+    for index, job_data in enumerate(jobs_data):
+        job_where = _Where(str(path), where.mapping, f"jobs[{index}].")
+        if not isinstance(job_data, Mapping):
+            raise job_where.error(None, "each job must be a mapping")
+        job_where.mapping = _with_defaults(job_data, defaults, defaults_where)
+        job = _parse_job(job_where.mapping, job_where, path.parent, providers)
+        if any(job.name == other.name for other in jobs):
+            raise job_where.error("name", f"{job.name!r} is used by another job")
+        jobs.append(job)
+    manifest = Manifest(name, path, Path(output), providers, tuple(jobs))
+    for job in manifest.jobs:
+        if job.file is not None:
+            check_jsonl(job.file)
+    return manifest
+
+
+def _with_defaults(
+    job: Mapping[str, Any], defaults: Mapping[str, Any], defaults_where: _Where
+) -> _Mapping:
+    """The job's fields over the defaults, each remembering the line it came from.
+
+    A job of listed tasks (``file``) takes only ``provider`` from the defaults: the grid fields
+    describe prompts it does not have.
+    """
+    usable = {"provider"} if "file" in job else set(defaults)
+    merged = _Mapping({k: v for k, v in defaults.items() if k in usable})
+    merged.update(job)
+    merged.line = getattr(job, "line", None)
+    merged.lines = {k: defaults_where.line(k) or 0 for k in merged if k not in job}
+    merged.lines.update(getattr(job, "lines", {}))
+    return merged
+
+
+def _parse_providers(value: Any, where: _Where) -> dict[str, ProviderConfig]:
+    providers = dict(builtin_providers())
+    data = _require_mapping(value, where, "providers")
+    sub = where.child("providers", data)
+    for name, fields in data.items():
+        _name(name, sub, name)
+        fields_where = sub.child(name, fields)
+        _require_mapping(fields, sub, name)
+        try:
+            providers[name] = provider_from_mapping(name, fields, providers.get(name))
+        except ValueError as exc:
+            key, _, message = str(exc).partition(": ")
+            raise fields_where.error(key, message) from None
+    return providers
+
+
+def _load_jsonl_manifest(path: Path, provider: str) -> Manifest:
+    providers = builtin_providers()
+    if provider not in providers:
+        known = ", ".join(sorted(providers))
+        raise ManifestError(f"unknown provider {provider!r} (known: {known})", file=str(path),
+                            field="--provider")
+    if not path.is_file():
+        raise ManifestError("no such file", file=str(path))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-") or "tasks"
+    job = JobSpec(name=name, type="file", provider=provider, file=path)
+    check_jsonl(path)
+    return Manifest(name, path, Path("output") / name, providers, (job,))
+
+
+# --------------------------------------------------------------------------- JSONL lines
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlTask:
+    """One validated JSONL line, normalised from batcher's form or the OpenAI Batch form."""
+
+    line: int
+    id: str | None
+    type: str
+    model: str
+    prompt: str
+    messages: tuple[Mapping[str, Any], ...] | None
+    seed: int | None
+    params: Mapping[str, Any]
+    images: tuple[str, ...]
+    system: str | None
+
+
+_BATCH_URLS = {"/v1/chat/completions": "chat", "/v1/images/generations": "image",
+               "/chat/completions": "chat", "/images/generations": "image"}
+_OWN_FIELDS = {"id", "type", "model", "prompt", "seed", "params", "images", "system", "messages"}
+
+
+def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
+    """Parse a JSONL task file line by line; a bad line raises ``ManifestError`` (file:line)."""
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"cannot read: {exc}", file=str(path)) from None
+    with handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"not valid JSON ({exc.msg})", file=str(path),
+                                    line=number) from None
+            if not isinstance(data, dict):
+                raise ManifestError("each line must be a JSON object", file=str(path), line=number)
+            try:
+                yield _batch_line(data, number) if "custom_id" in data else _own_line(data, number)
+            except _LineError as exc:
+                raise ManifestError(exc.message, file=str(path), line=number,
+                                    field=exc.field) from None
+
+
+def check_jsonl(path: Path) -> int:
+    """Validate every line of a JSONL task file; returns the number of tasks."""
+    seen: set[str] = set()
+    count = 0
+    for task in iter_jsonl(path):
+        if task.id is not None:
+            if task.id in seen:
+                raise ManifestError(f"id {task.id!r} is used by an earlier line",
+                                    file=str(path), line=task.line, field="id")
+            seen.add(task.id)
+        for ref in task.images:
+            if not ref.startswith(("http://", "https://", "data:")) and not (
+                path.parent / ref
+            ).is_file():
+                raise ManifestError(f"{ref}: no such file", file=str(path), line=task.line,
+                                    field="images")
+        count += 1
+    return count
+
+
+class _LineError(Exception):
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+
+
+def _text(data: Mapping[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _LineError(key, "required: a non-empty string")
+    return value
+
+
+def _seed(data: Mapping[str, Any]) -> int | None:
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _LineError("seed", "must be an integer")
+    return seed
+
+
+def _images(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _LineError("images", "must be a list of file paths, URLs or data URIs")
+    return tuple(value)
+
+
+def _messages(value: Any) -> tuple[Mapping[str, Any], ...]:
+    if not isinstance(value, list) or not value:
+        raise _LineError("messages", "must be a non-empty list of {role, content}")
+    for message in value:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise _LineError("messages", "each message needs a role and a content")
+    return tuple(value)
+
+
+def last_user_text(messages: tuple[Mapping[str, Any], ...]) -> str:
+    """The text of the last user message (joined text parts), for slugs and reports."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            return str(content)
+    return str(messages[-1].get("content", ""))
+
+
+def _own_line(data: dict[str, Any], number: int) -> JsonlTask:
+    for key in data:
+        if key not in _OWN_FIELDS:
+            raise _LineError(key, "unknown field")
+    task_id = data.get("id")
+    if task_id is not None and (not isinstance(task_id, str) or not task_id):
+        raise _LineError("id", "must be a non-empty string")
+    kind = data.get("type", "image")
+    if kind not in JOB_TYPES:
+        raise _LineError("type", f"must be image or chat, not {kind!r}")
+    model = _text(data, "model")
+    params = data.get("params", {})
+    if not isinstance(params, dict):
+        raise _LineError("params", "must be an object")
+    for key in params:
+        if key in RESERVED_PARAMS | {"seed"}:
+            raise _LineError(f"params.{key}", "is set by batcher; use the top-level field")
+    messages = _messages(data["messages"]) if "messages" in data else None
+    prompt = _text(data, "prompt", required=messages is None)
+    if kind == "image" and prompt is None:
+        raise _LineError("prompt", "an image task needs a prompt")
+    system = _text(data, "system", required=False)
+    images = _images(data.get("images"))
+    if images and kind != "image":
+        raise _LineError("images", "only image tasks take input images")
+    return JsonlTask(
+        line=number, id=task_id, type=kind, model=model or "", prompt=prompt or "",
+        messages=messages, seed=_seed(data), params=params, images=images, system=system,
+    )
+
+
+def _batch_line(data: dict[str, Any], number: int) -> JsonlTask:
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise _LineError("custom_id", "must be a non-empty string")
+    if data.get("method", "POST") != "POST":
+        raise _LineError("method", "only POST is supported")
+    kind = _BATCH_URLS.get(str(data.get("url")))
+    if kind is None:
+        raise _LineError("url", "must be /v1/chat/completions or /v1/images/generations")
+    body = data.get("body")
+    if not isinstance(body, dict):
+        raise _LineError("body", "must be an object")
+    model = _text(body, "model")
+    params = {k: v for k, v in body.items() if k not in {"model", "messages", "prompt", "seed",
+                                                        "images"}}
+    if kind == "chat":
+        messages = _messages(body.get("messages"))
+        prompt, images = last_user_text(messages), ()
+    else:
+        messages, prompt = None, _text(body, "prompt") or ""
+        images = _images(body.get("images"))
+    return JsonlTask(
+        line=number, id=custom_id, type=kind, model=model or "", prompt=prompt,
+        messages=messages, seed=_seed(body), params=params, images=images, system=None,
+    )

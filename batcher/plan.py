@@ -1,0 +1,115 @@
+"""What a run would do: which tasks are selected, done, failed or to run, counted per job and
+model, and how long the rest takes at each provider's rate limit. Sends nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batcher.limits import Rate
+from batcher.manifest import Manifest
+from batcher.tasks import Task, expand
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The run options that decide which of a manifest's tasks a run takes on."""
+
+    only: str | None = None
+    shard: tuple[int, int] | None = None  # (index from 1, count)
+    skip_failed: bool = False
+    limit: int | None = None
+
+    def tasks(self, manifest: Manifest) -> Iterator[Task]:
+        """The manifest's tasks in this selection (job and shard), in expansion order."""
+        tasks = expand(manifest, only=self.only)
+        if self.shard is None:
+            return tasks
+        index, count = self.shard
+        return (task for task in tasks if task.shard(count) == index)
+
+
+@dataclass(slots=True)
+class Counts:
+    total: int = 0
+    done: int = 0  # ok, with files present, before this run
+    failed: int = 0  # failed before this run
+    to_run: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.total += other.total
+        self.done += other.done
+        self.failed += other.failed
+        self.to_run += other.to_run
+
+
+@dataclass(slots=True)
+class Plan:
+    """Counts per (job, model) and per provider of the tasks a run would send."""
+
+    by_model: dict[tuple[str, str], Counts] = field(default_factory=dict)
+    to_run_by_provider: dict[str, int] = field(default_factory=dict)
+
+    def job_counts(self) -> dict[str, Counts]:
+        jobs: dict[str, Counts] = {}
+        for (job, _model), counts in self.by_model.items():
+            jobs.setdefault(job, Counts()).add(counts)
+        return jobs
+
+    @property
+    def totals(self) -> Counts:
+        total = Counts()
+        for counts in self.by_model.values():
+            total.add(counts)
+        return total
+
+    def eta_seconds(self, rates: dict[str, Rate | None]) -> float | None:
+        """Time to send what is left at each provider's rate limit (providers run side by side);
+        ``None`` when a provider with work to do has no rate limit."""
+        longest = 0.0
+        for provider, count in self.to_run_by_provider.items():
+            rate = rates.get(provider)
+            if count and rate is None:
+                return None
+            if count and rate is not None:
+                longest = max(longest, (count - 1) * rate.interval)
+        return longest
+
+
+def will_run(task_id: str, done: set[str], failed: set[str], skip_failed: bool) -> bool:
+    """Whether a selected task is sent: not done, and not a failure the user asked to leave."""
+    return task_id not in done and not (skip_failed and task_id in failed)
+
+
+def make_plan(
+    manifest: Manifest, selection: Selection, done: set[str], failed: set[str]
+) -> Plan:
+    """Walk the manifest once and count; memory stays flat however many tasks it expands to."""
+    plan = Plan()
+    budget = selection.limit
+    for task in selection.tasks(manifest):
+        counts = plan.by_model.get((task.job, task.model))
+        if counts is None:
+            counts = plan.by_model[(task.job, task.model)] = Counts()
+        counts.total += 1
+        if task.id in done:
+            counts.done += 1
+            continue
+        if task.id in failed:
+            counts.failed += 1
+        if not will_run(task.id, done, failed, selection.skip_failed):
+            continue
+        if budget is not None:
+            if budget <= 0:
+                continue
+            budget -= 1
+        counts.to_run += 1
+        plan.to_run_by_provider[task.provider] = plan.to_run_by_provider.get(task.provider, 0) + 1
+    return plan
+
+
+def output_dir(manifest: Manifest, override: Path | None) -> Path:
+    """The run's output folder: ``--output``, else the manifest's (relative to the cwd)."""
+    return (override or manifest.output).expanduser()

@@ -1,0 +1,202 @@
+"""The OpenAI-compatible client: images/generations, chat/completions and models over aiohttp.
+
+This is the single place where aiohttp and JSON failures become batcher's
+:class:`~batcher.errors.ProviderError` family. The API key travels only in the requests this
+client makes to its own base URL; redirects are never followed, so it cannot leak elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from batcher.errors import HTTPStatusError, ResponseError, TransportError
+from batcher.providers.base import ChatAnswer, ImageAnswer, ImageItem
+from batcher.providers.config import ProviderConfig
+from batcher.retry import parse_retry_after
+
+MAX_ERROR_MESSAGE = 500
+
+
+class OpenAICompatible:
+    """One provider reached through a shared ``aiohttp.ClientSession``."""
+
+    def __init__(
+        self,
+        config: ProviderConfig,
+        session: aiohttp.ClientSession,
+        api_key: str | None,
+        *,
+        base_url: str | None = None,
+    ) -> None:
+        self.config = config
+        self.base_url = (base_url or config.base_url).rstrip("/")
+        self._session = session
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = aiohttp.ClientTimeout(
+            total=config.timeout, sock_connect=config.connect_timeout
+        )
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def generate_image(self, body: Mapping[str, Any]) -> ImageAnswer:
+        data = await self._post_json("/images/generations", body)
+        return parse_image_answer(data)
+
+    async def complete_chat(self, body: Mapping[str, Any]) -> ChatAnswer:
+        if body.get("stream"):
+            return await self._stream_chat(body)
+        return parse_chat_answer(await self._post_json("/chat/completions", body))
+
+    async def list_models(self) -> list[str]:
+        async with self._request("GET", "/models") as response:
+            data = _decode_json(await _read(response))
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise ResponseError("the model list has no data array", reason="bad_response")
+        return sorted(str(item.get("id")) for item in items if isinstance(item, dict))
+
+    # ------------------------------------------------------------------ transport
+
+    @asynccontextmanager
+    async def _request(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        try:
+            async with self._session.request(
+                method, self.base_url + path, json=body, headers=self._headers,
+                timeout=self._timeout, allow_redirects=False,
+            ) as response:
+                if response.status >= 300:
+                    raise await _status_error(response)
+                yield response
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            raise TransportError(
+                f"no answer within {self.config.timeout:g} s", reason="timeout"
+            ) from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise TransportError(f"the answer was cut short: {exc}", reason="truncated") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"connection failed: {exc}", reason="connection") from exc
+
+    async def _post_json(self, path: str, body: Mapping[str, Any]) -> Any:
+        async with self._request("POST", path, body) as response:
+            return _decode_json(await _read(response))
+
+    async def _stream_chat(self, body: Mapping[str, Any]) -> ChatAnswer:
+        parts: list[str] = []
+        last: dict[str, Any] = {}
+        usage = None
+        finished = False
+        async with self._request("POST", "/chat/completions", body) as response:
+            try:
+                async for raw_line in response.content:
+                    line = raw_line.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        finished = True
+                        break
+                    chunk = _decode_json(payload)
+                    last = chunk if isinstance(chunk, dict) else last
+                    usage = last.get("usage") or usage
+                    for choice in last.get("choices") or ():
+                        delta = choice.get("delta") or {}
+                        if isinstance(delta.get("content"), str):
+                            parts.append(delta["content"])
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                raise TransportError(f"the stream broke off: {exc}", reason="truncated") from exc
+        if not finished:
+            raise TransportError("the stream ended without [DONE]", reason="truncated")
+        text = "".join(parts)
+        completion = {
+            "id": last.get("id"), "object": "chat.completion", "model": last.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop"}],
+            "usage": usage,
+        }
+        return ChatAnswer(text=text, body=completion, usage=usage)
+
+
+async def _read(response: aiohttp.ClientResponse) -> bytes:
+    return await response.read()
+
+
+def _decode_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ResponseError(
+            f"the answer is not JSON: {raw[:80]!r}", reason="bad_json"
+        ) from exc
+
+
+async def _status_error(response: aiohttp.ClientResponse) -> HTTPStatusError:
+    """Turn a non-2xx answer into an error carrying the provider's own message and code."""
+    try:
+        raw = await response.read()
+    except aiohttp.ClientError:
+        raw = b""
+    message, code = _error_fields(raw)
+    if 300 <= response.status < 400:
+        message = "the provider answered with a redirect; batcher does not follow it"
+    elif not message:
+        message = response.reason or "no message"
+    return HTTPStatusError(
+        response.status, message[:MAX_ERROR_MESSAGE], code=code,
+        retry_after=parse_retry_after(response.headers),
+    )
+
+
+def _error_fields(raw: bytes) -> tuple[str, str | None]:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace").strip()[:200], None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        code = error.get("code")
+        return str(error.get("message") or ""), None if code is None else str(code)
+    if isinstance(error, str):
+        return error, None
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return data["message"], None
+    return "", None
+
+
+def parse_image_answer(data: Any) -> ImageAnswer:
+    """Check an images/generations answer; a missing or empty ``data`` is a retryable error."""
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not items:
+        raise ResponseError("the answer holds no images (empty or missing data)",
+                            reason="empty_data")
+    images = []
+    for item in items:
+        b64 = item.get("b64_json") if isinstance(item, dict) else None
+        url = item.get("url") if isinstance(item, dict) else None
+        if isinstance(b64, str) and b64:
+            images.append(ImageItem(b64=b64))
+        elif isinstance(url, str) and url:
+            images.append(ImageItem(url=url))
+        else:
+            raise ResponseError("an image item has neither b64_json nor url", reason="bad_item")
+    stripped = {k: v for k, v in data.items() if k != "data"}
+    return ImageAnswer(tuple(images), stripped, data.get("usage"))
+
+
+def parse_chat_answer(data: Any) -> ChatAnswer:
+    """Check a chat completion; a missing message content is a retryable error."""
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise ResponseError("the completion has no choices[0].message.content",
+                            reason="bad_response")
+    return ChatAnswer(text=content, body=data, usage=data.get("usage"))

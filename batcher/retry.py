@@ -1,0 +1,97 @@
+"""What to do after a request failed: the one place that classifies outcomes.
+
+Retried: 408, 409, 429, 5xx, timeouts, connection errors, unparseable or incomplete answers, and
+failed downloads. Never retried: other 4xx, which are recorded with the provider's message.
+401/403 stop the run. A 429 that says the quota is spent stops its provider.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from enum import Enum
+
+from batcher.errors import DownloadError, HTTPStatusError, ProviderError
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+AUTH_STATUS = frozenset({401, 403})
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+_QUOTA_WORDS = ("insufficient_quota", "quota", "billing")
+
+
+class Action(Enum):
+    RETRY = "retry"
+    FAIL = "fail"  # record the failure, go on with other tasks
+    STOP_PROVIDER = "stop_provider"  # no use sending this provider anything more
+    STOP_RUN = "stop_run"  # the key or the config is refused: stop everything (exit 3)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    rate_limited: bool = False
+    wait: float | None = None  # the provider's own hint, in seconds
+
+
+def classify(error: ProviderError) -> Verdict:
+    """Decide what one failed attempt means."""
+    if isinstance(error, HTTPStatusError):
+        status = error.status
+        if status in AUTH_STATUS:
+            return Verdict(Action.STOP_RUN)
+        if status == 429:
+            text = f"{error.code or ''} {error.message}".lower()
+            if any(word in text for word in _QUOTA_WORDS):
+                return Verdict(Action.STOP_PROVIDER, rate_limited=True)
+            return Verdict(Action.RETRY, rate_limited=True, wait=error.retry_after)
+        if status in RETRYABLE_STATUS or status >= 500:
+            return Verdict(Action.RETRY, wait=error.retry_after)
+        return Verdict(Action.FAIL)
+    if isinstance(error, DownloadError) and not error.retryable:
+        return Verdict(Action.FAIL)
+    return Verdict(Action.RETRY)
+
+
+def backoff(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """Capped exponential backoff with jitter for the ``attempt``-th retry (1-based)."""
+    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, else ``Retry-After`` (seconds or an HTTP date).
+
+    Anything unreadable gives ``None``; this never raises.
+    """
+    try:
+        value = headers.get("retry-after-ms")
+        if value is not None:
+            seconds = _number(value)
+            if seconds is not None:
+                return seconds / 1000
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        seconds = _number(value)
+        if seconds is not None:
+            return seconds
+        when = parsedate_to_datetime(value.strip())
+        if when is None or when.tzinfo is None:
+            return None
+        return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+    except (TypeError, ValueError, OverflowError, IndexError, AttributeError):
+        return None
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text.strip())
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if value != value or value in (float("inf"), float("-inf")):
+        return None
+    return max(value, 0.0)

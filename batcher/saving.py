@@ -1,0 +1,115 @@
+"""From a provider's answer to files on disk and a ledger record.
+
+Images: ``b64_json`` is decoded and checked to be an image; a ``url`` is downloaded at once.
+Each image gets a ``.json`` sidecar (request, seed, sha256, timings). A completion's text goes to
+a ``.txt`` file. Every file is atomic (see :mod:`batcher.storage`).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import time
+from typing import Any
+
+from batcher.bodies import InputImages, build_body
+from batcher.download import Downloader
+from batcher.errors import HTTPStatusError, ProviderError, ResponseError
+from batcher.imagegen import image_kind
+from batcher.ledger import FileRecord, Record
+from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
+from batcher.storage import Layout, write_atomic
+from batcher.tasks import Task
+
+Answer = ImageAnswer | ChatAnswer
+
+
+class Saver:
+    """Sends a task's request and turns the answer into files and a ledger record."""
+
+    def __init__(self, layout: Layout, downloader: Downloader) -> None:
+        self.layout = layout
+        self.downloader = downloader
+        self._sidecars: dict[str, dict[str, Any]] = {}
+
+    async def request(self, provider: Provider, task: Task, images: InputImages) -> Answer:
+        body, logged = build_body(task, images)
+        self._sidecars[task.id] = logged
+        if task.kind == "chat":
+            return await provider.complete_chat(body)
+        return await provider.generate_image(body)
+
+    async def save(self, task: Task, answer: Answer, started: float) -> tuple[
+        list[FileRecord], dict[str, Any]
+    ]:
+        """Write the answer's files; returns them and the response body to keep in the ledger."""
+        if isinstance(answer, ChatAnswer):
+            path = self.layout.text_name(task)
+            size, sha = await write_atomic(self.layout.root / path, answer.text.encode())
+            return [FileRecord(path.as_posix(), size, sha)], dict(answer.body)
+        files: list[FileRecord] = []
+        count = len(answer.items)
+        answered = time.time()
+        for index, item in enumerate(answer.items, start=1):
+            record = await self._save_image(task, item, index, count)
+            files.append(record)
+            await self._write_sidecar(task, record, index, started, answered)
+        return files, dict(answer.body)
+
+    async def _save_image(self, task: Task, item: Any, index: int, count: int) -> FileRecord:
+        if item.b64 is not None:
+            try:
+                data = binascii.a2b_base64(item.b64.encode("ascii"), strict_mode=True)
+            except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
+                raise ResponseError(f"image {index} is not valid base64",
+                                    reason="bad_base64") from exc
+            kind = image_kind(data)
+            if kind is None:
+                raise ResponseError(f"image {index} is not an image", reason="not_image")
+            path = self.layout.image_name(task, index, count, kind)
+            size, sha = await write_atomic(self.layout.root / path, data)
+            return FileRecord(path.as_posix(), size, sha)
+        stem = self.layout.image_name(task, index, count, "x").with_suffix("")
+        final, size, sha = await self.downloader.fetch(item.url, self.layout.root / stem)
+        return FileRecord(final.relative_to(self.layout.root).as_posix(), size, sha)
+
+    async def _write_sidecar(
+        self, task: Task, file: FileRecord, index: int, started: float, answered: float
+    ) -> None:
+        sidecar = {
+            "id": task.id, "job": task.job, "provider": task.provider, "model": task.model,
+            "prompt": task.prompt, "seed": task.seed, "vars": dict(task.vars), "index": index,
+            "file": file.path.rsplit("/", 1)[-1], "size": file.size, "sha256": file.sha256,
+            "request": self._sidecars.get(task.id),
+            "timings": {"started": started, "answered": answered, "saved": time.time()},
+        }
+        path = (self.layout.root / file.path).with_suffix(".json")
+        await write_atomic(path, json.dumps(sidecar, indent=2, ensure_ascii=False).encode())
+
+    def _base(self, task: Task, status: str, attempts: int, started: float) -> Record:
+        self._sidecars.pop(task.id, None)
+        finished = time.time()
+        return Record(
+            id=task.id, job=task.job, provider=task.provider, kind=task.kind, model=task.model,
+            prompt=task.prompt, seed=task.seed, status=status, attempts=attempts,
+            vars=dict(task.vars), started=started, finished=finished, elapsed=finished - started,
+        )
+
+    def succeeded(
+        self, task: Task, files: list[FileRecord], answer: Answer, response: dict[str, Any],
+        attempts: int, started: float,
+    ) -> Record:
+        record = self._base(task, "ok", attempts, started)
+        record.files = files
+        record.usage = answer.usage
+        record.response = response
+        return record
+
+    def failed(self, task: Task, error: ProviderError, attempts: int, started: float) -> Record:
+        record = self._base(task, "failed", attempts, started)
+        record.reason = error.reason
+        record.error = error.message
+        if isinstance(error, HTTPStatusError):
+            record.http_status = error.status
+            record.error_code = error.code
+        return record

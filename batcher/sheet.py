@@ -1,0 +1,117 @@
+"""index.html: a contact sheet of a run, self-contained, with relative links only.
+
+Image jobs are grids: one row per prompt (vars filled in), one column per model and seed, each
+cell a lazy-loaded thumbnail linking to the full image, the task id and params on hover. Chat
+jobs are a table of prompt and completion. Failed tasks stand in place with their reason.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+from batcher.ledger import Record
+
+MAX_CELLS_PER_JOB = 5000
+MAX_COMPLETION_CHARS = 2000
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#222}
+h1{font-size:1.4rem}h2{font-size:1.15rem;margin-top:2rem}
+table{border-collapse:collapse;background:#fff}
+th,td{border:1px solid #ddd;padding:.4rem;vertical-align:top;text-align:left;font-size:.85rem}
+th{background:#f0f0f0}td.prompt{max-width:22rem}
+img{width:160px;height:160px;object-fit:cover;display:block;background:#eee}
+.failed{color:#a00;max-width:160px;word-break:break-word}.muted{color:#888}
+pre{white-space:pre-wrap;margin:0;max-width:48rem}
+"""
+
+
+def render_index(root: Path, records: Iterable[Record]) -> Iterator[str]:
+    """The page, in pieces; ``root`` is where the page lives (links are relative to it)."""
+    by_job: dict[str, list[Record]] = {}
+    for record in records:
+        by_job.setdefault(record.job, []).append(record)
+    yield ("<!doctype html><html><head><meta charset='utf-8'>"
+           f"<title>batcher: {html.escape(root.name)}</title><style>{_STYLE}</style>"
+           f"</head><body><h1>{html.escape(root.name)}</h1>")
+    if not by_job:
+        yield "<p class='muted'>Nothing has finished yet.</p>"
+    for job, job_records in by_job.items():
+        ok = sum(r.status == "ok" for r in job_records)
+        yield (f"<h2>{html.escape(job)} <span class='muted'>{ok} ok, "
+               f"{len(job_records) - ok} failed</span></h2>")
+        shown = job_records[:MAX_CELLS_PER_JOB]
+        if shown[0].kind == "chat":
+            yield from _chat_table(root, shown)
+        else:
+            yield from _image_grid(shown)
+        if len(job_records) > len(shown):
+            yield (f"<p class='muted'>{len(job_records) - len(shown)} more tasks are listed in "
+                   "results.jsonl.</p>")
+    yield "</body></html>\n"
+
+
+def _prompt_label(record: Record) -> str:
+    return record.prompt
+
+
+def _column(record: Record) -> tuple[str, int]:
+    return (record.model, -1 if record.seed is None else record.seed)
+
+
+def _image_grid(records: list[Record]) -> Iterator[str]:
+    columns = sorted({_column(r) for r in records})
+    rows: dict[str, dict[tuple[str, int], Record]] = {}
+    for record in records:
+        rows.setdefault(_prompt_label(record), {})[_column(record)] = record
+    head = "".join(
+        f"<th>{html.escape(model)}{'' if seed < 0 else f'<br>seed {seed}'}</th>"
+        for model, seed in columns
+    )
+    yield f"<table><tr><th>prompt</th>{head}</tr>"
+    for prompt, cells in rows.items():
+        yield f"<tr><td class='prompt'>{html.escape(prompt)}</td>"
+        for column in columns:
+            record = cells.get(column)
+            yield f"<td>{_image_cell(record) if record else ''}</td>"
+        yield "</tr>"
+    yield "</table>"
+
+
+def _image_cell(record: Record) -> str:
+    if record.status != "ok":
+        return (f"<div class='failed' title='{html.escape(record.id)}'>failed: "
+                f"{html.escape(record.error or record.reason or 'unknown')}</div>")
+    title = html.escape(f"{record.id} {record.vars or ''}", quote=True)
+    parts = []
+    for file in record.files:
+        href = quote(file.path)
+        parts.append(f"<a href='{href}'><img loading='lazy' src='{href}' title='{title}' "
+                     f"alt='{html.escape(record.prompt, quote=True)}'></a>")
+    return "".join(parts)
+
+
+def _chat_table(root: Path, records: list[Record]) -> Iterator[str]:
+    yield "<table><tr><th>prompt</th><th>model</th><th>seed</th><th>completion</th></tr>"
+    for record in records:
+        if record.status == "ok" and record.files:
+            text = _read_text(root / record.files[0].path)
+            cell = f"<pre>{html.escape(text)}</pre>"
+        else:
+            cell = f"<span class='failed'>failed: {html.escape(record.error or '')}</span>"
+        seed = "" if record.seed is None else str(record.seed)
+        yield (f"<tr title='{html.escape(record.id)}'><td class='prompt'>"
+               f"{html.escape(record.prompt)}</td><td>{html.escape(record.model)}</td>"
+               f"<td>{seed}</td><td>{cell}</td></tr>")
+    yield "</table>"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            return handle.read(MAX_COMPLETION_CHARS)
+    except OSError:
+        return "(file missing)"

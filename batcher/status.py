@@ -1,0 +1,119 @@
+"""``batcher status``: what the ledger says, per job and model, with failures by reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from batcher.ledger import LEDGER_NAME, Ledger, Record
+from batcher.manifest import Manifest
+from batcher.plan import Selection
+from batcher.report import SUMMARY_NAME
+
+
+def _sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _verify(root: Path, record: Record) -> list[dict[str, str]]:
+    problems = []
+    for file in record.files:
+        actual = _sha256(root / file.path)
+        if actual is None:
+            problems.append({"id": record.id, "path": file.path, "problem": "missing"})
+        elif actual != file.sha256:
+            problems.append({"id": record.id, "path": file.path, "problem": "changed"})
+    return problems
+
+
+def _totals(root: Path, manifest: Manifest | None) -> tuple[dict[tuple[str, str], int] | None,
+                                                           set[str] | None]:
+    """Task counts per (job, model) and the manifest's ids, when a manifest is given."""
+    if manifest is None:
+        return None, None
+    totals: Counter[tuple[str, str]] = Counter()
+    ids: set[str] = set()
+    for task in Selection().tasks(manifest):
+        totals[(task.job, task.model)] += 1
+        ids.add(task.id)
+    return dict(totals), ids
+
+
+def ledger_status(root: Path, manifest: Manifest | None, *, verify: bool) -> dict[str, Any]:
+    """ok / failed / pending per job and model, failures by reason, and (with ``verify``)
+    files that vanished or changed since they were recorded."""
+    totals, ids = _totals(root, manifest)
+    groups: dict[tuple[str, str], Counter[str]] = {}
+    reasons: Counter[str] = Counter()
+    problems: list[dict[str, str]] = []
+    with Ledger(root / LEDGER_NAME, readonly=True) as ledger:
+        for record in ledger.records():
+            if ids is not None and record.id not in ids:
+                continue  # a task the manifest no longer has
+            groups.setdefault((record.job, record.model), Counter())[record.status] += 1
+            if record.status == "failed":
+                reasons[f"{record.reason}: {record.error}"] += 1
+            elif verify:
+                problems.extend(_verify(root, record))
+    if totals is None:
+        totals = _summary_totals(root, groups)
+    rows = []
+    for key in sorted(set(groups) | set(totals)):
+        counts = groups.get(key, Counter())
+        total = max(totals.get(key, 0), counts["ok"] + counts["failed"])
+        rows.append({"job": key[0], "model": key[1], "total": total, "ok": counts["ok"],
+                     "failed": counts["failed"],
+                     "pending": total - counts["ok"] - counts["failed"]})
+    report: dict[str, Any] = {
+        "output": str(root),
+        **{k: sum(row[k] for row in rows) for k in ("total", "ok", "failed", "pending")},
+        "models": rows,
+        "failures": [{"reason": reason, "count": count} for reason, count in reasons.most_common()],
+    }
+    if verify:
+        report["changed"] = problems
+    return report
+
+
+def _summary_totals(root: Path, groups: dict[tuple[str, str], Counter[str]]) -> dict:  # type: ignore[type-arg]
+    """Without a manifest, the last summary gives the totals per job (spread over its models)."""
+    try:
+        summary = json.loads((root / SUMMARY_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    totals: dict[tuple[str, str], int] = {}
+    for job, counts in summary.get("jobs", {}).items():
+        keys = [key for key in groups if key[0] == job] or [(job, "?")]
+        recorded = sum(groups.get(key, Counter()).total() for key in keys)
+        missing = max(int(counts.get("total", 0)) - recorded, 0)
+        for key in keys:
+            totals[key] = groups.get(key, Counter()).total()
+        totals[keys[0]] += missing
+    return totals
+
+
+def print_status(report: dict[str, Any]) -> None:
+    print(f"{report['output']}: {report['ok']} ok, {report['failed']} failed, "
+          f"{report['pending']} pending of {report['total']}")
+    print(f"{'job':<24} {'model':<40} {'ok':>8} {'failed':>8} {'pending':>8}")
+    for row in report["models"]:
+        print(f"{row['job']:<24} {row['model']:<40} {row['ok']:>8} {row['failed']:>8} "
+              f"{row['pending']:>8}")
+    if report["failures"]:
+        print("failures by reason:")
+        for item in report["failures"]:
+            print(f"  {item['count']:>6}  {item['reason']}")
+    for problem in report.get("changed", []):
+        print(f"verify: {problem['path']} is {problem['problem']} (task {problem['id']})")
+    if "changed" in report and not report["changed"]:
+        print("verify: every file matches its recorded sha256")

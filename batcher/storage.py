@@ -1,0 +1,157 @@
+"""The output folder: file names, atomic writes, and clean-up after a killed run.
+
+File names are built only from sanitised slugs and hashes, so no prompt, model name or task id
+can place a file outside the output folder. Every file is written under a temporary name in its
+final folder, flushed, then renamed: a final name never holds a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+
+from batcher.tasks import Task
+
+TMP_PREFIX = ".tmp-"
+SLUG_MAX = 48
+# Names Windows refuses for a file or folder whatever the extension (checked on the stem).
+_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(10)}
+_NOT_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+def slugify(text: str, max_length: int = SLUG_MAX) -> str:
+    """A lowercase ASCII slug of ``text``: ``a-z``, ``0-9`` and single dashes, never empty.
+
+    Bounded and deterministic; a reserved device name gets a trailing underscore.
+    """
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = _NOT_SLUG.sub("-", ascii_text.lower()).strip("-")[:max_length].rstrip("-")
+    if not slug:
+        slug = "x" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    if slug in _RESERVED:
+        slug += "_"
+    return slug
+
+
+def short_id(task_id: str) -> str:
+    """Eight hex characters that stand for a task id in file names."""
+    if re.fullmatch(r"[0-9a-f]{8,}", task_id):
+        return task_id[:8]
+    return hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where each task's files go under one output folder."""
+
+    root: Path
+
+    def task_stem(self, task: Task) -> Path:
+        """``<job>/<model>/<prompt-slug>-s<seed>-<id8>``, relative to the root."""
+        seed = "" if task.seed is None else f"-s{task.seed}"
+        name = f"{slugify(task.prompt)}{seed}-{short_id(task.id)}"
+        return Path(slugify(task.job, 64)) / slugify(task.model, 64) / name
+
+    def image_name(self, task: Task, index: int, count: int, ext: str) -> Path:
+        stem = self.task_stem(task)
+        suffix = f"-{index}" if count > 1 else ""
+        return stem.with_name(f"{stem.name}{suffix}.{ext}")
+
+    def text_name(self, task: Task) -> Path:
+        stem = self.task_stem(task)
+        return stem.with_name(stem.name + ".txt")
+
+    def resolve(self, relative: str | Path) -> Path:
+        """The absolute path of a file named in the ledger; refuses anything outside the root."""
+        path = (self.root / relative).resolve()
+        root = self.root.resolve()
+        if path != root and root not in path.parents:
+            raise ValueError(f"{relative} is outside the output folder")
+        return path
+
+
+class AtomicFile:
+    """A file written under a temporary name in its final folder, then renamed into place."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.tmp = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{id(self):x}-{final.name}")
+        self.size = 0
+        self._sha = hashlib.sha256()
+        self._handle: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
+
+    async def __aenter__(self) -> AtomicFile:
+        await aiofiles.os.makedirs(self.final.parent, exist_ok=True)
+        self._handle = await aiofiles.open(self.tmp, "wb")
+        return self
+
+    async def write(self, data: bytes) -> None:
+        assert self._handle is not None
+        self._sha.update(data)
+        self.size += len(data)
+        await self._handle.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        assert self._handle is not None
+        try:
+            if exc_type is None:
+                await self._handle.flush()
+        finally:
+            await self._handle.close()
+        if exc_type is None:
+            await aiofiles.os.replace(self.tmp, self.final)
+        else:
+            await _unlink_quietly(self.tmp)
+
+
+async def _unlink_quietly(path: Path) -> None:
+    try:
+        await aiofiles.os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+async def write_atomic(final: Path, data: bytes) -> tuple[int, str]:
+    """Write ``data`` to ``final`` atomically; returns its size and sha256."""
+    async with AtomicFile(final) as handle:
+        await handle.write(data)
+    return handle.size, handle.sha256
+
+
+def remove_leftovers(root: Path) -> int:
+    """Delete temporary files a killed run left behind; returns how many."""
+    removed = 0
+    if not root.is_dir():
+        return 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                Path(dirpath, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+async def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hash a file without holding it in memory."""
+    digest = hashlib.sha256()
+    async with aiofiles.open(path, "rb") as handle:
+        while block := await handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def chunks(data: bytes, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]

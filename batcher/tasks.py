@@ -1,0 +1,197 @@
+"""Task records, the streaming expansion of a manifest, and stable task ids.
+
+A task's id is the user's ``id``/``custom_id`` where given, else a hash of everything that
+shapes the result: provider, endpoint, params (less transport-only fields), the sha256 of each
+input image, the prompt or messages, the model and the seed. The hash is built in that order so
+that the expansion, whose innermost loops are models and seeds, extends a shared prefix instead
+of hashing each task from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batcher.manifest import JobSpec, Manifest, iter_jsonl
+
+ENDPOINTS = {"image": "/images/generations", "chat": "/chat/completions"}
+#: Body fields that change how a result travels, not what it is.
+TRANSPORT_FIELDS = frozenset({"response_format", "stream", "stream_options"})
+ID_LENGTH = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One request to make: a prompt for one model and seed, within a job."""
+
+    id: str
+    job: str
+    kind: str
+    provider: str
+    model: str
+    prompt: str
+    seed: int | None = None
+    params: Mapping[str, Any] | None = None
+    images: tuple[str, ...] = ()
+    system: str | None = None
+    messages: tuple[Mapping[str, Any], ...] | None = None
+    vars: tuple[tuple[str, str], ...] = ()
+    base_dir: Path | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return ENDPOINTS[self.kind]
+
+    def shard(self, count: int) -> int:
+        """The shard (1..count) this task belongs to, stable across machines."""
+        return zlib.crc32(self.id.encode()) % count + 1
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _feed(hasher: Any, tag: str, value: str) -> None:
+    data = value.encode()
+    hasher.update(f"{tag}:{len(data)}:".encode())
+    hasher.update(data)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _base_hasher(
+    provider: str, kind: str, params: Mapping[str, Any], image_digests: tuple[str, ...]
+) -> Any:
+    hasher = hashlib.sha256(b"batcher-task-v1\n")
+    _feed(hasher, "provider", provider)
+    _feed(hasher, "endpoint", ENDPOINTS[kind])
+    shaping = {k: v for k, v in params.items() if k not in TRANSPORT_FIELDS}
+    _feed(hasher, "params", _canonical(shaping))
+    _feed(hasher, "images", ",".join(image_digests))
+    return hasher
+
+
+def _content_text(kind: str, prompt: str, system: str | None, messages: Any) -> str:
+    if messages is not None:
+        return "messages:" + _canonical(list(messages))
+    if kind == "chat":
+        return "messages:" + _canonical(chat_messages(prompt, system))
+    return "prompt:" + prompt
+
+
+def _with(hasher: Any, tag: str, value: str) -> Any:
+    copy = hasher.copy()
+    _feed(copy, tag, value)
+    return copy
+
+
+def _finish(hasher: Any, seed: int | None) -> str:
+    _feed(hasher, "seed", "" if seed is None else str(seed))
+    return hasher.hexdigest()[:ID_LENGTH]
+
+
+def chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    """The messages of a chat task written as a prompt and an optional system message."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+class ImageDigests:
+    """sha256 of input images, each local file read once per expansion."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, str] = {}
+
+    def of(self, refs: tuple[str, ...], base_dir: Path) -> tuple[str, ...]:
+        return tuple(self._one(ref, base_dir) for ref in refs)
+
+    def _one(self, ref: str, base_dir: Path) -> str:
+        if ref.startswith(("http://", "https://")):
+            return "url:" + ref  # remote inputs are known by address; they are not fetched to plan
+        if ref.startswith("data:"):
+            return hashlib.sha256(ref.encode()).hexdigest()
+        path = (base_dir / ref).expanduser()
+        digest = self._cache.get(path)
+        if digest is None:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            self._cache[path] = digest
+        return digest
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def expand(manifest: Manifest, *, only: str | None = None) -> Iterator[Task]:
+    """Every task of the manifest, in the stable order prompts x vars x models x seeds.
+
+    A generator: a manifest of a million tasks never has them all in memory.
+    """
+    digests = ImageDigests()
+    for job in manifest.jobs:
+        if only is not None and job.name != only:
+            continue
+        if job.file is not None:
+            yield from _expand_file(job, digests)
+        else:
+            yield from _expand_grid(job, manifest.base_dir, digests)
+
+
+def _expand_grid(job: JobSpec, base_dir: Path, digests: ImageDigests) -> Iterator[Task]:
+    base = _base_hasher(job.provider, job.type, job.params, digests.of(job.images, base_dir))
+    names = [name for name, _ in job.vars]
+    seeds: tuple[int | None, ...] = job.seeds if job.seeds is not None else (None,)
+    for template in job.prompts:
+        # product() is lazy: a grid of a million combinations is walked, never stored.
+        for combo in itertools.product(*(values for _, values in job.vars)):
+            filled = dict(zip(names, combo, strict=True))
+            yield from _grid_cell(job, base, template, filled, seeds, base_dir)
+
+
+def _grid_cell(
+    job: JobSpec,
+    base: Any,
+    template: str,
+    filled: dict[str, str],
+    seeds: tuple[int | None, ...],
+    base_dir: Path,
+) -> Iterator[Task]:
+    """The tasks of one filled-in prompt: every model, every seed."""
+    prompt = template.format_map(filled)
+    system = job.system.format_map(filled) if job.system else None
+    params = job.params
+    with_prompt = _with(base, "content", _content_text(job.type, prompt, system, None))
+    pairs = tuple(filled.items())
+    for model in job.models:
+        with_model = _with(with_prompt, "model", model)
+        for seed in seeds:
+            yield Task(
+                id=_finish(with_model.copy(), seed), job=job.name, kind=job.type,
+                provider=job.provider, model=model, prompt=prompt, seed=seed, params=params,
+                images=job.images, system=system, vars=pairs, base_dir=base_dir,
+            )
+
+
+def _expand_file(job: JobSpec, digests: ImageDigests) -> Iterator[Task]:
+    assert job.file is not None
+    base_dir = job.file.parent
+    for line in iter_jsonl(job.file):
+        task_id = line.id
+        if task_id is None:
+            hasher = _base_hasher(job.provider, line.type, line.params,
+                                  digests.of(line.images, base_dir))
+            content = _content_text(line.type, line.prompt, line.system, line.messages)
+            hasher = _with(_with(hasher, "content", content), "model", line.model)
+            task_id = _finish(hasher, line.seed)
+        yield Task(
+            id=task_id, job=job.name, kind=line.type, provider=job.provider, model=line.model,
+            prompt=line.prompt, seed=line.seed, params=line.params, images=line.images,
+            system=line.system, messages=line.messages, base_dir=base_dir,
+        )
