@@ -1,0 +1,102 @@
+"""Shared fixtures: hermetic environment, the built-in server on 127.0.0.1, manifests, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from batcher.server import LocalServer, ServerOptions
+
+REPO = Path(__file__).resolve().parent.parent
+KEY_VARS = ("VULTR_API_KEY", "MODELVERSE_API_KEY", "OPENAI_API_KEY", "TEST_KEY")
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test runs in its own folder with its own HOME and no API keys set."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in KEY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+async def server_factory() -> AsyncIterator[Callable[..., object]]:
+    """Start built-in servers in the test's event loop: ``await server_factory(latency=...)``."""
+    servers: list[LocalServer] = []
+
+    async def start(**options: object) -> LocalServer:
+        server = LocalServer(ServerOptions(**options))  # type: ignore[arg-type]
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+def thread_server() -> Iterator[Callable[..., LocalServer]]:
+    """Start built-in servers on their own thread, for tests that drive a batcher subprocess."""
+    servers: list[LocalServer] = []
+
+    def start(**options: object) -> LocalServer:
+        server = LocalServer(ServerOptions(**options))  # type: ignore[arg-type]
+        server.start_in_thread()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop_thread()
+
+
+def write_manifest(folder: Path, text: str, name: str = "jobs.yaml") -> Path:
+    """Write a YAML manifest (dedented) into ``folder``; returns its path."""
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def provider_block(server: LocalServer, *, rate: str | None = None, concurrency: int = 4,
+                   key_env: str | None = None, extra: str = "") -> str:
+    """A ``providers:`` section naming ``server`` as provider ``test``."""
+    lines = ["providers:", "  test:", f"    base_url: {server.api_url}",
+             f"    concurrency: {concurrency}"]
+    if rate:
+        lines.append(f"    rate_limit: {rate}")
+    if key_env:
+        lines.append(f"    api_key_env: {key_env}")
+    lines.extend(f"    {line}" for line in textwrap.dedent(extra).splitlines() if line.strip())
+    return "\n".join(lines) + "\n"
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m batcher ARGS`` as a user would; returns the finished process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "batcher", *args], cwd=cwd, env=full_env, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def start_cli(*args: str, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m batcher ARGS`` in the background (for kills and signals)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "batcher", *args], cwd=cwd, env=full_env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
