@@ -1,0 +1,71 @@
+"""Helpers shared by the benchmarks: the built-in server on a thread, batcher as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from batcher.server import LocalServer, ServerOptions
+
+
+def start_server(**options: object) -> LocalServer:
+    """The built-in server on its own thread in this process (batcher runs in another)."""
+    server = LocalServer(ServerOptions(**options))  # type: ignore[arg-type]
+    server.start_in_thread()
+    return server
+
+
+BENCH_ROOT = Path(__file__).resolve().parent.parent / "output" / "bench"
+
+
+def workdir(name: str) -> Path:
+    """A fresh folder for one benchmark under output/bench (git-ignored).
+
+    Not /tmp: on the machines we measure on, creating files there costs ~1 ms each, ten times
+    the project disk, and would be measured instead of batcher.
+    """
+    folder = BENCH_ROOT / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    seconds: float
+    peak_rss_mb: float
+    exit_code: int
+    stderr: str
+
+
+def run_child(args: list[str], cwd: Path, *, kill_after: float | None = None) -> Measured:
+    """Run a command, measuring its wall time and its own peak RSS (not the bench's)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if kill_after is not None:
+        time.sleep(kill_after)
+        process.kill()
+    assert process.stderr is not None
+    stderr = process.stderr.read()
+    _pid, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    return Measured(seconds, usage.ru_maxrss / 1024, code, stderr)
+
+
+def batcher(*args: str) -> list[str]:
+    return [sys.executable, "-m", "batcher", *args]
