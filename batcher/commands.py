@@ -16,7 +16,8 @@ from batcher.manifest import Manifest, load_manifest
 from batcher.plan import Plan, make_plan, output_dir
 from batcher.providers.config import builtin_providers, resolve_key
 from batcher.providers.openai_compat import OpenAICompatible
-from batcher.runner import RunOptions, effective_configs, run as run_manifest, used_providers
+from batcher.runner import RunOptions, effective_configs, used_providers
+from batcher.runner import run as run_manifest
 from batcher.status import ledger_status, print_status
 
 

@@ -65,7 +65,7 @@ class Downloader:
                         reason="download_too_large", retryable=False,
                     )
                 return await self._save(response, stem)
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise DownloadError("image download timed out", reason="download_timeout") from exc
         except aiohttp.ClientError as exc:
             raise DownloadError(f"image download failed: {exc}", reason="download") from exc

@@ -208,9 +208,19 @@ class Ledger:
                 done.add(task_id)
         return done, failed
 
-    def records(self, where: str = "", params: tuple[Any, ...] = ()) -> Iterator[Record]:
-        for row in self._db.execute(f"SELECT * FROM tasks {where} ORDER BY rowid", params):
+    def records(
+        self, where: str = "", params: tuple[Any, ...] = (), *, limit: int = -1
+    ) -> Iterator[Record]:
+        """Records in the order they were first written, read as they are consumed."""
+        query = f"SELECT * FROM tasks {where} ORDER BY rowid LIMIT ?"
+        for row in self._db.execute(query, (*params, limit)):
             yield Record.from_row(row)
+
+    def job_counts(self) -> list[tuple[str, int, int]]:
+        """(job, tasks, ok) for each job, in the order the jobs first appear."""
+        return self._db.execute(
+            "SELECT job, count(*), sum(status = 'ok') FROM tasks GROUP BY job ORDER BY min(rowid)"
+        ).fetchall()
 
     def raw_rows(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM tasks").fetchall()

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-
 _UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
 
@@ -125,11 +124,14 @@ class Pacer:
             self._next = start + self.interval
             if start > now:
                 await asyncio.sleep(start - now)
-            if epoch == self._epoch:  # no 429 arrived while waiting: the turn stands
-                now = loop.time()
-                self._starts.append(now)
-                self._forget(now)
-                return
+            now = loop.time()
+            if epoch != self._epoch:
+                continue  # a 429 arrived while this request waited: its turn is void
+            if self._starts and now - self._starts[-1] < self.interval * 0.999:
+                continue  # the loop woke several turns at once (it was busy): space them again
+            self._starts.append(now)
+            self._forget(now)
+            return
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -116,21 +116,38 @@ def _read_text(path: Path) -> str:
 
 def _load_yaml(path: Path) -> Any:
     text = _read_text(path)
-    loader = _LineLoader(text)
-    loader.name = str(path)
+    loader = None
     try:
+        loader = _LineLoader(text)
+        loader.name = str(path)
         return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        problem = exc.problem or "invalid YAML"
-        if "could not determine a constructor" in problem:
-            problem = "this tag is not allowed (batcher loads YAML safely: plain data only)"
-        raise ManifestError(problem, file=str(path), line=line) from None
-    except yaml.YAMLError as exc:
+        raise ManifestError(_yaml_problem(exc), file=str(path), line=_yaml_line(exc)) from None
+    except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
         raise ManifestError(f"invalid YAML: {exc}", file=str(path)) from None
+    except RecursionError:
+        raise ManifestError("nested too deeply to be a manifest", file=str(path)) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml_line(exc: yaml.MarkedYAMLError) -> int | None:
+    # At the end of the file the problem's own place says little: an unclosed quote or bracket
+    # is found where the file ends; the context names where it was opened.
+    mark = exc.problem_mark
+    if exc.context_mark is not None and (mark is None or "end of stream" in (exc.problem or "")):
+        mark = exc.context_mark
+    return mark.line + 1 if mark else None
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    problem = exc.problem or "invalid YAML"
+    if "could not determine a constructor" in problem:
+        return "this tag is not allowed (batcher loads YAML safely: plain data only)"
+    if exc.context:
+        return f"{problem} ({exc.context})"
+    return problem
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -205,6 +222,8 @@ def _string_list(data: Mapping[str, Any], one: str, many: str, where: _Where) ->
     for value in values:
         if not isinstance(value, str) or not value.strip():
             raise where.error(key, "each entry must be a non-empty string")
+    if len(set(values)) != len(values):
+        raise where.error(key, "an entry is listed twice")
     return tuple(values)
 
 
@@ -236,7 +255,10 @@ def _parse_vars(value: Any, where: _Where) -> tuple[tuple[str, tuple[str, ...]],
         for item in values:
             if isinstance(item, (Mapping, list)) or item is None:
                 raise sub.error(name, "values must be strings or numbers")
-        result.append((name, tuple(str(item) for item in values)))
+        texts = tuple(str(item) for item in values)
+        if len(set(texts)) != len(texts):
+            raise sub.error(name, "a value is listed twice")
+        result.append((name, texts))
     return tuple(result)
 
 
@@ -289,11 +311,17 @@ def _parse_job(
     prompts = _string_list(data, "prompt", "prompts", where)
     job_vars = _parse_vars(data["vars"], where) if "vars" in data else ()
     seeds = _parse_seeds(data["seeds"], where) if "seeds" in data else None
-    params = dict(_require_mapping(data.get("params", {}), where, "params"))
+    raw_params = _require_mapping(data.get("params", {}), where, "params")
+    params = dict(raw_params)
     reserved = RESERVED_PARAMS | ({"seed"} if seeds is not None else set())
     for key in params:
         if key in reserved:
-            raise where.child("params", params).error(key, "is set by batcher; remove it here")
+            raise where.child("params", raw_params).error(key, "is set by batcher; remove it here")
+    try:
+        json.dumps(params)
+    except (TypeError, ValueError):
+        raise where.error("params", "values must be plain JSON: strings, numbers, booleans, "
+                          "lists and mappings (quote dates)") from None
     system = data.get("system")
     if system is not None and (kind != "chat" or not isinstance(system, str)):
         raise where.error("system", "only a chat job takes a system message (a string)")
@@ -359,7 +387,7 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
     if not isinstance(output, str) or not output:
         raise where.error("output", "must be a folder path")
     providers = _parse_providers(data.get("providers", {}), where)
-    defaults = dict(_require_mapping(data.get("defaults", {}), where, "defaults"))
+    defaults = _require_mapping(data.get("defaults", {}), where, "defaults")
     _check_fields(defaults, JOB_FIELDS - {"name"}, where.child("defaults", defaults))
     jobs_data = data.get("jobs")
     if not isinstance(jobs_data, list) or not jobs_data:
@@ -456,17 +484,22 @@ _OWN_FIELDS = {"id", "type", "model", "prompt", "seed", "params", "images", "sys
 def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
     """Parse a JSONL task file line by line; a bad line raises ``ManifestError`` (file:line)."""
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as exc:
         raise ManifestError(f"cannot read: {exc}", file=str(path)) from None
     with handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
-                data = json.loads(text)
+                data = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ManifestError("not UTF-8 text", file=str(path), line=number) from None
             except json.JSONDecodeError as exc:
                 raise ManifestError(f"not valid JSON ({exc.msg})", file=str(path),
+                                    line=number) from None
+            except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit number
+                raise ManifestError(f"not usable JSON ({exc})", file=str(path),
                                     line=number) from None
             if not isinstance(data, dict):
                 raise ManifestError("each line must be a JSON object", file=str(path), line=number)

@@ -33,8 +33,7 @@ def write_text_atomic(path: Path, chunks: Iterable[str]) -> None:
 
 
 def summarize(
-    plan: Plan, counters: Counters, ran_by_job: dict[str, list[int]], *, elapsed: float,
-    exit_code: int,
+    plan: Plan, counters: Counters, ran_by_job: dict[str, list[int]], *, elapsed: float
 ) -> dict[str, Any]:
     """The summary of the whole selection after a run: ok + failed + pending = total."""
     jobs: dict[str, Any] = {}
@@ -52,25 +51,22 @@ def summarize(
         **totals,
         "requests": counters.requests, "retries": counters.retries,
         "rate_limited": counters.rate_limited, "elapsed_s": round(elapsed, 3),
-        "exit_code": exit_code, "jobs": jobs,
+        "exit_code": None, "jobs": jobs,
     }
 
 
-def write_reports(
-    root: Path, ledger: Ledger, plan: Plan, counters: Counters,
-    ran_by_job: dict[str, list[int]], *, elapsed: float, exit_code: int,
-) -> dict[str, Any]:
-    """Write summary.json, results.jsonl and index.html; returns the summary."""
-    summary = summarize(plan, counters, ran_by_job, elapsed=elapsed, exit_code=exit_code)
+def write_reports(root: Path, ledger: Ledger, summary: dict[str, Any]) -> None:
+    """Write summary.json, and results.jsonl and index.html unless the ledger is unchanged
+    since they were written (a re-run of a finished run reads no rows)."""
     write_text_atomic(root / SUMMARY_NAME, [json.dumps(summary, indent=2), "\n"])
-    write_listings(root, ledger)
-    return summary
+    if summary["ran"] or not (root / RESULTS_NAME).exists() or not (root / INDEX_NAME).exists():
+        write_listings(root, ledger)
 
 
 def write_listings(root: Path, ledger: Ledger) -> None:
     """results.jsonl and index.html from the ledger alone."""
     write_text_atomic(root / RESULTS_NAME, _result_lines(ledger.records()))
-    write_text_atomic(root / INDEX_NAME, render_index(root, ledger.records()))
+    write_text_atomic(root / INDEX_NAME, render_index(root, ledger))
 
 
 def result_line(record: Record) -> dict[str, Any]:

@@ -8,6 +8,7 @@ failed downloads. Never retried: other 4xx, which are recorded with the provider
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ RETRYABLE_STATUS = frozenset({408, 409, 429})
 AUTH_STATUS = frozenset({401, 403})
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
-_QUOTA_WORDS = ("insufficient_quota", "quota", "billing")
+# A 429 whose code or message says the quota (not the rate) is spent: waiting will not help.
+_QUOTA = re.compile(r"insufficient.quota|quota.exceeded|exceeded your (current )?quota|"
+                    r"(daily|monthly) quota|billing", re.IGNORECASE)
+_RATE_CODES = {"rate_limit_exceeded", "rate_limited", "too_many_requests"}
 
 
 class Action(Enum):
@@ -44,8 +48,9 @@ def classify(error: ProviderError) -> Verdict:
         if status in AUTH_STATUS:
             return Verdict(Action.STOP_RUN)
         if status == 429:
-            text = f"{error.code or ''} {error.message}".lower()
-            if any(word in text for word in _QUOTA_WORDS):
+            if (error.code or "").lower() not in _RATE_CODES and _QUOTA.search(
+                f"{error.code or ''} {error.message}"
+            ):
                 return Verdict(Action.STOP_PROVIDER, rate_limited=True)
             return Verdict(Action.RETRY, rate_limited=True, wait=error.retry_after)
         if status in RETRYABLE_STATUS or status >= 500:
@@ -58,7 +63,7 @@ def classify(error: ProviderError) -> Verdict:
 
 def backoff(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
     """Capped exponential backoff with jitter for the ``attempt``-th retry (1-based)."""
-    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
+    ceiling = min(cap, base * 2 ** min(max(attempt - 1, 0), 32))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -34,7 +35,7 @@ from batcher.plan import Plan, Selection, make_plan, output_dir, will_run
 from batcher.progress import Counters, Progress
 from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.providers.openai_compat import OpenAICompatible
-from batcher.report import write_reports
+from batcher.report import summarize, write_reports
 from batcher.retry import Action, backoff, classify
 from batcher.saving import Saver
 from batcher.storage import Layout, remove_leftovers
@@ -157,22 +158,26 @@ class Runner:
         finally:
             self._progress.close()
             self.ledger.flush()
-        exit_code = self._exit_code(plan)
-        summary = write_reports(
-            self.root, self.ledger, plan, self.counters, self._ran_by_job,
-            elapsed=time.time() - started, exit_code=exit_code,
-        )
+        summary = summarize(plan, self.counters, self._ran_by_job,
+                            elapsed=time.time() - started)
+        summary["exit_code"] = exit_code = self._exit_code(summary)
+        write_reports(self.root, self.ledger, summary)
         message = str(self.auth_error) if self.auth_error else self._stopped_message()
         return Outcome(exit_code, plan, self.counters, summary, self.root, message)
 
-    def _exit_code(self, plan: Plan) -> int:
+    def _exit_code(self, summary: dict[str, Any]) -> int:
         if self.interrupted:
             return 130
         if self.auth_error is not None:
             return 3
-        totals = plan.totals
-        ok = totals.done + sum(v[1] for v in self._ran_by_job.values())
-        return 0 if ok == totals.total else 1
+        if summary["failed"]:
+            return 1
+        # Tasks held back by --limit are what the user asked for; held back by a stopped
+        # provider they are not.
+        limited = self.options.selection.limit is not None
+        if summary["pending"] and (not limited or self._stopped_message()):
+            return 1
+        return 0
 
     def _stopped_message(self) -> str | None:
         stopped = [f"{name}: {p.stopped}" for name, p in self._providers.items() if p.stopped]

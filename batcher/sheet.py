@@ -8,11 +8,11 @@ jobs are a table of prompt and completion. Failed tasks stand in place with thei
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-from batcher.ledger import Record
+from batcher.ledger import Ledger, Record
 
 MAX_CELLS_PER_JOB = 5000
 MAX_COMPLETION_CHARS = 2000
@@ -29,27 +29,27 @@ pre{white-space:pre-wrap;margin:0;max-width:48rem}
 """
 
 
-def render_index(root: Path, records: Iterable[Record]) -> Iterator[str]:
-    """The page, in pieces; ``root`` is where the page lives (links are relative to it)."""
-    by_job: dict[str, list[Record]] = {}
-    for record in records:
-        by_job.setdefault(record.job, []).append(record)
+def render_index(root: Path, ledger: Ledger) -> Iterator[str]:
+    """The page, in pieces; ``root`` is where the page lives (links are relative to it).
+
+    Memory stays bounded: at most ``MAX_CELLS_PER_JOB`` records of one job are read at a time.
+    """
     yield ("<!doctype html><html><head><meta charset='utf-8'>"
            f"<title>batcher: {html.escape(root.name)}</title><style>{_STYLE}</style>"
            f"</head><body><h1>{html.escape(root.name)}</h1>")
-    if not by_job:
+    jobs = ledger.job_counts()
+    if not jobs:
         yield "<p class='muted'>Nothing has finished yet.</p>"
-    for job, job_records in by_job.items():
-        ok = sum(r.status == "ok" for r in job_records)
+    for job, total, ok in jobs:
         yield (f"<h2>{html.escape(job)} <span class='muted'>{ok} ok, "
-               f"{len(job_records) - ok} failed</span></h2>")
-        shown = job_records[:MAX_CELLS_PER_JOB]
+               f"{total - ok} failed</span></h2>")
+        shown = list(ledger.records("WHERE job = ?", (job,), limit=MAX_CELLS_PER_JOB))
         if shown[0].kind == "chat":
             yield from _chat_table(root, shown)
         else:
             yield from _image_grid(shown)
-        if len(job_records) > len(shown):
-            yield (f"<p class='muted'>{len(job_records) - len(shown)} more tasks are listed in "
+        if total > len(shown):
+            yield (f"<p class='muted'>{total - len(shown)} more tasks are listed in "
                    "results.jsonl.</p>")
     yield "</body></html>\n"
 

@@ -26,6 +26,7 @@ SLUG_MAX = 48
 # Names Windows refuses for a file or folder whatever the extension (checked on the stem).
 _RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(10)}
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
+_OWN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def slugify(text: str, max_length: int = SLUG_MAX) -> str:
@@ -44,7 +45,7 @@ def slugify(text: str, max_length: int = SLUG_MAX) -> str:
 
 def short_id(task_id: str) -> str:
     """Eight hex characters that stand for a task id in file names."""
-    if re.fullmatch(r"[0-9a-f]{8,}", task_id):
+    if _OWN_ID.fullmatch(task_id):  # batcher's own ids are hashes already
         return task_id[:8]
     return hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batcher.manifest import JobSpec, Manifest, iter_jsonl
+from batcher.manifest import JobSpec, Manifest, iter_jsonl, placeholders
 
 ENDPOINTS = {"image": "/images/generations", "chat": "/chat/completions"}
 #: Body fields that change how a result travels, not what it is.
@@ -146,11 +146,15 @@ def expand(manifest: Manifest, *, only: str | None = None) -> Iterator[Task]:
 
 def _expand_grid(job: JobSpec, base_dir: Path, digests: ImageDigests) -> Iterator[Task]:
     base = _base_hasher(job.provider, job.type, job.params, digests.of(job.images, base_dir))
-    names = [name for name, _ in job.vars]
     seeds: tuple[int | None, ...] = job.seeds if job.seeds is not None else (None,)
     for template in job.prompts:
+        # A prompt repeats only over the vars it (or the system message) uses: "a logo" beside
+        # "a {city} poster" is one task, not one per city.
+        used = placeholders(template) | placeholders(job.system or "")
+        grid = [(name, values) for name, values in job.vars if name in used]
+        names = [name for name, _ in grid]
         # product() is lazy: a grid of a million combinations is walked, never stored.
-        for combo in itertools.product(*(values for _, values in job.vars)):
+        for combo in itertools.product(*(values for _, values in grid)):
             filled = dict(zip(names, combo, strict=True))
             yield from _grid_cell(job, base, template, filled, seeds, base_dir)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+
 from common import batcher, run_child, start_server, workdir, write
 
 BARE_LOOP = r'''

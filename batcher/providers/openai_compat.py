@@ -7,7 +7,6 @@ client makes to its own base URL; redirects are never followed, so it cannot lea
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -75,7 +74,7 @@ class OpenAICompatible:
                 if response.status >= 300:
                     raise await _status_error(response)
                 yield response
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise TransportError(
                 f"no answer within {self.config.timeout:g} s", reason="timeout"
             ) from exc
