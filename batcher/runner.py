@@ -149,7 +149,10 @@ class Runner:
         done, failed = self.ledger.statuses(self.root)
         plan = make_plan(self.manifest, self.options.selection, done, failed)
         self.ledger.set_meta("manifest", str(self.manifest.path.resolve()))
-        to_run = plan.totals.to_run
+        totals = plan.totals
+        to_run = totals.to_run
+        log.info("%d tasks: %d done, %d failed before, %d to run -> %s", totals.total,
+                 totals.done, totals.failed, to_run, self.root)
         mode = Progress.choose_mode(self.options.progress, sys.stderr)
         self._progress = Progress(to_run, self.counters, mode=mode, every=self.options.log_every)
         try:

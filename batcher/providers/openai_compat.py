@@ -54,7 +54,7 @@ class OpenAICompatible:
 
     async def list_models(self) -> list[str]:
         async with self._request("GET", "/models") as response:
-            data = _decode_json(await _read(response))
+            data = _decode_json(await response.read())
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list):
             raise ResponseError("the model list has no data array", reason="bad_response")
@@ -85,7 +85,7 @@ class OpenAICompatible:
 
     async def _post_json(self, path: str, body: Mapping[str, Any]) -> Any:
         async with self._request("POST", path, body) as response:
-            return _decode_json(await _read(response))
+            return _decode_json(await response.read())
 
     async def _stream_chat(self, body: Mapping[str, Any]) -> ChatAnswer:
         parts: list[str] = []
@@ -121,10 +121,6 @@ class OpenAICompatible:
             "usage": usage,
         }
         return ChatAnswer(text=text, body=completion, usage=usage)
-
-
-async def _read(response: aiohttp.ClientResponse) -> bytes:
-    return await response.read()
 
 
 def _decode_json(raw: bytes) -> Any:
@@ -185,7 +181,9 @@ def parse_image_answer(data: Any) -> ImageAnswer:
             images.append(ImageItem(url=url))
         else:
             raise ResponseError("an image item has neither b64_json nor url", reason="bad_item")
-    stripped = {k: v for k, v in data.items() if k != "data"}
+    # The body kept for results.jsonl: every item's fields but the image bytes themselves.
+    stripped = {**data, "data": [{k: v for k, v in item.items() if k != "b64_json"}
+                                 for item in items]}
     return ImageAnswer(tuple(images), stripped, data.get("usage"))
 
 

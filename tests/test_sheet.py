@@ -1,0 +1,190 @@
+"""The contact sheet, index.html: its links resolve, and a real headless Chromium renders it
+with every image loaded (driven over the DevTools protocol with aiohttp's websocket client)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import textwrap
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import REPO, provider_block, run_cli, write_manifest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "img" and values.get("src"):
+            self.images.append(values["src"] or "")
+        if tag == "a" and values.get("href"):
+            self.links.append(values["href"] or "")
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _run_demo(folder: Path) -> Path:
+    for name in ("demo.yaml", "ref-a.png", "ref-b.png"):
+        shutil.copy(REPO / "jobs" / name, folder / name)
+    result = run_cli("run", "demo.yaml", "--no-progress", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return folder / "output" / "demo"
+
+
+def test_every_image_and_completion_is_on_the_sheet_by_relative_link(tmp_path: Path) -> None:
+    output = _run_demo(tmp_path)
+    page = _Links()
+    page.feed((output / "index.html").read_text())
+    images = sorted(p.relative_to(output).as_posix() for p in output.rglob("*.png"))
+    assert len(images) == 8 + 4 + 1  # posters 2x2x2, postcards 2 seeds x n=2, one edit
+    assert sorted(set(page.images)) == images
+    for src in page.images + page.links:
+        assert not re.match(r"^[a-z]+:|^/", src), f"not a relative link: {src}"
+        assert (output / src).is_file()
+    text = " ".join(page.text)
+    for completion in output.rglob("*.txt"):
+        assert completion.read_text().strip() in text
+
+
+def test_failed_tasks_stand_in_place_with_their_reason(tmp_path: Path, thread_server) -> None:
+    server = thread_server(fail_rate=1.0)
+    manifest = write_manifest(tmp_path, textwrap.dedent("""
+        name: broken
+        jobs:
+          - {name: art, type: image, provider: test, model: flux.1-schnell,
+             prompt: "A doomed picture", params: {size: 256x256}}
+    """) + provider_block(server, extra="retries: 0"))
+    result = run_cli("run", str(manifest), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 1
+    html = (tmp_path / "output/broken/index.html").read_text()
+    assert "A doomed picture" in html
+    assert "failed: injected permanent failure" in html
+
+
+# --------------------------------------------------------------------------- a real browser
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class DevTools:
+    """The smallest DevTools-protocol client: send a command, wait for its answer."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._next = 0
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        await self._ws.send_json({"id": self._next, "method": method, "params": params})
+        async for message in self._ws:
+            data = json.loads(message.data)
+            if data.get("id") == self._next:
+                if "error" in data:
+                    raise AssertionError(f"{method}: {data['error']}")
+                return data["result"]
+        raise AssertionError("the browser closed the connection")
+
+
+@asynccontextmanager
+async def _browser(profile: Path) -> AsyncIterator[DevTools]:
+    assert CHROMIUM is not None
+    port = _free_port()
+    process = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
+         "--window-size=1280,2000", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            targets = None
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+                        targets = [t for t in await response.json() if t["type"] == "page"]
+                    if targets:
+                        break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            assert targets, "Chromium did not open a page"
+            async with session.ws_connect(targets[0]["webSocketDebuggerUrl"],
+                                          max_msg_size=0) as ws:
+                yield DevTools(ws)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _distinct_pixels(png: bytes) -> int:
+    """How many distinct byte values the screenshot's pixel data holds (blank: a handful)."""
+    chunks, position = [], 8
+    while position < len(png):
+        length = int.from_bytes(png[position:position + 4], "big")
+        kind = png[position + 4:position + 8]
+        if kind == b"IDAT":
+            chunks.append(png[position + 8:position + 8 + length])
+        position += 12 + length
+    raw = zlib.decompress(b"".join(chunks))
+    return len(set(raw[: 4_000_000]))
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_chromium_renders_the_sheet_with_every_image_loaded(tmp_path: Path) -> None:
+    assert CHROMIUM is not None, "CI must install chromium for this test"
+    output = _run_demo(tmp_path)
+
+    async def look() -> tuple[dict[str, Any], bytes]:
+        async with _browser(tmp_path / "profile") as tools:
+            await tools.call("Page.enable")
+            await tools.call("Page.navigate", url=(output / "index.html").resolve().as_uri())
+            # Lazy images below the fold load once asked; decode() settles when each is loaded.
+            result = await tools.call(
+                "Runtime.evaluate", awaitPromise=True, returnByValue=True,
+                expression="""(async () => {
+                    await new Promise(r => document.readyState === 'complete'
+                        ? r() : addEventListener('load', r));
+                    const images = Array.from(document.images);
+                    images.forEach(i => { i.loading = 'eager'; });
+                    const loaded = await Promise.all(images.map(
+                        i => i.decode().then(() => i.naturalWidth > 0, () => false)));
+                    return {count: images.length, loaded: loaded.filter(Boolean).length,
+                            rows: document.querySelectorAll('tr').length};
+                })()""",
+            )
+            shot = await tools.call("Page.captureScreenshot", format="png")
+            return result["result"]["value"], base64.b64decode(shot["data"])
+
+    state, screenshot = asyncio.run(look())
+    assert state["count"] == 13
+    assert state["loaded"] == 13, state
+    assert state["rows"] >= 5
+    assert screenshot.startswith(b"\x89PNG")
+    assert _distinct_pixels(screenshot) > 50, "the screenshot looks blank"
