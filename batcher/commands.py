@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import aiohttp
 
-from batcher.errors import BatcherError, ConfigError, UsageError
+from batcher.errors import AuthError, BatcherError, HTTPStatusError, ProviderError, UsageError
 from batcher.ledger import LEDGER_NAME, Ledger
+from batcher.limits import Rate
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import Plan, make_plan, output_dir
-from batcher.providers.config import builtin_providers, resolve_key
-from batcher.providers.openai_compat import OpenAICompatible
+from batcher.providers import OpenAICompatible, builtin_providers, open_clients, resolve_key
+from batcher.retry import AUTH_STATUS
 from batcher.runner import RunOptions, effective_configs, used_providers
 from batcher.runner import run as run_manifest
 from batcher.status import ledger_status, print_status
@@ -46,7 +48,7 @@ async def run(path: Path, provider: str | None, options: RunOptions) -> int:
     return outcome.exit_code
 
 
-def _done_and_failed(manifest: Manifest, root: Path) -> tuple[set[str], set[str]]:
+def _done_and_failed(root: Path) -> tuple[set[str], set[str]]:
     ledger = Ledger.open_existing(root)
     if ledger is None:
         return set(), set()
@@ -57,16 +59,16 @@ def _done_and_failed(manifest: Manifest, root: Path) -> tuple[set[str], set[str]
 def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool) -> int:
     manifest = load_manifest(path, provider=provider)
     root = output_dir(manifest, options.output)
-    done, failed = _done_and_failed(manifest, root)
+    done, failed = _done_and_failed(root)
     result = make_plan(manifest, options.selection, done, failed)
     configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
     _print_plan(result, {name: c.rate_limit for name, c in configs.items()}, root)
     if check:
-        return asyncio.run(_check_models(manifest, result, options))
+        return asyncio.run(_check_models(manifest, options))
     return 0
 
 
-def _print_plan(result: Plan, rates: dict, root: Path) -> None:  # type: ignore[type-arg]
+def _print_plan(result: Plan, rates: dict[str, Rate | None], root: Path) -> None:
     print(f"{'job':<24} {'model':<40} {'total':>9} {'done':>9} {'failed':>8} {'to run':>9}")
     for (job, model), c in result.by_model.items():
         print(f"{job:<24} {model:<40} {c.total:>9} {c.done:>9} {c.failed:>8} {c.to_run:>9}")
@@ -84,69 +86,40 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-async def _check_models(manifest: Manifest, result: Plan, options: RunOptions) -> int:
+async def _check_models(manifest: Manifest, options: RunOptions) -> int:
     """Ask each provider's /models; flag model names it does not serve. Exit 2 if any."""
     configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
+    keys = {name: resolve_key(config) for name, config in configs.items()}
     wanted: dict[str, set[str]] = {}
     for job in manifest.jobs:
         if job.provider in configs:
             wanted.setdefault(job.provider, set()).update(job.models)
-    for job, model in result.by_model:
-        spec = next(j for j in manifest.jobs if j.name == job)
-        wanted.setdefault(spec.provider, set()).add(model)
+    for task in options.selection.tasks(manifest):  # models named in JSONL task files
+        if task.job in {job.name for job in manifest.jobs if job.file is not None}:
+            wanted.setdefault(task.provider, set()).add(task.model)
     missing = 0
-    async with _client_session() as session, _local_server_if(configs) as server:
-        for name, config in configs.items():
-            client = OpenAICompatible(
-                config, session, resolve_key(config),
-                base_url=server.api_url if config.is_local and server else None,
-            )
-            served = set(await _list_models(client, name))
-            for model in sorted(wanted.get(name, ())):
-                if model not in served:
-                    missing += 1
-                    print(f"check: provider {name} does not serve model {model!r}")
-    print("check: every model is served" if not missing else f"check: {missing} unknown models")
+    async with aiohttp.ClientSession() as session, open_clients(configs, keys, session) as clients:
+        for name, client in clients.items():
+            served = set(await _models_of(client))
+            for model in sorted(wanted.get(name, set()) - served):
+                missing += 1
+                print(f"check: provider {name} does not serve model {model!r}")
+    print(f"check: {missing} model names not served" if missing else
+          "check: every model is served")
     return 2 if missing else 0
 
 
-async def _list_models(client: OpenAICompatible, name: str) -> list[str]:
-    from batcher.errors import HTTPStatusError, ProviderError
-
+async def _models_of(client: OpenAICompatible) -> list[str]:
+    """The provider's model list, its failures put as a user would want to read them."""
+    name = client.config.name
     try:
         return await client.list_models()
     except HTTPStatusError as exc:
-        if exc.status in {401, 403}:
-            from batcher.errors import AuthError
-
+        if exc.status in AUTH_STATUS:
             raise AuthError(f"provider {name} refused the key: {exc}") from exc
         raise BatcherError(f"provider {name}: {exc}") from exc
     except ProviderError as exc:
-        raise BatcherError(f"provider {name}: {exc}") from exc
-
-
-def _client_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession()
-
-
-class _local_server_if:  # noqa: N801 - used as a context manager
-    """Start the built-in server when one of the providers is ``local``."""
-
-    def __init__(self, configs: dict) -> None:  # type: ignore[type-arg]
-        self._needed = any(config.is_local for config in configs.values())
-        self._server = None
-
-    async def __aenter__(self):  # type: ignore[no-untyped-def]
-        if self._needed:
-            from batcher.server import LocalServer
-
-            self._server = LocalServer()
-            await self._server.start()
-        return self._server
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            await self._server.stop()
+        raise BatcherError(f"provider {name} at {client.base_url}: {exc}") from exc
 
 
 async def models(name: str, manifest_path: Path | None) -> int:
@@ -154,12 +127,10 @@ async def models(name: str, manifest_path: Path | None) -> int:
     config = providers.get(name)
     if config is None:
         raise UsageError(f"unknown provider {name!r} (known: {', '.join(sorted(providers))})")
-    async with _client_session() as session, _local_server_if({name: config}) as server:
-        client = OpenAICompatible(
-            config, session, resolve_key(config),
-            base_url=server.api_url if server is not None else None,
-        )
-        for model in await _list_models(client, name):
+    keys = {name: resolve_key(config)}
+    async with aiohttp.ClientSession() as session, \
+            open_clients({name: config}, keys, session) as clients:
+        for model in await _models_of(clients[name]):
             print(model)
     return 0
 
@@ -174,17 +145,15 @@ def serve(args: argparse.Namespace) -> int:
         fault_kinds=tuple(kind.strip() for kind in args.fault_kinds.split(",") if kind.strip()),
         fail_rate=args.fail_rate,
     )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever(options))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
 def status(target: Path, output: Path | None, *, as_json: bool, verify: bool) -> int:
     manifest = None
     if target.is_file():
-        manifest = load_manifest(target, provider=None if target.suffix != ".jsonl" else None)
+        manifest = load_manifest(target)
         root = output_dir(manifest, output)
     else:
         root = output or target
@@ -216,7 +185,3 @@ def report(output: Path) -> int:
         write_listings(output, ledger)
     print(f"wrote {output / 'results.jsonl'} and {output / 'index.html'}")
     return 0
-
-
-__all__ = ["ConfigError", "merge", "models", "plan", "report", "run", "serve", "status",
-           "validate"]

@@ -9,9 +9,9 @@ family into one exit code and a plain message, and nothing else in the package p
     ├── ConfigError           exit 2: a provider that cannot be reached as configured (missing key)
     ├── AuthError             exit 3: the provider refused the key or the config (401/403)
     ├── Interrupted           exit 130: Ctrl-C or SIGTERM; the same command resumes
-    └── ProviderError         one request went wrong; the runner classifies it and retries or records
+    └── ProviderError         one request went wrong; the runner retries it or records it
         ├── HTTPStatusError   the provider answered with a non-2xx status
-        ├── ResponseError     a 2xx answer without the fields it promises (bad JSON, no data, bad base64)
+        ├── ResponseError     a 2xx answer without what it promises (bad JSON, no data, bad base64)
         ├── TransportError    timeout, refused or reset connection, truncated body
         └── DownloadError     an image URL that could not be fetched or is not an image
 
@@ -79,7 +79,7 @@ class ProviderError(BatcherError):
 
 
 class HTTPStatusError(ProviderError):
-    """The provider answered with a non-2xx status; ``message``/``code`` come from its error body."""
+    """A non-2xx answer; ``message`` and ``code`` come from the provider's error body."""
 
     def __init__(
         self,

@@ -192,10 +192,6 @@ class Ledger:
 
     # ------------------------------------------------------------------ reading
 
-    def meta(self, key: str, default: Any = None) -> Any:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
-
     def statuses(self, root: Path) -> tuple[set[str], set[str]]:
         """(done, failed): ids whose latest record is ok with every file present at its
         recorded size, and ids whose latest record is failed."""
@@ -224,9 +220,6 @@ class Ledger:
 
     def raw_rows(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM tasks").fetchall()
-
-    def integrity_ok(self) -> bool:
-        return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 def _files_present(root: Path, files_json: str) -> bool:

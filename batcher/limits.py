@@ -68,7 +68,8 @@ class Pacer:
     the pace the provider accepted and creeps back up while no 429 comes.
     """
 
-    RECOVERY = 1.05  # speed-up per quiet period after a slow-down
+    RECOVERY = 1.1  # speed-up per quiet period after a slow-down
+    MAX_SLOWDOWN = 4.0  # one 429 slows the pace by at most this factor
 
     def __init__(self, rate: Rate | None, concurrency: int) -> None:
         self.rate = rate
@@ -79,6 +80,7 @@ class Pacer:
         self._epoch = 0
         self._starts: deque[float] = deque()
         self._quiet_since = 0.0
+        self._first_start: float | None = None
 
     def pause(self, seconds: float) -> None:
         """Hold every new request to this provider for ``seconds`` from now."""
@@ -89,13 +91,22 @@ class Pacer:
             self._epoch += 1
 
     def slow_down(self) -> None:
-        """The provider answered 429: pace at what it accepted over the last period."""
+        """The provider answered 429: pace at what it accepted over the last period.
+
+        Before a whole period has passed the count says little, so the pace halves instead;
+        either way one 429 slows it by at most ``MAX_SLOWDOWN``.
+        """
         if self.rate is None:
             return
         now = asyncio.get_running_loop().time()
         self._forget(now)
-        accepted = max(len(self._starts) - 1, 1)  # the start just refused does not count
-        self.interval = max(self.interval, self.rate.period / accepted + JITTER_MARGIN / 10)
+        accepted = len(self._starts) - 1  # the start just refused does not count
+        if self._first_start is not None and now - self._first_start >= self.rate.period \
+                and accepted > 0:
+            target = self.rate.period / accepted + JITTER_MARGIN / 10
+        else:
+            target = self.interval * 2
+        self.interval = max(self.interval, min(target, self.interval * self.MAX_SLOWDOWN))
         self._quiet_since = now
 
     def _forget(self, now: float) -> None:
@@ -131,6 +142,8 @@ class Pacer:
                 continue  # the loop woke several turns at once (it was busy): space them again
             self._starts.append(now)
             self._forget(now)
+            if self._first_start is None:
+                self._first_start = now
             return
 
     @asynccontextmanager

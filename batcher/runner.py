@@ -28,16 +28,16 @@ import aiohttp
 from batcher.bodies import InputImages
 from batcher.download import Downloader
 from batcher.errors import AuthError, ProviderError
-from batcher.ledger import LEDGER_NAME, Ledger, Record
+from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.limits import Pacer, Rate
 from batcher.manifest import Manifest
 from batcher.plan import Plan, Selection, make_plan, output_dir, will_run
 from batcher.progress import Counters, Progress
+from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.config import ProviderConfig, resolve_key
-from batcher.providers.openai_compat import OpenAICompatible
 from batcher.report import summarize, write_reports
 from batcher.retry import Action, backoff, classify
-from batcher.saving import Saver
+from batcher.saving import Answer, Saver
 from batcher.storage import Layout, remove_leftovers
 from batcher.tasks import Task
 
@@ -136,6 +136,8 @@ class Runner:
         self.auth_error: AuthError | None = None
         self.interrupted = False
         self._providers: dict[str, _Provider] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._in_flight: set[asyncio.Task[Any]] = set()  # workers with a request under way
         self._progress: Progress | None = None
         self._ran_by_job: dict[str, list[int]] = {}  # job -> [ran, ok, failed, failed_before]
 
@@ -187,41 +189,25 @@ class Runner:
         return "; ".join(stopped) or None
 
     async def _run_tasks(self, done: set[str], failed: set[str]) -> None:
-        server = await self._start_local_server()
+        # One session for the APIs; another, with no default headers, for image downloads.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        try:
-            async with aiohttp.ClientSession(connector=connector) as api, \
-                    aiohttp.ClientSession() as downloads:
-                self._make_providers(api, server)
-                cap = min(c.download_cap for c in self.configs.values())
-                timeout = max(c.timeout for c in self.configs.values())
-                saver = Saver(self.layout, Downloader(downloads, cap=cap, timeout=timeout))
-                await self._supervise(done, failed, saver)
-        finally:
-            if server is not None:
-                await server.stop()
-
-    async def _start_local_server(self):  # type: ignore[no-untyped-def]
-        if not any(config.is_local for config in self.configs.values()):
-            return None
-        from batcher.server import LocalServer  # imported only when a run needs it
-
-        server = LocalServer()
-        await server.start()
-        return server
-
-    def _make_providers(self, session: aiohttp.ClientSession, server: object) -> None:
-        for name, config in self.configs.items():
-            base_url = getattr(server, "api_url", None) if config.is_local else None
-            client = OpenAICompatible(config, session, self.keys[name], base_url=base_url)
-            self._providers[name] = _Provider(
-                config, client, Pacer(config.rate_limit, config.concurrency),
-                asyncio.Queue(maxsize=2 * config.concurrency),
-            )
+        async with aiohttp.ClientSession(connector=connector) as api, \
+                aiohttp.ClientSession() as downloads, \
+                open_clients(self.configs, self.keys, api) as clients:
+            for name, config in self.configs.items():
+                self._providers[name] = _Provider(
+                    config, clients[name], Pacer(config.rate_limit, config.concurrency),
+                    asyncio.Queue(maxsize=2 * config.concurrency),
+                )
+            saver = Saver(self.layout, {
+                name: Downloader(downloads, cap=c.download_cap, timeout=c.timeout)
+                for name, c in self.configs.items()
+            })
+            await self._supervise(done, failed, saver)
 
     async def _supervise(self, done: set[str], failed: set[str], saver: Saver) -> None:
         producer = asyncio.create_task(self._produce(done, failed))
-        workers = [
+        workers = self._workers = [
             asyncio.create_task(self._work(provider, saver, failed))
             for provider in self._providers.values()
             for _ in range(provider.config.concurrency)
@@ -237,7 +223,7 @@ class Runner:
             await asyncio.gather(producer, ticker, *workers, return_exceptions=True)
 
     async def _wait_for(self, workers: list[asyncio.Task[None]]) -> None:
-        all_done = asyncio.gather(*workers)
+        all_done = asyncio.gather(*workers, return_exceptions=True)
         stop = asyncio.create_task(self.stopping.wait())
         try:
             await asyncio.wait({all_done, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -249,7 +235,7 @@ class Runner:
             stop.cancel()
             if not all_done.done():
                 all_done.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with contextlib.suppress(asyncio.CancelledError):
                 await all_done
 
     def stop(self, reason: str) -> None:
@@ -259,6 +245,11 @@ class Runner:
             self.stopping.set()
 
     def _release_idle_workers(self) -> None:
+        """On stop: cancel every worker with no request in flight (waiting for a turn, a 429
+        pause or a backoff), and wake those waiting for a task."""
+        for worker in self._workers:
+            if worker not in self._in_flight:
+                worker.cancel()
         for provider in self._providers.values():
             for _ in range(provider.config.concurrency):
                 try:
@@ -348,12 +339,9 @@ class Runner:
         while True:
             attempt += 1
             try:
-                async with provider.pacer.slot():
-                    if self.stopping.is_set():  # stopped while waiting for a turn: never sent
-                        return None
-                    self.counters.requests += 1
-                    answer = await saver.request(provider.client, task, self.images)
-                files, response = await saver.save(task, answer, started)
+                result = await self._attempt(provider, task, saver, started)
+                if result is None:  # stopped while waiting for a turn: never sent
+                    return None
             except ProviderError as error:
                 verdict = classify(error)
                 action = self._react(provider, task, error, verdict, attempt)
@@ -366,7 +354,26 @@ class Runner:
                 if not verdict.rate_limited:  # a 429 already paused the whole provider
                     await asyncio.sleep(wait)
                 continue
+            answer, files, response = result
             return saver.succeeded(task, files, answer, response, attempt, started)
+
+    async def _attempt(
+        self, provider: _Provider, task: Task, saver: Saver, started: float
+    ) -> tuple[Answer, list[FileRecord], dict[str, Any]] | None:
+        """One request and the saving of its answer, counted as in flight throughout."""
+        async with provider.pacer.slot():
+            if self.stopping.is_set():
+                return None
+            self.counters.requests += 1
+            worker = asyncio.current_task()
+            assert worker is not None
+            self._in_flight.add(worker)
+            try:
+                answer = await saver.request(provider.client, task, self.images)
+                files, response = await saver.save(task, answer, started)
+            finally:
+                self._in_flight.discard(worker)
+        return answer, files, response
 
     def _react(
         self, provider: _Provider, task: Task, error: ProviderError, verdict, attempt: int

@@ -27,9 +27,9 @@ Answer = ImageAnswer | ChatAnswer
 class Saver:
     """Sends a task's request and turns the answer into files and a ledger record."""
 
-    def __init__(self, layout: Layout, downloader: Downloader) -> None:
+    def __init__(self, layout: Layout, downloaders: dict[str, Downloader]) -> None:
         self.layout = layout
-        self.downloader = downloader
+        self.downloaders = downloaders  # per provider: each has its own size cap
         self._sidecars: dict[str, dict[str, Any]] = {}
 
     async def request(self, provider: Provider, task: Task, images: InputImages) -> Answer:
@@ -70,7 +70,8 @@ class Saver:
             size, sha = await write_atomic(self.layout.root / path, data)
             return FileRecord(path.as_posix(), size, sha)
         stem = self.layout.image_name(task, index, count, "x").with_suffix("")
-        final, size, sha = await self.downloader.fetch(item.url, self.layout.root / stem)
+        downloader = self.downloaders[task.provider]
+        final, size, sha = await downloader.fetch(item.url, self.layout.root / stem)
         return FileRecord(final.relative_to(self.layout.root).as_posix(), size, sha)
 
     async def _write_sidecar(

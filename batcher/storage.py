@@ -8,6 +8,7 @@ final folder, flushed, then renamed: a final name never holds a partial file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -26,7 +27,6 @@ SLUG_MAX = 48
 # Names Windows refuses for a file or folder whatever the extension (checked on the stem).
 _RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(10)}
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
-_OWN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def slugify(text: str, max_length: int = SLUG_MAX) -> str:
@@ -44,9 +44,11 @@ def slugify(text: str, max_length: int = SLUG_MAX) -> str:
 
 
 def short_id(task_id: str) -> str:
-    """Eight hex characters that stand for a task id in file names."""
-    if _OWN_ID.fullmatch(task_id):  # batcher's own ids are hashes already
-        return task_id[:8]
+    """Eight hex characters that stand for a task id in file names.
+
+    Always a hash of the id, even of an id that is a hash already: a user's id may look like
+    one of batcher's and share its first eight characters with another.
+    """
     return hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
@@ -119,10 +121,8 @@ class AtomicFile:
 
 
 async def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         await aiofiles.os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 # Below this size a file is written on the event loop's thread: a few system calls into the
@@ -173,12 +173,3 @@ def remove_leftovers(root: Path) -> int:
                 Path(dirpath, name).unlink(missing_ok=True)
                 removed += 1
     return removed
-
-
-async def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hash a file without holding it in memory."""
-    digest = hashlib.sha256()
-    async with aiofiles.open(path, "rb") as handle:
-        while block := await handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

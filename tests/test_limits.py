@@ -305,7 +305,7 @@ def test_slow_down_lengthens_the_interval_and_recovers_virtual() -> None:
         pacer.slow_down()
         intervals.append(pacer.interval)
         await spy.run(10)
-        await spy.run(60)  # three seconds without a 429
+        await spy.run(150)  # seven seconds without a 429
         intervals.append(pacer.interval)
 
     virtual(scenario)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from batcher.providers.config import ProviderConfig
@@ -29,14 +29,6 @@ class ChatAnswer:
     text: str
     body: Mapping[str, Any]  # the completion object (assembled from chunks when streamed)
     usage: Mapping[str, Any] | None = None
-
-
-@dataclass(slots=True)
-class CallStats:
-    """What one call cost on the wire, for the sidecar and the ledger."""
-
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Provider(Protocol):

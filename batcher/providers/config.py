@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -113,10 +113,6 @@ def _checked(key: str, value: Any) -> Any:
     if key in {"timeout", "connect_timeout", "max_wait"} and value <= 0:
         raise ValueError(f"{key}: must be more than 0 seconds")
     return value
-
-
-def provider_field_names() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(ProviderConfig))
 
 
 def resolve_key(config: ProviderConfig) -> str | None:
