@@ -22,7 +22,8 @@ def main() -> None:
     folder = BENCH_ROOT / "resume"
     summary_path = folder / "output/resume/summary.json"
     try:
-        fresh = not summary_path.exists() or json.loads(summary_path.read_text())["ok"] != args.tasks
+        fresh = (not summary_path.exists()
+                 or json.loads(summary_path.read_text())["ok"] != args.tasks)
         if fresh:
             folder = workdir("resume")
         prompts = 100

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import textwrap
 import zlib
 from collections.abc import AsyncIterator
@@ -114,12 +113,12 @@ class DevTools:
 async def _browser(profile: Path) -> AsyncIterator[DevTools]:
     assert CHROMIUM is not None
     port = _free_port()
-    process = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+    process = await asyncio.create_subprocess_exec(
+        CHROMIUM, *["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
          "--window-size=1280,2000", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         async with aiohttp.ClientSession() as session:
@@ -139,7 +138,7 @@ async def _browser(profile: Path) -> AsyncIterator[DevTools]:
                 yield DevTools(ws)
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        await asyncio.wait_for(process.wait(), timeout=10)
 
 
 def _distinct_pixels(png: bytes) -> int:
