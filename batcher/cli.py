@@ -16,7 +16,7 @@ from pathlib import Path
 
 from batcher import commands
 from batcher.errors import BatcherError, UsageError
-from batcher.limits import parse_rate
+from batcher.limits import Rate, parse_rate
 from batcher.plan import Selection
 from batcher.runner import RunOptions
 
@@ -33,7 +33,7 @@ def _shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _rate(text: str):  # type: ignore[no-untyped-def]
+def _rate(text: str) -> Rate:
     try:
         return parse_rate(text)
     except ValueError as exc:

@@ -626,9 +626,10 @@ def _batch_line(data: dict[str, Any], number: int) -> JsonlTask:
     model = _text(body, "model")
     params = {k: v for k, v in body.items() if k not in {"model", "messages", "prompt", "seed",
                                                         "images"}}
+    images: tuple[str, ...] = ()
     if kind == "chat":
         messages = _messages(body.get("messages"))
-        prompt, images = last_user_text(messages), ()
+        prompt = last_user_text(messages)
     else:
         messages, prompt = None, _text(body, "prompt") or ""
         images = _images(body.get("images"))

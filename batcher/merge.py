@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 from batcher.errors import UsageError
@@ -34,7 +35,7 @@ def _place(source: Path, target: Path) -> None:
 
 def merge_outputs(inputs: list[Path], output: Path) -> int:
     """Merge shard outputs into ``output``; returns the number of tasks it now holds."""
-    chosen: dict[str, tuple[Path, object]] = {}
+    chosen: dict[str, tuple[Path, sqlite3.Row]] = {}
     for folder in inputs:
         ledger = Ledger.open_existing(folder)
         if ledger is None:
@@ -50,13 +51,13 @@ def merge_outputs(inputs: list[Path], output: Path) -> int:
         rows = []
         for folder, row in chosen.values():
             source = Layout(folder)
-            for path, _size, _sha in json.loads(row["files"]):  # type: ignore[index]
+            for path, _size, _sha in json.loads(row["files"]):
                 _place(source.resolve(path), target_layout.resolve(path))
                 sidecar = source.resolve(path).with_suffix(".json")
                 if sidecar.is_file() and not path.endswith(".txt"):
                     _place(sidecar, target_layout.resolve(Path(path).with_suffix(".json")))
             rows.append(row)
-        merged.write_rows(rows)  # type: ignore[arg-type]
+        merged.write_rows(rows)
         write_listings(output, merged)
     _merge_summaries(inputs, output)
     return len(chosen)

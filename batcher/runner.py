@@ -223,8 +223,8 @@ class Runner:
             await asyncio.gather(producer, ticker, *workers, return_exceptions=True)
 
     async def _wait_for(self, workers: list[asyncio.Task[None]]) -> None:
-        all_done = asyncio.gather(*workers, return_exceptions=True)
-        stop = asyncio.create_task(self.stopping.wait())
+        all_done: asyncio.Future[Any] = asyncio.gather(*workers, return_exceptions=True)
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
         try:
             await asyncio.wait({all_done, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not all_done.done():

@@ -75,8 +75,8 @@ def _image_grid(records: list[Record]) -> Iterator[str]:
     for prompt, cells in rows.items():
         yield f"<tr><td class='prompt'>{html.escape(prompt)}</td>"
         for column in columns:
-            record = cells.get(column)
-            yield f"<td>{_image_cell(record) if record else ''}</td>"
+            cell = cells.get(column)
+            yield f"<td>{_image_cell(cell) if cell else ''}</td>"
         yield "</tr>"
     yield "</table>"
 

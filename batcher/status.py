@@ -85,7 +85,9 @@ def ledger_status(root: Path, manifest: Manifest | None, *, verify: bool) -> dic
     return report
 
 
-def _summary_totals(root: Path, groups: dict[tuple[str, str], Counter[str]]) -> dict:  # type: ignore[type-arg]
+def _summary_totals(
+    root: Path, groups: dict[tuple[str, str], Counter[str]]
+) -> dict[tuple[str, str], int]:
     """Without a manifest, the last summary gives the totals per job (spread over its models)."""
     try:
         summary = json.loads((root / SUMMARY_NAME).read_text())
