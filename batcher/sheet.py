@@ -98,8 +98,8 @@ def _chat_table(root: Path, records: list[Record]) -> Iterator[str]:
     yield "<table><tr><th>prompt</th><th>model</th><th>seed</th><th>completion</th></tr>"
     for record in records:
         if record.status == "ok" and record.files:
-            text = _read_text(root / record.files[0].path)
-            cell = f"<pre>{html.escape(text)}</pre>"
+            text = _completion_text(record) or _read_text(root / record.files[0].path)
+            cell = f"<pre>{html.escape(text[:MAX_COMPLETION_CHARS])}</pre>"
         else:
             cell = f"<span class='failed'>failed: {html.escape(record.error or '')}</span>"
         seed = "" if record.seed is None else str(record.seed)
@@ -107,6 +107,15 @@ def _chat_table(root: Path, records: list[Record]) -> Iterator[str]:
                f"{html.escape(record.prompt)}</td><td>{html.escape(record.model)}</td>"
                f"<td>{seed}</td><td>{cell}</td></tr>")
     yield "</table>"
+
+
+def _completion_text(record: Record) -> str | None:
+    """The completion as the ledger kept it (the saved response), without opening the file."""
+    try:
+        content = record.response["choices"][0]["message"]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
 
 
 def _read_text(path: Path) -> str:

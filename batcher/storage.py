@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -29,6 +30,7 @@ _RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") fo
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
 
 
+@functools.lru_cache(maxsize=4096)  # job and model names, and prompts shared by many seeds
 def slugify(text: str, max_length: int = SLUG_MAX) -> str:
     """A lowercase ASCII slug of ``text``: ``a-z``, ``0-9`` and single dashes, never empty.
 

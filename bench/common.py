@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,29 @@ def workdir(name: str) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     return folder
+
+
+class ServedProcess:
+    """``batcher serve`` in its own process, like a remote endpoint: its CPU is not ours."""
+
+    def __init__(self, *options: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{port}/v1"
+        self._process = subprocess.Popen(batcher("serve", "--port", str(port), *options),
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("batcher serve did not start")
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=10)
 
 
 def write(path: Path, text: str) -> Path:
