@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -50,6 +49,44 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _latency(text: str) -> float:
+    """Seconds that may be zero."""
+    try:
+        return 0.0 if float(text) == 0 else _seconds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be from 0 to 65535")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be from 0 to 1")
+    return value
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", type=Path, help="a YAML manifest or a JSONL task file")
     parser.add_argument("--output", type=Path, help="output folder (default: the manifest's)")
@@ -73,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     run.add_argument("--dry-run", action="store_true", help="plan only; send nothing")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-    run.add_argument("--log-every", type=float, default=10.0, metavar="S",
+    run.add_argument("--log-every", type=_seconds, default=10.0, metavar="S",
                      help="seconds between progress lines when not on a terminal")
-    run.add_argument("--grace", type=float, default=10.0, metavar="S",
+    run.add_argument("--grace", type=_seconds, default=10.0, metavar="S",
                      help="seconds in-flight requests get to finish after Ctrl-C")
 
     plan = sub.add_parser("plan", help="count what a run would do; send nothing")
@@ -98,16 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--manifest", type=Path, help="a manifest that defines the provider")
 
     serve = sub.add_parser("serve", help="the built-in OpenAI-compatible server")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--latency", type=float, default=0.0, metavar="S")
+    serve.add_argument("--latency", type=_latency, default=0.0, metavar="S")
     serve.add_argument("--rate-limit", type=_rate, metavar="N/PERIOD",
                        help="answer 429 past this many requests in a rolling window")
     serve.add_argument("--api-key", help="require this bearer key (401 otherwise)")
-    serve.add_argument("--fault-rate", type=float, default=0.0,
+    serve.add_argument("--fault-rate", type=_fraction, default=0.0,
                        help="fraction of distinct requests that fail on their first try")
     serve.add_argument("--fault-kinds", default="500,502,503,reset,truncated")
-    serve.add_argument("--fail-rate", type=float, default=0.0,
+    serve.add_argument("--fail-rate", type=_fraction, default=0.0,
                        help="fraction of distinct requests that always fail")
 
     merge = sub.add_parser("merge", help="combine shard outputs into one")
@@ -168,15 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatcherError as error:
         print(f"batcher: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:  # the disk or the network refused; a message, not a traceback
+        log.debug("stopped by an OS error", exc_info=True)
+        print(f"batcher: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("batcher: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 1
-
-
-def print_json(data: object) -> None:
-    print(json.dumps(data, indent=2))
 
 
 if __name__ == "__main__":

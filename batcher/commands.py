@@ -138,13 +138,16 @@ async def models(name: str, manifest_path: Path | None) -> int:
 def serve(args: argparse.Namespace) -> int:
     from batcher.server import ServerOptions, serve_forever
 
-    options = ServerOptions(
-        host=args.host, port=args.port, latency=args.latency,
-        rate_limit=(args.rate_limit.count, args.rate_limit.period) if args.rate_limit else None,
-        api_key=args.api_key, fault_rate=args.fault_rate,
-        fault_kinds=tuple(kind.strip() for kind in args.fault_kinds.split(",") if kind.strip()),
-        fail_rate=args.fail_rate,
-    )
+    try:
+        options = ServerOptions(
+            host=args.host, port=args.port, latency=args.latency,
+            rate_limit=(args.rate_limit.count, args.rate_limit.period) if args.rate_limit else None,
+            api_key=args.api_key, fault_rate=args.fault_rate,
+            fault_kinds=tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip()),
+            fail_rate=args.fail_rate,
+        )
+    except ValueError as exc:
+        raise UsageError(f"serve: {exc}") from None
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever(options))
     return 0

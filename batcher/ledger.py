@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher.errors import UsageError
+
 LEDGER_NAME = "ledger.sqlite"
 
 _SCHEMA = """
@@ -42,7 +44,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished    REAL,
     elapsed     REAL
 );
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _COLUMNS = (
@@ -122,14 +123,18 @@ class Ledger:
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
-        if readonly:
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+        try:
+            if readonly:
+                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+            self._db.execute("SELECT count(*) FROM tasks").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"{path}: not a batcher ledger ({exc})") from None
         self._db.row_factory = sqlite3.Row
         self._pending: list[Record] = []
         self._flush_scheduled = False
@@ -184,12 +189,6 @@ class Ledger:
                 [tuple(row[c] for c in _COLUMNS) for row in rows],
             )
 
-    def set_meta(self, key: str, value: Any) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value))
-            )
-
     # ------------------------------------------------------------------ reading
 
     def statuses(self, root: Path) -> tuple[set[str], set[str]]:
@@ -211,6 +210,10 @@ class Ledger:
         query = f"SELECT * FROM tasks {where} ORDER BY rowid LIMIT ?"
         for row in self._db.execute(query, (*params, limit)):
             yield Record.from_row(row)
+
+    def last_finished(self) -> float:
+        """When the newest record was written (0 for an empty ledger)."""
+        return float(self._db.execute("SELECT max(finished) FROM tasks").fetchone()[0] or 0)
 
     def job_counts(self) -> list[tuple[str, int, int]]:
         """(job, tasks, ok) for each job, in the order the jobs first appear."""

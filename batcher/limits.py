@@ -120,6 +120,26 @@ class Pacer:
             self.interval = max(self.rate.interval, self.interval / self.RECOVERY)
             self._quiet_since = now
 
+    def _too_soon(self, now: float) -> float:
+        """How long before a start now would come too close after the others."""
+        if not self._starts:
+            return 0.0
+        return max(self._starts[-1] + self.interval, self._window_opens()) - now
+
+    def _window_opens(self) -> float:
+        """When a start next fits: the N-th latest start must have left the rolling window.
+
+        The even spacing already ensures this; checking the window itself keeps the promise
+        when the loop wakes a turn late, which matters most for small counts such as 1/min.
+        """
+        assert self.rate is not None
+        count = int(self.rate.count)
+        if count < 1 or len(self._starts) < count:
+            return 0.0
+        # Half the margin the spacing leaves over a whole window, so that on time it never binds.
+        margin = min(JITTER_MARGIN, JITTER_MARGIN * self.rate.period) / 2
+        return self._starts[-count] + self.rate.period + margin
+
     async def _take_turn(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -131,15 +151,18 @@ class Pacer:
                 continue
             self._recover(now)
             epoch = self._epoch
-            start = max(now, self._next, self._resume_at)
+            start = max(now, self._next, self._resume_at, self._window_opens())
             self._next = start + self.interval
             if start > now:
                 await asyncio.sleep(start - now)
-            now = loop.time()
+            # The loop may wake several turns at once (it was busy): each waits in turn until
+            # it is an interval after the last start and the rolling window has room.
+            # (A wait for time to pass, not a poll of another task's state: no Event fits.)
+            while epoch == self._epoch and (delay := self._too_soon(loop.time())) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(delay)
             if epoch != self._epoch:
                 continue  # a 429 arrived while this request waited: its turn is void
-            if self._starts and now - self._starts[-1] < self.interval * 0.999:
-                continue  # the loop woke several turns at once (it was busy): space them again
+            now = loop.time()
             self._starts.append(now)
             self._forget(now)
             if self._first_start is None:

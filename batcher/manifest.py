@@ -8,6 +8,7 @@ million lines is never held in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -29,6 +30,8 @@ JOB_FIELDS = {
     "name", "type", "provider", "model", "models", "prompt", "prompts", "vars", "seeds",
     "images", "params", "system", "file",
 }
+#: Body fields that change how a result travels, not what it is: they stay out of task ids.
+TRANSPORT_FIELDS = frozenset({"response_format", "stream", "stream_options"})
 # Fields of the request body that batcher fills itself; a job's params may not set them.
 RESERVED_PARAMS = {"model", "prompt", "messages", "images"}
 
@@ -511,8 +514,12 @@ def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
 
 
 def check_jsonl(path: Path) -> int:
-    """Validate every line of a JSONL task file; returns the number of tasks."""
+    """Validate every line of a JSONL task file; returns the number of tasks.
+
+    Two lines asking for the same result without ids would be one task twice over: an error.
+    """
     seen: set[str] = set()
+    same: dict[bytes, int] = {}  # digest of what shapes a line's result -> its line
     count = 0
     for task in iter_jsonl(path):
         if task.id is not None:
@@ -520,6 +527,13 @@ def check_jsonl(path: Path) -> int:
                 raise ManifestError(f"id {task.id!r} is used by an earlier line",
                                     file=str(path), line=task.line, field="id")
             seen.add(task.id)
+        else:
+            digest = _shape_digest(task)
+            if digest in same:
+                raise ManifestError(
+                    f"asks for the same result as line {same[digest]}; give each line an "
+                    "\"id\" to run both", file=str(path), line=task.line)
+            same[digest] = task.line
         for ref in task.images:
             if not ref.startswith(("http://", "https://", "data:")) and not (
                 path.parent / ref
@@ -528,6 +542,13 @@ def check_jsonl(path: Path) -> int:
                                     field="images")
         count += 1
     return count
+
+
+def _shape_digest(task: JsonlTask) -> bytes:
+    params = {k: v for k, v in task.params.items() if k not in TRANSPORT_FIELDS}
+    shape = [task.type, task.model, task.prompt, task.messages, task.seed, params, task.images,
+             task.system]
+    return hashlib.blake2b(json.dumps(shape, sort_keys=True).encode(), digest_size=12).digest()
 
 
 class _LineError(Exception):

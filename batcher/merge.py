@@ -15,17 +15,18 @@ from pathlib import Path
 from batcher.errors import UsageError
 from batcher.ledger import LEDGER_NAME, Ledger
 from batcher.report import SUMMARY_NAME, write_listings, write_text_atomic
-from batcher.storage import TMP_PREFIX, Layout
+from batcher.storage import Layout, lock_folder, temporary_name
 
 _COUNTS = ("total", "ok", "failed", "pending", "skipped", "ran", "requests", "retries",
            "rate_limited")
 
 
 def _place(source: Path, target: Path) -> None:
+    """Put ``source`` at ``target``: a hard link where possible, else a copy; atomic."""
     if target.exists() and target.stat().st_size == source.stat().st_size:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{TMP_PREFIX}merge-{os.getpid()}-{target.name}")
+    tmp = temporary_name(target)
     try:
         os.link(source, tmp)
     except OSError:
@@ -33,21 +34,30 @@ def _place(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def _check_files(folder: Path, row: sqlite3.Row) -> None:
+    for path, size, _sha in json.loads(row["files"]):
+        file = Layout(folder).resolve(path)
+        if not file.is_file() or file.stat().st_size != size:
+            raise UsageError(f"{folder}: {path} is missing or changed; the shard's ledger "
+                             f"names it for task {row['id']} (run that shard again)")
+
+
 def merge_outputs(inputs: list[Path], output: Path) -> int:
     """Merge shard outputs into ``output``; returns the number of tasks it now holds."""
     chosen: dict[str, tuple[Path, sqlite3.Row]] = {}
     for folder in inputs:
-        ledger = Ledger.open_existing(folder)
-        if ledger is None:
+        if not (folder / LEDGER_NAME).is_file():
             raise UsageError(f"{folder}: no {LEDGER_NAME} here; is it a batcher output folder?")
+        ledger = Ledger(folder / LEDGER_NAME, readonly=True)
         with ledger:
             for row in ledger.raw_rows():
                 earlier = chosen.get(row["id"])
                 if earlier is None or row["status"] == "ok":
                     chosen[row["id"]] = (folder, row)
-    output.mkdir(parents=True, exist_ok=True)
+    for folder, row in chosen.values():
+        _check_files(folder, row)  # before anything is placed: no half-merged output
     target_layout = Layout(output)
-    with Ledger(output / LEDGER_NAME) as merged:
+    with lock_folder(output), Ledger(output / LEDGER_NAME) as merged:
         rows = []
         for folder, row in chosen.values():
             source = Layout(folder)

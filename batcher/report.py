@@ -7,8 +7,8 @@ All three are derived from the ledger (and, for the summary, the run's plan and 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from batcher.ledger import Ledger, Record
 from batcher.plan import Plan
 from batcher.progress import Counters
 from batcher.sheet import render_index
+from batcher.storage import atomic_open
 
 SUMMARY_NAME = "summary.json"
 RESULTS_NAME = "results.jsonl"
@@ -23,27 +24,34 @@ INDEX_NAME = "index.html"
 
 
 def write_text_atomic(path: Path, chunks: Iterable[str]) -> None:
-    """Write text to a temporary name beside ``path``, flush, then rename."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with tmp.open("w", encoding="utf-8") as handle:
+    """Write text in pieces to a temporary name beside ``path``, flush, then rename."""
+    with atomic_open(path, "w") as handle:
         for chunk in chunks:
             handle.write(chunk)
-        handle.flush()
-    os.replace(tmp, path)
+
+
+@dataclass(slots=True)
+class JobTally:
+    """What one run did to one job's tasks."""
+
+    ran: int = 0
+    ok: int = 0
+    failed: int = 0
+    failed_before: int = 0  # of those that ran, how many had failed in an earlier run
 
 
 def summarize(
-    plan: Plan, counters: Counters, ran_by_job: dict[str, list[int]], *, elapsed: float
+    plan: Plan, counters: Counters, tally: dict[str, JobTally], *, elapsed: float
 ) -> dict[str, Any]:
     """The summary of the whole selection after a run: ok + failed + pending = total."""
     jobs: dict[str, Any] = {}
     for name, counts in plan.job_counts().items():
-        ran, ran_ok, ran_failed, ran_failed_before = ran_by_job.get(name, [0, 0, 0, 0])
-        ok = counts.done + ran_ok
-        failed = counts.failed - ran_failed_before + ran_failed
+        run = tally.get(name, JobTally())
+        ok = counts.done + run.ok
+        failed = counts.failed - run.failed_before + run.failed
         jobs[name] = {
             "total": counts.total, "ok": ok, "failed": failed,
-            "pending": counts.total - ok - failed, "skipped": counts.done, "ran": ran,
+            "pending": counts.total - ok - failed, "skipped": counts.done, "ran": run.ran,
         }
     totals = {key: sum(job[key] for job in jobs.values())
               for key in ("total", "ok", "failed", "pending", "skipped", "ran")}
@@ -56,11 +64,20 @@ def summarize(
 
 
 def write_reports(root: Path, ledger: Ledger, summary: dict[str, Any]) -> None:
-    """Write summary.json, and results.jsonl and index.html unless the ledger is unchanged
-    since they were written (a re-run of a finished run reads no rows)."""
+    """Write summary.json, and results.jsonl and index.html unless no record is newer than
+    them (a re-run of a finished run then reads no rows)."""
     write_text_atomic(root / SUMMARY_NAME, [json.dumps(summary, indent=2), "\n"])
-    if summary["ran"] or not (root / RESULTS_NAME).exists() or not (root / INDEX_NAME).exists():
+    if summary["ran"] or _listings_stale(root, ledger):
         write_listings(root, ledger)
+
+
+def _listings_stale(root: Path, ledger: Ledger) -> bool:
+    """Whether a record is newer than the listings (say, a run killed before writing them)."""
+    try:
+        written = min((root / name).stat().st_mtime for name in (RESULTS_NAME, INDEX_NAME))
+    except OSError:
+        return True
+    return ledger.last_finished() >= written
 
 
 def write_listings(root: Path, ledger: Ledger) -> None:

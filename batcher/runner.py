@@ -1,12 +1,14 @@
 """The worker pool: take a task, call its provider, save the files, record the outcome.
 
-One producer walks the manifest's expansion and hands each task to its provider's queue; each
-provider has as many workers as its concurrency. Retries, 429 pauses and the decision to stop
-come from :mod:`batcher.retry`; pacing from :mod:`batcher.limits`.
+Each provider has its own producer, walking the manifest's expansion for that provider's tasks,
+and as many workers as its concurrency, so a slow provider never holds back a fast one.
+Retries, 429 pauses and the decision to stop come from :mod:`batcher.retry`; pacing from
+:mod:`batcher.limits`.
 
-Shutdown has two stages: the first signal stops new tasks and lets those in flight finish for a
-grace period; the second (or the end of the grace period) cancels them. A result's files are
-renamed into place before its ledger row is queued, and queuing a row is synchronous, so a
+Shutdown has two stages: the first signal stops new requests, cancels the workers that have
+nothing in flight (waiting for a turn, a 429 pause or a backoff) and gives the others a grace
+period; the second signal (or the end of the grace period) cancels those too. A result's files
+are renamed into place before its ledger row is queued, and queuing a row is synchronous, so a
 cancellation can lose a request in flight but never split a file from its row.
 """
 
@@ -18,7 +20,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import aiohttp
 
 from batcher.bodies import InputImages
 from batcher.download import Downloader
-from batcher.errors import AuthError, ProviderError
+from batcher.errors import AuthError, ProviderError, UsageError
 from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.limits import Pacer, Rate
 from batcher.manifest import Manifest
@@ -35,10 +37,10 @@ from batcher.plan import Plan, Selection, make_plan, output_dir, will_run
 from batcher.progress import Counters, Progress
 from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.config import ProviderConfig, resolve_key
-from batcher.report import summarize, write_reports
-from batcher.retry import Action, backoff, classify
+from batcher.report import JobTally, summarize, write_reports
+from batcher.retry import Action, Verdict, backoff, classify
 from batcher.saving import Answer, Saver
-from batcher.storage import Layout, remove_leftovers
+from batcher.storage import Layout, lock_folder, remove_leftovers
 from batcher.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class Outcome:
     exit_code: int
     plan: Plan
     counters: Counters
-    summary: dict[str, object]
+    summary: dict[str, Any]
     output: Path
     message: str | None = None
 
@@ -97,6 +99,11 @@ def effective_configs(
 
 
 def used_providers(manifest: Manifest, only: str | None) -> set[str]:
+    """The providers of the jobs a run takes on; ``--only`` must name a job."""
+    names = [job.name for job in manifest.jobs]
+    if only is not None and only not in names:
+        raise UsageError(f"--only {only}: no such job in {manifest.path} "
+                         f"(jobs: {', '.join(names)})")
     return {job.provider for job in manifest.jobs if only is None or job.name == only}
 
 
@@ -105,10 +112,8 @@ async def run(manifest: Manifest, options: RunOptions) -> Outcome:
     root = output_dir(manifest, options.output)
     configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
     keys = {name: resolve_key(config) for name, config in configs.items()}  # before any request
-    root.mkdir(parents=True, exist_ok=True)
-    with Ledger(root / LEDGER_NAME) as ledger:
-        runner = Runner(manifest, options, root, ledger, configs, keys)
-        return await runner.run()
+    with lock_folder(root), Ledger(root / LEDGER_NAME) as ledger:
+        return await Runner(manifest, options, root, ledger, configs, keys).run()
 
 
 class Runner:
@@ -134,12 +139,13 @@ class Runner:
         self.images = InputImages()
         self.stopping = asyncio.Event()
         self.auth_error: AuthError | None = None
+        self.crash: BaseException | None = None  # an error of batcher's own, not the provider's
         self.interrupted = False
         self._providers: dict[str, _Provider] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[Any]] = set()  # workers with a request under way
         self._progress: Progress | None = None
-        self._ran_by_job: dict[str, list[int]] = {}  # job -> [ran, ok, failed, failed_before]
+        self._tally: dict[str, JobTally] = {}
 
     # ------------------------------------------------------------------ the run
 
@@ -150,43 +156,47 @@ class Runner:
             log.info("removed %d temporary files left by an interrupted run", removed)
         done, failed = self.ledger.statuses(self.root)
         plan = make_plan(self.manifest, self.options.selection, done, failed)
-        self.ledger.set_meta("manifest", str(self.manifest.path.resolve()))
         totals = plan.totals
-        to_run = totals.to_run
         log.info("%d tasks: %d done, %d failed before, %d to run -> %s", totals.total,
-                 totals.done, totals.failed, to_run, self.root)
+                 totals.done, totals.failed, totals.to_run, self.root)
         mode = Progress.choose_mode(self.options.progress, sys.stderr)
-        self._progress = Progress(to_run, self.counters, mode=mode, every=self.options.log_every)
+        self._progress = Progress(totals.to_run, self.counters, mode=mode,
+                                  every=self.options.log_every)
         try:
-            if to_run:
+            if totals.to_run:
                 await self._run_tasks(done, failed)
         finally:
             self._progress.close()
             self.ledger.flush()
-        summary = summarize(plan, self.counters, self._ran_by_job,
-                            elapsed=time.time() - started)
+        summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started)
         summary["exit_code"] = exit_code = self._exit_code(summary)
         write_reports(self.root, self.ledger, summary)
-        message = str(self.auth_error) if self.auth_error else self._stopped_message()
-        return Outcome(exit_code, plan, self.counters, summary, self.root, message)
+        return Outcome(exit_code, plan, self.counters, summary, self.root, self._message())
 
     def _exit_code(self, summary: dict[str, Any]) -> int:
         if self.interrupted:
             return 130
         if self.auth_error is not None:
             return 3
-        if summary["failed"]:
+        if summary["failed"] or self.crash is not None:
             return 1
         # Tasks held back by --limit are what the user asked for; held back by a stopped
         # provider they are not.
         limited = self.options.selection.limit is not None
-        if summary["pending"] and (not limited or self._stopped_message()):
+        if summary["pending"] and (not limited or self._stopped_providers()):
             return 1
         return 0
 
-    def _stopped_message(self) -> str | None:
+    def _stopped_providers(self) -> str | None:
         stopped = [f"{name}: {p.stopped}" for name, p in self._providers.items() if p.stopped]
         return "; ".join(stopped) or None
+
+    def _message(self) -> str | None:
+        if self.auth_error is not None:
+            return str(self.auth_error)
+        if self.crash is not None:
+            return f"stopped by an error: {self.crash!r} (run again with -v for details)"
+        return self._stopped_providers()
 
     async def _run_tasks(self, done: set[str], failed: set[str]) -> None:
         # One session for the APIs; another, with no default headers, for image downloads.
@@ -205,31 +215,35 @@ class Runner:
             })
             await self._supervise(done, failed, saver)
 
+    # ------------------------------------------------------------------ supervision
+
     async def _supervise(self, done: set[str], failed: set[str], saver: Saver) -> None:
-        producer = asyncio.create_task(self._produce(done, failed))
-        workers = self._workers = [
+        producers = [asyncio.create_task(self._produce(name, done, failed))
+                     for name in self._providers]
+        self._workers = [
             asyncio.create_task(self._work(provider, saver, failed))
             for provider in self._providers.values()
             for _ in range(provider.config.concurrency)
         ]
         ticker = asyncio.create_task(self._tick())
-        remove_handlers = self._install_signal_handlers(workers)
+        remove_handlers = self._install_signal_handlers()
         try:
-            await self._wait_for(workers)
+            await self._wait_for_workers()
         finally:
             remove_handlers()
-            for task in (producer, ticker, *workers):
+            helpers = [*producers, ticker, *self._workers]
+            for task in helpers:
                 task.cancel()
-            await asyncio.gather(producer, ticker, *workers, return_exceptions=True)
+            await asyncio.gather(*helpers, return_exceptions=True)
 
-    async def _wait_for(self, workers: list[asyncio.Task[None]]) -> None:
-        all_done: asyncio.Future[Any] = asyncio.gather(*workers, return_exceptions=True)
+    async def _wait_for_workers(self) -> None:
+        all_done: asyncio.Future[Any] = asyncio.gather(*self._workers, return_exceptions=True)
         stop: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
         try:
             await asyncio.wait({all_done, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not all_done.done():
-                # Stopping: no new task starts; give those in flight the grace period.
-                self._release_idle_workers()
+                # Stopping: nothing new starts; the requests in flight get the grace period.
+                self._cancel_idle_workers()
                 await asyncio.wait({all_done}, timeout=self.options.grace)
         finally:
             stop.cancel()
@@ -239,25 +253,17 @@ class Runner:
                 await all_done
 
     def stop(self, reason: str) -> None:
-        """Stop starting tasks; those in flight finish."""
+        """Stop starting requests; those in flight finish."""
         if not self.stopping.is_set():
-            log.warning("%s: stopping; tasks in flight may finish", reason)
+            log.warning("%s: stopping; requests in flight may finish", reason)
             self.stopping.set()
 
-    def _release_idle_workers(self) -> None:
-        """On stop: cancel every worker with no request in flight (waiting for a turn, a 429
-        pause or a backoff), and wake those waiting for a task."""
+    def _cancel_idle_workers(self) -> None:
         for worker in self._workers:
             if worker not in self._in_flight:
                 worker.cancel()
-        for provider in self._providers.values():
-            for _ in range(provider.config.concurrency):
-                try:
-                    provider.queue.put_nowait(None)
-                except asyncio.QueueFull:
-                    break
 
-    def _install_signal_handlers(self, workers: list[asyncio.Task[None]]) -> Callable[[], None]:
+    def _install_signal_handlers(self) -> Callable[[], None]:
         if not self.options.handle_signals:
             return lambda: None
         loop = asyncio.get_running_loop()
@@ -266,7 +272,7 @@ class Runner:
             self.interrupted = True
             if self.stopping.is_set():
                 log.warning("second signal: cancelling the requests in flight")
-                for worker in workers:
+                for worker in self._workers:
                     worker.cancel()
             else:
                 self.stop(signal.Signals(signum).name)
@@ -288,126 +294,137 @@ class Runner:
 
     # ------------------------------------------------------------------ producing
 
-    async def _produce(self, done: set[str], failed: set[str]) -> None:
+    def _to_run(self, done: set[str], failed: set[str]) -> Iterator[Task]:
+        """The tasks this run sends, in expansion order, ``--limit`` counted over all of them."""
         selection = self.options.selection
         budget = selection.limit
         for task in selection.tasks(self.manifest):
-            if self.stopping.is_set():
-                return
             if not will_run(task.id, done, failed, selection.skip_failed):
                 continue
             if budget is not None:
                 if budget <= 0:
-                    break
+                    return
                 budget -= 1
-            await self._providers[task.provider].queue.put(task)
-        for provider in self._providers.values():
-            for _ in range(provider.config.concurrency):
-                await provider.queue.put(None)
+            yield task
+
+    async def _produce(self, name: str, done: set[str], failed: set[str]) -> None:
+        provider = self._providers[name]
+        for task in self._to_run(done, failed):
+            if self.stopping.is_set() or provider.stopped:
+                break
+            if task.provider == name:
+                await provider.queue.put(task)
+        for _ in range(provider.config.concurrency):
+            await provider.queue.put(None)
 
     # ------------------------------------------------------------------ working
 
     async def _work(self, provider: _Provider, saver: Saver, failed: set[str]) -> None:
-        while True:
-            task = await provider.queue.get()
-            if task is None or self.stopping.is_set():
-                return
-            if provider.stopped:
-                continue  # left pending: the provider cannot take it now
-            record = await self._execute(provider, task, saver)
-            if record is not None:
-                self._count(record, was_failed=task.id in failed)
-                self.ledger.record(record)
-                assert self._progress is not None
-                self._progress.update()
+        try:
+            while (task := await provider.queue.get()) is not None:
+                if self.stopping.is_set():
+                    return
+                if provider.stopped:
+                    continue  # left pending: the provider cannot take it now
+                record = await self._execute(provider, task, saver)
+                if record is not None:
+                    self._count(record, was_failed=task.id in failed)
+                    self.ledger.record(record)
+                    assert self._progress is not None
+                    self._progress.update()
+        except Exception as exc:  # batcher's own fault (a full disk, a bug): stop, never hang
+            log.debug("worker stopped by an error", exc_info=True)
+            if self.crash is None:
+                self.crash = exc
+            self.stop(f"error: {exc!r}")
 
     def _count(self, record: Record, *, was_failed: bool) -> None:
         ok = record.status == "ok"
         self.counters.ran += 1
         self.counters.ok += ok
         self.counters.failed += not ok
-        job = self._ran_by_job.setdefault(record.job, [0, 0, 0, 0])
-        job[0] += 1
-        job[1] += ok
-        job[2] += not ok
-        job[3] += was_failed
+        tally = self._tally.setdefault(record.job, JobTally())
+        tally.ran += 1
+        tally.ok += ok
+        tally.failed += not ok
+        tally.failed_before += was_failed
 
     async def _execute(self, provider: _Provider, task: Task, saver: Saver) -> Record | None:
         """Try a task until it is saved or its failure is final; ``None`` leaves it pending."""
         started = time.time()
         attempt = 0
-        while True:
+        while not provider.stopped:
             attempt += 1
             try:
                 result = await self._attempt(provider, task, saver, started)
-                if result is None:  # stopped while waiting for a turn: never sent
-                    return None
             except ProviderError as error:
                 verdict = classify(error)
-                action = self._react(provider, task, error, verdict, attempt)
-                if action is not Action.RETRY:
+                action = self._react(provider, error, verdict, attempt)
+                if action is Action.FAIL:
                     return saver.failed(task, error, attempt, started)
-                if self.stopping.is_set():
-                    return None
+                if action is not Action.RETRY or self.stopping.is_set():
+                    return None  # the run or the provider stopped: the task stays pending
                 self.counters.retries += 1
-                wait = verdict.wait if verdict.wait is not None else backoff(attempt)
+                log.debug("task %s attempt %d: %s; retrying", task.id, attempt, error)
                 if not verdict.rate_limited:  # a 429 already paused the whole provider
-                    await asyncio.sleep(wait)
+                    await asyncio.sleep(verdict.wait if verdict.wait is not None
+                                        else backoff(attempt))
                 continue
+            if result is None:  # stopped while waiting for a turn: never sent
+                return None
             answer, files, response = result
             return saver.succeeded(task, files, answer, response, attempt, started)
+        return None
 
     async def _attempt(
         self, provider: _Provider, task: Task, saver: Saver, started: float
     ) -> tuple[Answer, list[FileRecord], dict[str, Any]] | None:
         """One request and the saving of its answer, counted as in flight throughout."""
         async with provider.pacer.slot():
-            if self.stopping.is_set():
+            if self.stopping.is_set() or provider.stopped:
                 return None
             self.counters.requests += 1
             worker = asyncio.current_task()
             assert worker is not None
             self._in_flight.add(worker)
             try:
-                answer = await saver.request(provider.client, task, self.images)
-                files, response = await saver.save(task, answer, started)
+                answer, logged = await saver.request(provider.client, task, self.images)
+                files, response = await saver.save(task, answer, logged, started)
             finally:
                 self._in_flight.discard(worker)
         return answer, files, response
 
     def _react(
-        self, provider: _Provider, task: Task, error: ProviderError, verdict, attempt: int
+        self, provider: _Provider, error: ProviderError, verdict: Verdict, attempt: int
     ) -> Action:
         """Apply a verdict's side effects (pauses, stops); returns what to do with the task."""
-        action = verdict.action
         config = provider.config
         if verdict.rate_limited:
             self.counters.rate_limited += 1
-        if action is Action.STOP_RUN:
+        if verdict.action is Action.STOP_RUN:
+            source = config.api_key_env or config.api_key_file or "no key configured"
             self.auth_error = AuthError(
-                f"provider {config.name} refused the request ({error}); check the API key "
-                f"({config.api_key_env or config.api_key_file or 'none configured'}) and that it "
-                "may use this endpoint and model"
+                f"provider {config.name} refused the request ({error}); check its API key "
+                f"({source}) and that the key may use this endpoint and model"
             )
-            self.stop(f"provider {config.name} answered {getattr(error, 'status', '')}")
-            return action
-        if action is Action.STOP_PROVIDER:
-            provider.stopped = f"the provider says its quota is spent ({error})"
-            log.error("provider %s: %s; its remaining tasks stay pending", config.name,
-                      provider.stopped)
-            return action
-        if action is Action.RETRY and attempt > config.retries:
-            return Action.FAIL
+            self.stop(f"provider {config.name} refused the key")
+            return Action.STOP_RUN
+        if verdict.action is Action.STOP_PROVIDER:
+            return self._stop_provider(provider, f"the provider says its quota is spent "
+                                                 f"({error})")
         if verdict.wait is not None and verdict.wait > config.max_wait:
-            provider.stopped = (
-                f"it asked to wait {verdict.wait:.0f} s, over max_wait {config.max_wait:g} s"
-            )
-            log.error("provider %s: %s; its remaining tasks stay pending", config.name,
-                      provider.stopped)
-            return Action.STOP_PROVIDER
-        if verdict.rate_limited:
+            return self._stop_provider(provider, f"it asked to wait {verdict.wait:.0f} s, "
+                                                 f"over max_wait {config.max_wait:g} s")
+        if verdict.rate_limited:  # even on the last attempt: the whole provider must slow down
             provider.pacer.pause(verdict.wait if verdict.wait is not None else backoff(attempt))
             provider.pacer.slow_down()
-        if action is Action.RETRY:
-            log.debug("task %s attempt %d: %s; retrying", task.id, attempt, error)
-        return action
+        if verdict.action is Action.RETRY and attempt > config.retries:
+            return Action.FAIL
+        return verdict.action
+
+    def _stop_provider(self, provider: _Provider, reason: str) -> Action:
+        if provider.stopped is None:
+            provider.stopped = reason
+            log.error("provider %s: %s; its remaining tasks stay pending",
+                      provider.config.name, reason)
+        return Action.STOP_PROVIDER

@@ -30,18 +30,19 @@ class Saver:
     def __init__(self, layout: Layout, downloaders: dict[str, Downloader]) -> None:
         self.layout = layout
         self.downloaders = downloaders  # per provider: each has its own size cap
-        self._sidecars: dict[str, dict[str, Any]] = {}
 
-    async def request(self, provider: Provider, task: Task, images: InputImages) -> Answer:
+    async def request(
+        self, provider: Provider, task: Task, images: InputImages
+    ) -> tuple[Answer, dict[str, Any]]:
+        """Send the task; returns the answer and the request as the sidecar records it."""
         body, logged = build_body(task, images)
-        self._sidecars[task.id] = logged
         if task.kind == "chat":
-            return await provider.complete_chat(body)
-        return await provider.generate_image(body)
+            return await provider.complete_chat(body), logged
+        return await provider.generate_image(body), logged
 
-    async def save(self, task: Task, answer: Answer, started: float) -> tuple[
-        list[FileRecord], dict[str, Any]
-    ]:
+    async def save(
+        self, task: Task, answer: Answer, request: dict[str, Any], started: float
+    ) -> tuple[list[FileRecord], dict[str, Any]]:
         """Write the answer's files; returns them and the response body to keep in the ledger."""
         if isinstance(answer, ChatAnswer):
             path = self.layout.text_name(task)
@@ -53,7 +54,7 @@ class Saver:
         for index, item in enumerate(answer.items, start=1):
             record = await self._save_image(task, item, index, count)
             files.append(record)
-            await self._write_sidecar(task, record, index, started, answered)
+            await self._write_sidecar(task, record, index, request, started, answered)
         return files, dict(answer.body)
 
     async def _save_image(self, task: Task, item: Any, index: int, count: int) -> FileRecord:
@@ -75,20 +76,20 @@ class Saver:
         return FileRecord(final.relative_to(self.layout.root).as_posix(), size, sha)
 
     async def _write_sidecar(
-        self, task: Task, file: FileRecord, index: int, started: float, answered: float
+        self, task: Task, file: FileRecord, index: int, request: dict[str, Any], started: float,
+        answered: float,
     ) -> None:
         sidecar = {
             "id": task.id, "job": task.job, "provider": task.provider, "model": task.model,
             "prompt": task.prompt, "seed": task.seed, "vars": dict(task.vars), "index": index,
             "file": file.path.rsplit("/", 1)[-1], "size": file.size, "sha256": file.sha256,
-            "request": self._sidecars.get(task.id),
+            "request": request,
             "timings": {"started": started, "answered": answered, "saved": time.time()},
         }
         path = (self.layout.root / file.path).with_suffix(".json")
         await write_atomic(path, json.dumps(sidecar, indent=2, ensure_ascii=False).encode())
 
     def _base(self, task: Task, status: str, attempts: int, started: float) -> Record:
-        self._sidecars.pop(task.id, None)
         finished = time.time()
         return Record(
             id=task.id, job=task.job, provider=task.provider, kind=task.kind, model=task.model,

@@ -44,18 +44,16 @@ def render_index(root: Path, ledger: Ledger) -> Iterator[str]:
         yield (f"<h2>{html.escape(job)} <span class='muted'>{ok} ok, "
                f"{total - ok} failed</span></h2>")
         shown = list(ledger.records("WHERE job = ?", (job,), limit=MAX_CELLS_PER_JOB))
-        if shown[0].kind == "chat":
-            yield from _chat_table(root, shown)
-        else:
-            yield from _image_grid(shown)
+        images = [record for record in shown if record.kind == "image"]
+        chats = [record for record in shown if record.kind == "chat"]
+        if images:  # a JSONL job may hold both kinds
+            yield from _image_grid(images)
+        if chats:
+            yield from _chat_table(root, chats)
         if total > len(shown):
             yield (f"<p class='muted'>{total - len(shown)} more tasks are listed in "
                    "results.jsonl.</p>")
     yield "</body></html>\n"
-
-
-def _prompt_label(record: Record) -> str:
-    return record.prompt
 
 
 def _column(record: Record) -> tuple[str, int]:
@@ -64,9 +62,10 @@ def _column(record: Record) -> tuple[str, int]:
 
 def _image_grid(records: list[Record]) -> Iterator[str]:
     columns = sorted({_column(r) for r in records})
-    rows: dict[str, dict[tuple[str, int], Record]] = {}
+    # Tasks that differ only in params share a cell; each keeps its thumbnail.
+    rows: dict[str, dict[tuple[str, int], list[Record]]] = {}
     for record in records:
-        rows.setdefault(_prompt_label(record), {})[_column(record)] = record
+        rows.setdefault(record.prompt, {}).setdefault(_column(record), []).append(record)
     head = "".join(
         f"<th>{html.escape(model)}{'' if seed < 0 else f'<br>seed {seed}'}</th>"
         for model, seed in columns
@@ -75,8 +74,8 @@ def _image_grid(records: list[Record]) -> Iterator[str]:
     for prompt, cells in rows.items():
         yield f"<tr><td class='prompt'>{html.escape(prompt)}</td>"
         for column in columns:
-            cell = cells.get(column)
-            yield f"<td>{_image_cell(cell) if cell else ''}</td>"
+            cell = "".join(_image_cell(record) for record in cells.get(column, ()))
+            yield f"<td>{cell}</td>"
         yield "</tr>"
     yield "</table>"
 

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import hashlib
+import itertools
 import os
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Any
 
 import aiofiles
 import aiofiles.os
 
+from batcher.errors import UsageError
 from batcher.tasks import Task
 
 TMP_PREFIX = ".tmp-"
+_LEFTOVER = re.compile(r"\.tmp-\d+-")  # what temporary_name() makes: prefix, pid, number
+LOCK_NAME = ".batcher.lock"
 SLUG_MAX = 48
 # Names Windows refuses for a file or folder whatever the extension (checked on the stem).
 _RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(10)}
@@ -89,7 +95,7 @@ class AtomicFile:
 
     def __init__(self, final: Path) -> None:
         self.final = final
-        self.tmp = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{id(self):x}-{final.name}")
+        self.tmp = temporary_name(final)
         self.size = 0
         self._sha = hashlib.sha256()
         self._handle: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
@@ -132,24 +138,37 @@ async def _unlink_quietly(path: Path) -> None:
 INLINE_WRITE_MAX = 256 * 1024
 
 
-def _open_new(path: Path) -> BinaryIO:
+_tmp_numbers = itertools.count()
+
+
+def temporary_name(final: Path) -> Path:
+    """A name beside ``final`` that no other write of this process (or another) uses."""
+    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{next(_tmp_numbers)}-{final.name}")
+
+
+@contextlib.contextmanager
+def atomic_open(final: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``final``; on success flush it and rename it into place,
+    on failure remove it. The folder is created when missing."""
+    tmp = temporary_name(final)
     try:
-        return open(path, "wb")  # noqa: SIM115 - closed by the caller's with-block
+        handle = open(tmp, mode)  # noqa: SIM115 - closed below
     except FileNotFoundError:  # the first file of its folder
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "wb")  # noqa: SIM115
-
-
-def _write_atomic_sync(final: Path, data: bytes) -> None:
-    tmp = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{final.name}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(tmp, mode)  # noqa: SIM115
     try:
-        with _open_new(tmp) as handle:
-            handle.write(data)
+        with handle:
+            yield handle
             handle.flush()
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_atomic_sync(final: Path, data: bytes) -> None:
+    with atomic_open(final) as handle:
+        handle.write(data)
 
 
 async def write_atomic(final: Path, data: bytes) -> tuple[int, str]:
@@ -171,7 +190,27 @@ def remove_leftovers(root: Path) -> int:
         return 0
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            if name.startswith(TMP_PREFIX):
+            if _LEFTOVER.match(name):
                 Path(dirpath, name).unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def lock_folder(root: Path) -> Iterator[None]:
+    """Hold the output folder for one run: a second run into it stops with a clear error
+    instead of interleaving files and removing the other's temporary files."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / LOCK_NAME, "a")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise UsageError(f"{root}: cannot use as the output folder ({exc.strerror})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{root}: another batcher run is writing to this folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

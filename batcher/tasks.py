@@ -1,10 +1,10 @@
 """Task records, the streaming expansion of a manifest, and stable task ids.
 
-A task's id is the user's ``id``/``custom_id`` where given, else a hash of everything that
-shapes the result: provider, endpoint, params (less transport-only fields), the sha256 of each
-input image, the prompt or messages, the model and the seed. The hash is built in that order so
-that the expansion, whose innermost loops are models and seeds, extends a shared prefix instead
-of hashing each task from scratch.
+A task's id is the user's ``id``/``custom_id`` where given, else a hash of its job and of
+everything that shapes the result: provider, endpoint, params (less transport-only fields), the
+sha256 of each input image, the prompt or messages, the model and the seed. The hash is built in
+that order so that the expansion, whose innermost loops are models and seeds, extends a shared
+prefix instead of hashing each task from scratch.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batcher.manifest import JobSpec, Manifest, iter_jsonl, placeholders
+from batcher.manifest import TRANSPORT_FIELDS, JobSpec, Manifest, iter_jsonl, placeholders
 
 ENDPOINTS = {"image": "/images/generations", "chat": "/chat/completions"}
-#: Body fields that change how a result travels, not what it is.
-TRANSPORT_FIELDS = frozenset({"response_format", "stream", "stream_options"})
 ID_LENGTH = 32
 
 
@@ -67,9 +65,13 @@ def _canonical(value: Any) -> str:
 
 
 def _base_hasher(
-    provider: str, kind: str, params: Mapping[str, Any], image_digests: tuple[str, ...]
+    job: str, provider: str, kind: str, params: Mapping[str, Any],
+    image_digests: tuple[str, ...],
 ) -> Any:
     hasher = hashlib.sha256(b"batcher-task-v1\n")
+    # The job is part of a task's identity: two jobs asking for the same picture are two
+    # tasks with two files, each counted in its own job.
+    _feed(hasher, "job", job)
     _feed(hasher, "provider", provider)
     _feed(hasher, "endpoint", ENDPOINTS[kind])
     shaping = {k: v for k, v in params.items() if k not in TRANSPORT_FIELDS}
@@ -145,7 +147,8 @@ def expand(manifest: Manifest, *, only: str | None = None) -> Iterator[Task]:
 
 
 def _expand_grid(job: JobSpec, base_dir: Path, digests: ImageDigests) -> Iterator[Task]:
-    base = _base_hasher(job.provider, job.type, job.params, digests.of(job.images, base_dir))
+    base = _base_hasher(job.name, job.provider, job.type, job.params,
+                        digests.of(job.images, base_dir))
     seeds: tuple[int | None, ...] = job.seeds if job.seeds is not None else (None,)
     for template in job.prompts:
         # A prompt repeats only over the vars it (or the system message) uses: "a logo" beside
@@ -189,7 +192,7 @@ def _expand_file(job: JobSpec, digests: ImageDigests) -> Iterator[Task]:
     for line in iter_jsonl(job.file):
         task_id = line.id
         if task_id is None:
-            hasher = _base_hasher(job.provider, line.type, line.params,
+            hasher = _base_hasher(job.name, job.provider, line.type, line.params,
                                   digests.of(line.images, base_dir))
             content = _content_text(line.type, line.prompt, line.system, line.messages)
             hasher = _with(_with(hasher, "content", content), "model", line.model)

@@ -669,10 +669,22 @@ BATCH = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
 
 
+def test_jsonl_lines_asking_for_the_same_result_need_ids(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.jsonl"
+    line = {"model": "m", "prompt": "a fox", "params": {"response_format": "url"}}
+    twin = {"model": "m", "prompt": "a fox", "params": {"response_format": "b64_json"}}
+    path.write_text(json.dumps(line) + "\n" + json.dumps(twin) + "\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert "tasks.jsonl:2:" in str(caught.value) and "line 1" in str(caught.value)
+    path.write_text(json.dumps({**line, "id": "a"}) + "\n" + json.dumps({**twin, "id": "b"}) + "\n")
+    load_manifest(path)
+
+
 @pytest.mark.parametrize(
     ("lines", "line", "field"),
     [
-        ([GOOD, GOOD, '{"model": "m", "prompt": '], 3, None),
+        ([GOOD, {"model": "m", "prompt": "another"}, '{"model": "m", "prompt": '], 3, None),
         ([GOOD, "", "[1, 2]"], 3, None),
         ([GOOD, {"prompt": "no model"}], 2, "model"),
         ([GOOD, {"model": "", "prompt": "empty model"}], 2, "model"),

@@ -24,7 +24,7 @@ TASKS = 60
 CONCURRENCY = 4
 KILLS = 4
 FINAL_NAMES = {"ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "summary.json",
-               "results.jsonl", "index.html"}
+               "results.jsonl", "index.html", ".batcher.lock"}
 
 
 def manifest_for(server: Any, tmp_path: Path) -> Path:

@@ -73,15 +73,15 @@ PINNED = """
 # re-runs (and re-bills) all of them. Change these only together with a deliberate, announced
 # change of the identity scheme.
 PINNED_IDS = [
-    ("A cat in Oslo", "flux.1-schnell", 0, "90d65965622c61f49bf219a36c967f2a"),
-    ("A cat in Oslo", "flux.1-schnell", 1, "2b213cc2c66e00ba25fe2947e0e80ace"),
-    ("A cat in Oslo", "sd-3.5", 0, "95e0a96a23629977a8a40453e0906fbe"),
-    ("A cat in Oslo", "sd-3.5", 1, "cf7b3d2f9b0eb655bee1b9e90159c9bc"),
-    ("A dog in Oslo", "flux.1-schnell", 0, "252ee3c5381179b152cb2ba765b8eca4"),
-    ("A dog in Oslo", "flux.1-schnell", 1, "1e7e50c828782a80572d3d4b527c7b26"),
-    ("A dog in Oslo", "sd-3.5", 0, "71e20fe29df7c08f9f3580da1a62508c"),
-    ("A dog in Oslo", "sd-3.5", 1, "dc91443fb7111fe60287432712071c82"),
-    ("A caption for Oslo", "llama-3.1-8b-instruct", None, "b4ef9ac64fe73f8e4360c7f3bbc27d5c"),
+    ("A cat in Oslo", "flux.1-schnell", 0, "9fc55c460db0dec2f0e4956b8e6f47e9"),
+    ("A cat in Oslo", "flux.1-schnell", 1, "563cca89939a1948a122b89c2e1ac363"),
+    ("A cat in Oslo", "sd-3.5", 0, "d71ca961cb469f4eba87d91a5ac11aea"),
+    ("A cat in Oslo", "sd-3.5", 1, "809dda3420683c2741d10194ea4533bf"),
+    ("A dog in Oslo", "flux.1-schnell", 0, "44eeeea09f88b5c27460fa14c3d10377"),
+    ("A dog in Oslo", "flux.1-schnell", 1, "6e27b08a53c93f8858d892d84431c9c1"),
+    ("A dog in Oslo", "sd-3.5", 0, "da52ce55290adf3ab9aed370d4415165"),
+    ("A dog in Oslo", "sd-3.5", 1, "5da1a4b1e2e53eaaae0ce3916b3b220f"),
+    ("A caption for Oslo", "llama-3.1-8b-instruct", None, "f9751f274f761f15cf1014e728c2a556"),
 ]
 
 
@@ -271,11 +271,12 @@ def test_user_ids_win(tmp_path: Path) -> None:
 
 
 def test_same_task_in_yaml_and_jsonl_has_the_same_id(tmp_path: Path) -> None:
+    # The job is part of the identity: a bare JSONL file's job is named after the file.
     yaml_image = tasks_of(grid(tmp_path, prompts=["a fox"], models=["m"], seeds=[3],
                                params={"size": "64x64"}))
     yaml_chat = tasks_of(grid(tmp_path, prompts=["hi"], models=["c"], kind="chat",
                               system="Be terse.", name="chat.yaml"))
-    path = tmp_path / "tasks.jsonl"
+    path = tmp_path / "job.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in [
         {"model": "m", "prompt": "a fox", "seed": 3, "params": {"size": "64x64"}},
         {"type": "chat", "model": "c", "prompt": "hi", "system": "Be terse."},
@@ -283,6 +284,18 @@ def test_same_task_in_yaml_and_jsonl_has_the_same_id(tmp_path: Path) -> None:
     image, chat = list(expand(load_manifest(path, provider="local")))
     assert image.id == yaml_image[0].id
     assert chat.id == yaml_chat[0].id
+
+
+def test_the_same_request_in_two_jobs_is_two_tasks(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path, """
+        name: twins
+        jobs:
+          - {name: a, type: image, provider: local, model: m, prompt: "a fox"}
+          - {name: b, type: image, provider: local, model: m, prompt: "a fox"}
+    """)
+    first, second = tasks_of(path)
+    assert (first.job, second.job) == ("a", "b")
+    assert first.id != second.id
 
 
 def test_jsonl_ids_are_stable(tmp_path: Path) -> None:

@@ -118,20 +118,21 @@ def _checked(key: str, value: Any) -> Any:
 def resolve_key(config: ProviderConfig) -> str | None:
     """The API key: the named environment variable first, then the key file.
 
-    Raises :class:`ConfigError` naming both places when a key is required and neither has one.
+    Raises :class:`ConfigError` naming both places when a key is required and neither has one,
+    and when a key holds spaces or control characters (it could not travel in a header).
     """
     if config.api_key_env:
         value = os.environ.get(config.api_key_env, "").strip()
         if value:
-            return value
+            return _checked_key(value, f"the environment variable {config.api_key_env}", config)
     if config.api_key_file:
         path = Path(config.api_key_file).expanduser()
         try:
             value = path.read_text(encoding="utf-8").strip()
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             value = ""
         if value:
-            return value
+            return _checked_key(value, f"the file {config.api_key_file}", config)
     if not config.key_required:
         return None
     places = []
@@ -140,3 +141,10 @@ def resolve_key(config: ProviderConfig) -> str | None:
     if config.api_key_file:
         places.append(f"write the key to {config.api_key_file}")
     raise ConfigError(f"provider {config.name}: no API key; {' or '.join(places)}")
+
+
+def _checked_key(key: str, source: str, config: ProviderConfig) -> str:
+    if any(char.isspace() or not char.isprintable() for char in key):
+        raise ConfigError(f"provider {config.name}: the API key in {source} holds spaces or "
+                          "control characters; it must be one line with nothing else")
+    return key

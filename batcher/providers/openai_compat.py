@@ -36,6 +36,7 @@ class OpenAICompatible:
         self.config = config
         self.base_url = (base_url or config.base_url).rstrip("/")
         self._session = session
+        self._key = api_key
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeout, sock_connect=config.connect_timeout
@@ -72,7 +73,10 @@ class OpenAICompatible:
                 timeout=self._timeout, allow_redirects=False,
             ) as response:
                 if response.status >= 300:
-                    raise await _status_error(response)
+                    error = await _status_error(response)
+                    if self._key:  # a provider may echo the key back in its message
+                        error.message = error.message.replace(self._key, "[api key]")
+                    raise error
                 yield response
         except TimeoutError as exc:
             raise TransportError(
