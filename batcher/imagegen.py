@@ -63,24 +63,46 @@ class _Scene:
     radius: float
 
 
-def render_png(key: str, width: int, height: int) -> bytes:
+def render_png(key: str, width: int, height: int, *, grain: bool = False) -> bytes:
     """Render a valid 8-bit RGB PNG of ``width`` x ``height`` determined entirely by ``key``.
 
-    The same key and size always give the same bytes. Sizes must be at least 1x1.
+    The same key and size always give the same bytes. Sizes must be at least 1x1. ``grain``
+    adds noise to the two low bits of every byte, as a camera sensor would: the picture looks
+    the same but weighs what a photograph of its size weighs (about 3 MB at 1024x1024), for
+    benchmarks that must move realistic payloads.
     """
     if width < 1 or height < 1:
         raise ValueError(f"image size must be at least 1x1, got {width}x{height}")
-    scene = _scene(hashlib.sha256(key.encode("utf-8")).digest(), width, height)
-    raw = b"".join(_rows(scene, width, height))
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    rows = _rows(_scene(digest, width, height), width, height)
+    if grain:
+        rows = _grained(rows, digest, width * 3, height)
+    raw = b"".join(rows)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"".join(
         (
             _PNG_SIGNATURE,
             _chunk(b"IHDR", header),
-            _chunk(b"IDAT", zlib.compress(raw, 1)),
+            # Noise does not compress: store it rather than spend time failing to.
+            _chunk(b"IDAT", zlib.compress(raw, 0 if grain else 1)),
             _chunk(b"IEND", b""),
         )
     )
+
+
+def _grained(
+    rows: Iterator[bytes], digest: bytes, row_bytes: int, height: int
+) -> Iterator[bytes]:
+    """XOR the two low bits of every byte of each scanline with a stream drawn from the key.
+
+    ``rows`` alternates filter bytes and scanlines, as :func:`_rows` yields them.
+    """
+    mask = int.from_bytes(b"\x03" * row_bytes, "big")
+    pool = hashlib.shake_256(digest).digest(row_bytes * height)
+    for index, (filter_byte, row) in enumerate(zip(rows, rows, strict=True)):
+        noise = int.from_bytes(pool[index * row_bytes : (index + 1) * row_bytes], "big") & mask
+        yield filter_byte
+        yield (int.from_bytes(row, "big") ^ noise).to_bytes(row_bytes, "big")
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batcher.manifest import TRANSPORT_FIELDS, JobSpec, Manifest, iter_jsonl, placeholders
+from batcher.jsonl import TRANSPORT_FIELDS, iter_jsonl
+from batcher.manifest import JobSpec, Manifest, placeholders
 
 ENDPOINTS = {"image": "/images/generations", "chat": "/chat/completions"}
 ID_LENGTH = 32

@@ -1,6 +1,8 @@
 """Images: b64 and url workloads of 1024x1024 images; tasks/s and batcher's peak RSS.
 
-Decoding and writing must never hold more than a few images in memory at once.
+The server adds grain so each PNG weighs what a photograph does (~3 MB). Decoding and writing
+must never hold more than a few images in memory at once: peak RSS should stay near
+concurrency x payload, not grow with the number of tasks.
 
     python bench/images.py [--tasks 200] [--concurrency 16]
 """
@@ -17,7 +19,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    server = start_server(max_records=None)
+    # Photo-sized payloads: about 3 MB per 1024x1024 PNG, 4 MB once in base64.
+    server = start_server(max_records=None, image_grain=True)
     try:
         for fmt in ("b64_json", "url"):
             folder = workdir(f"images-{fmt}")

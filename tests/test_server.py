@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from batcher import server as server_module
 from batcher.imagegen import image_kind, render_png
 from batcher.server import LocalServer, ServerOptions, canonical_hash, serve_forever
+from batcher.server import app as server_app
 
 IMAGES = "/images/generations"
 CHAT = "/chat/completions"
@@ -424,11 +424,11 @@ async def observe_image_fault(session, server, kind: str, body: dict) -> None:  
                 assert image_kind(await download.read()) is None
 
 
-@pytest.mark.parametrize("kind", server_module.FAULT_KINDS)
+@pytest.mark.parametrize("kind", server_app.FAULT_KINDS)
 async def test_each_fault_is_seen_once_then_the_retry_succeeds(
     make_server, session, monkeypatch, kind
 ):
-    monkeypatch.setattr(server_module, "SLOW_FAULT_SECONDS", 1.0)
+    monkeypatch.setattr(server_app, "SLOW_FAULT_SECONDS", 1.0)  # where _fate reads it
     server = await make_server(fault_rate=1.0, fault_kinds=(kind,))
     url_kinds = ("url_404", "not_image")
     body = image_body(size="256x256", response_format="url" if kind in url_kinds else "b64_json")

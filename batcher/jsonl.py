@@ -1,0 +1,220 @@
+"""JSONL task files: one task per line, in batcher's own form or the OpenAI Batch input form.
+
+:func:`iter_jsonl` parses a file line by line and normalises each line to a :class:`JsonlTask`;
+the validator and the task expansion both use it, so a file of a million lines is never held in
+memory. A bad line raises :class:`~batcher.errors.ManifestError` as ``file:line: field: ...``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batcher.errors import ManifestError
+
+JOB_TYPES = ("image", "chat")
+#: Body fields that change how a result travels, not what it is: they stay out of task ids.
+TRANSPORT_FIELDS = frozenset({"response_format", "stream", "stream_options"})
+#: Fields of the request body that batcher fills itself; params may not set them.
+RESERVED_PARAMS = {"model", "prompt", "messages", "images"}
+
+
+@dataclass(frozen=True, slots=True)
+class JsonlTask:
+    """One validated JSONL line, normalised from batcher's form or the OpenAI Batch form."""
+
+    line: int
+    id: str | None
+    type: str
+    model: str
+    prompt: str
+    messages: tuple[Mapping[str, Any], ...] | None
+    seed: int | None
+    params: Mapping[str, Any]
+    images: tuple[str, ...]
+    system: str | None
+
+
+_BATCH_URLS = {"/v1/chat/completions": "chat", "/v1/images/generations": "image",
+               "/chat/completions": "chat", "/images/generations": "image"}
+_OWN_FIELDS = {"id", "type", "model", "prompt", "seed", "params", "images", "system", "messages"}
+
+
+def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
+    """Parse a JSONL task file line by line; a bad line raises ``ManifestError`` (file:line)."""
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ManifestError(f"cannot read: {exc}", file=str(path)) from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ManifestError("not UTF-8 text", file=str(path), line=number) from None
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"not valid JSON ({exc.msg})", file=str(path),
+                                    line=number) from None
+            except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit number
+                raise ManifestError(f"not usable JSON ({exc})", file=str(path),
+                                    line=number) from None
+            if not isinstance(data, dict):
+                raise ManifestError("each line must be a JSON object", file=str(path), line=number)
+            try:
+                yield _batch_line(data, number) if "custom_id" in data else _own_line(data, number)
+            except _LineError as exc:
+                raise ManifestError(exc.message, file=str(path), line=number,
+                                    field=exc.field) from None
+
+
+def check_jsonl(path: Path) -> int:
+    """Validate every line of a JSONL task file; returns the number of tasks.
+
+    Two lines asking for the same result without ids would be one task twice over: an error.
+    """
+    seen: set[str] = set()
+    same: dict[bytes, int] = {}  # digest of what shapes a line's result -> its line
+    count = 0
+    for task in iter_jsonl(path):
+        if task.id is not None:
+            if task.id in seen:
+                raise ManifestError(f"id {task.id!r} is used by an earlier line",
+                                    file=str(path), line=task.line, field="id")
+            seen.add(task.id)
+        else:
+            digest = _shape_digest(task)
+            if digest in same:
+                raise ManifestError(
+                    f"asks for the same result as line {same[digest]}; give each line an "
+                    "\"id\" to run both", file=str(path), line=task.line)
+            same[digest] = task.line
+        for ref in task.images:
+            if not ref.startswith(("http://", "https://", "data:")) and not (
+                path.parent / ref
+            ).is_file():
+                raise ManifestError(f"{ref}: no such file", file=str(path), line=task.line,
+                                    field="images")
+        count += 1
+    return count
+
+
+def _shape_digest(task: JsonlTask) -> bytes:
+    params = {k: v for k, v in task.params.items() if k not in TRANSPORT_FIELDS}
+    shape = [task.type, task.model, task.prompt, task.messages, task.seed, params, task.images,
+             task.system]
+    return hashlib.blake2b(json.dumps(shape, sort_keys=True).encode(), digest_size=12).digest()
+
+
+class _LineError(Exception):
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+
+
+def _text(data: Mapping[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _LineError(key, "required: a non-empty string")
+    return value
+
+
+def _seed(data: Mapping[str, Any]) -> int | None:
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _LineError("seed", "must be an integer")
+    return seed
+
+
+def _images(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _LineError("images", "must be a list of file paths, URLs or data URIs")
+    return tuple(value)
+
+
+def _messages(value: Any) -> tuple[Mapping[str, Any], ...]:
+    if not isinstance(value, list) or not value:
+        raise _LineError("messages", "must be a non-empty list of {role, content}")
+    for message in value:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise _LineError("messages", "each message needs a role and a content")
+    return tuple(value)
+
+
+def last_user_text(messages: tuple[Mapping[str, Any], ...]) -> str:
+    """The text of the last user message (joined text parts), for slugs and reports."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            return str(content)
+    return str(messages[-1].get("content", ""))
+
+
+def _own_line(data: dict[str, Any], number: int) -> JsonlTask:
+    for key in data:
+        if key not in _OWN_FIELDS:
+            raise _LineError(key, "unknown field")
+    task_id = data.get("id")
+    if task_id is not None and (not isinstance(task_id, str) or not task_id):
+        raise _LineError("id", "must be a non-empty string")
+    kind = data.get("type", "image")
+    if kind not in JOB_TYPES:
+        raise _LineError("type", f"must be image or chat, not {kind!r}")
+    model = _text(data, "model")
+    params = data.get("params", {})
+    if not isinstance(params, dict):
+        raise _LineError("params", "must be an object")
+    for key in params:
+        if key in RESERVED_PARAMS | {"seed"}:
+            raise _LineError(f"params.{key}", "is set by batcher; use the top-level field")
+    messages = _messages(data["messages"]) if "messages" in data else None
+    prompt = _text(data, "prompt", required=messages is None)
+    if kind == "image" and prompt is None:
+        raise _LineError("prompt", "an image task needs a prompt")
+    system = _text(data, "system", required=False)
+    images = _images(data.get("images"))
+    if images and kind != "image":
+        raise _LineError("images", "only image tasks take input images")
+    return JsonlTask(
+        line=number, id=task_id, type=kind, model=model or "", prompt=prompt or "",
+        messages=messages, seed=_seed(data), params=params, images=images, system=system,
+    )
+
+
+def _batch_line(data: dict[str, Any], number: int) -> JsonlTask:
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise _LineError("custom_id", "must be a non-empty string")
+    if data.get("method", "POST") != "POST":
+        raise _LineError("method", "only POST is supported")
+    kind = _BATCH_URLS.get(str(data.get("url")))
+    if kind is None:
+        raise _LineError("url", "must be /v1/chat/completions or /v1/images/generations")
+    body = data.get("body")
+    if not isinstance(body, dict):
+        raise _LineError("body", "must be an object")
+    model = _text(body, "model")
+    params = {k: v for k, v in body.items() if k not in {"model", "messages", "prompt", "seed",
+                                                        "images"}}
+    images: tuple[str, ...] = ()
+    if kind == "chat":
+        messages = _messages(body.get("messages"))
+        prompt = last_user_text(messages)
+    else:
+        messages, prompt = None, _text(body, "prompt") or ""
+        images = _images(body.get("images"))
+    return JsonlTask(
+        line=number, id=custom_id, type=kind, model=model or "", prompt=prompt,
+        messages=messages, seed=_seed(body), params=params, images=images, system=None,
+    )
