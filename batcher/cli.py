@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from batcher import commands
 from batcher.errors import BatcherError, UsageError
@@ -39,52 +41,32 @@ def _rate(text: str) -> Rate:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def _bounded(
+    kind: type[int] | type[float], low: float, high: float = math.inf, *,
+    low_open: bool = False, noun: str = "number",
+) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` in [low, high] (or (low, high] if ``low_open``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+        too_low = value <= low if low_open else value < low
+        if too_low or value > high or value != value:  # value != value: NaN
+            bound = f"more than {low:g}" if low_open else f"at least {low:g}"
+            limit = f"{bound} and at most {high:g}" if high != math.inf else bound
+            raise argparse.ArgumentTypeError(f"must be {limit}")
+        return value
+
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
-    return value
-
-
-def _latency(text: str) -> float:
-    """Seconds that may be zero."""
-    try:
-        return 0.0 if float(text) == 0 else _seconds(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be from 0 to 65535")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be from 0 to 1")
-    return value
+_positive = _bounded(int, 1, noun="whole number")
+_seconds = _bounded(float, 0, 1e9, low_open=True, noun="number of seconds")
+_latency = _bounded(float, 0, 3600, noun="number of seconds")
+_port = _bounded(int, 0, 65535, noun="port number")
+_fraction = _bounded(float, 0, 1)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,19 @@ class Selection:
         index, count = self.shard
         return (task for task in tasks if task.shard(count) == index)
 
+    def walk(
+        self, manifest: Manifest, done: set[str], failed: set[str]
+    ) -> Iterator[tuple[Task, bool]]:
+        """Each selected task and whether a run sends it: not done, not a failure the user
+        asked to leave (``--skip-failed``), and within ``--limit`` in expansion order."""
+        budget = self.limit
+        for task in self.tasks(manifest):
+            sends = task.id not in done and not (self.skip_failed and task.id in failed)
+            if sends and budget is not None:
+                sends = budget > 0
+                budget -= sends
+            yield task, sends
+
 
 @dataclass(slots=True)
 class Counts:
@@ -78,33 +91,20 @@ class Plan:
         return longest
 
 
-def will_run(task_id: str, done: set[str], failed: set[str], skip_failed: bool) -> bool:
-    """Whether a selected task is sent: not done, and not a failure the user asked to leave."""
-    return task_id not in done and not (skip_failed and task_id in failed)
-
-
 def make_plan(
     manifest: Manifest, selection: Selection, done: set[str], failed: set[str]
 ) -> Plan:
     """Walk the manifest once and count; memory stays flat however many tasks it expands to."""
     plan = Plan()
-    budget = selection.limit
-    for task in selection.tasks(manifest):
+    for task, sends in selection.walk(manifest, done, failed):
         counts = plan.by_model.get((task.job, task.model))
         if counts is None:
             counts = plan.by_model[(task.job, task.model)] = Counts()
         counts.total += 1
-        if task.id in done:
-            counts.done += 1
+        counts.done += task.id in done
+        counts.failed += task.id in failed
+        if not sends:
             continue
-        if task.id in failed:
-            counts.failed += 1
-        if not will_run(task.id, done, failed, selection.skip_failed):
-            continue
-        if budget is not None:
-            if budget <= 0:
-                continue
-            budget -= 1
         counts.to_run += 1
         plan.to_run_by_provider[task.provider] = plan.to_run_by_provider.get(task.provider, 0) + 1
     return plan

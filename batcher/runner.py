@@ -33,7 +33,7 @@ from batcher.errors import AuthError, ProviderError, UsageError
 from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.limits import Pacer, Rate
 from batcher.manifest import Manifest
-from batcher.plan import Plan, Selection, make_plan, output_dir, will_run
+from batcher.plan import Plan, Selection, make_plan, output_dir
 from batcher.progress import Counters, Progress
 from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.config import ProviderConfig, resolve_key
@@ -296,16 +296,14 @@ class Runner:
 
     def _to_run(self, done: set[str], failed: set[str]) -> Iterator[Task]:
         """The tasks this run sends, in expansion order, ``--limit`` counted over all of them."""
-        selection = self.options.selection
-        budget = selection.limit
-        for task in selection.tasks(self.manifest):
-            if not will_run(task.id, done, failed, selection.skip_failed):
-                continue
-            if budget is not None:
-                if budget <= 0:
-                    return
-                budget -= 1
-            yield task
+        limit = self.options.selection.limit
+        sent = 0
+        for task, sends in self.options.selection.walk(self.manifest, done, failed):
+            if limit is not None and sent >= limit:
+                return  # nothing later can be sent
+            if sends:
+                sent += 1
+                yield task
 
     async def _produce(self, name: str, done: set[str], failed: set[str]) -> None:
         provider = self._providers[name]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +63,22 @@ def thread_server() -> Iterator[Callable[..., LocalServer]]:
     yield start
     for server in servers:
         server.stop_thread()
+
+
+def ledger_rows(root: Path, *, decode: bool = False) -> list[dict[str, Any]]:
+    """Every ledger row, read straight from SQLite (not through batcher's Ledger class).
+
+    With ``decode``, the JSON columns (files, usage, response, vars) come back parsed.
+    """
+    uri = f"file:{root / 'ledger.sqlite'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        db.row_factory = sqlite3.Row
+        rows = [dict(row) for row in db.execute("SELECT * FROM tasks")]
+    if decode:
+        for row in rows:
+            for column in ("files", "usage", "response", "vars"):
+                row[column] = json.loads(row[column]) if row[column] else None
+    return rows
 
 
 def write_manifest(folder: Path, text: str, name: str = "jobs.yaml") -> Path:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sqlite3
 import struct
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import provider_block, run_cli, start_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
 
 from batcher.manifest import load_manifest
 from batcher.runner import Outcome, RunOptions, run
@@ -73,15 +72,6 @@ async def run_in_process(manifest: Path) -> Outcome:
 def output_of(name: str) -> Path:
     return Path.cwd() / "output" / name
 
-
-def ledger_rows(root: Path) -> list[dict[str, Any]]:
-    """Every ledger row, read straight from SQLite (not through batcher's Ledger class)."""
-    db = sqlite3.connect(f"file:{root / 'ledger.sqlite'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(row) for row in db.execute("SELECT * FROM tasks")]
-    finally:
-        db.close()
 
 
 def summary_of(root: Path) -> dict[str, Any]:

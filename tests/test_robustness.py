@@ -14,7 +14,6 @@ import base64
 import contextlib
 import json
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +24,7 @@ from urllib.parse import quote
 
 import pytest
 from aiohttp import web
-from conftest import provider_block, run_cli, start_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
 
 from batcher.imagegen import render_png
 from batcher.limits import Pacer, Rate
@@ -60,16 +59,6 @@ async def run_in_process(path: Path) -> Outcome:
     """``batcher run --no-progress`` in the test's own event loop."""
     return await run(load_manifest(path), RunOptions(progress=False, handle_signals=False))
 
-
-def ledger_rows(out: Path) -> list[dict[str, Any]]:
-    """Every ledger row, read straight from SQLite, files decoded."""
-    uri = f"file:{out / 'ledger.sqlite'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-        db.row_factory = sqlite3.Row
-        rows = [dict(row) for row in db.execute("SELECT * FROM tasks")]
-    for row in rows:
-        row["files"] = json.loads(row["files"])
-    return rows
 
 
 def summary_of(out: Path) -> dict[str, Any]:
@@ -155,7 +144,7 @@ def test_an_error_of_batchers_own_in_a_worker_stops_the_run_with_one_line(thread
     stopped = [line for line in result.stderr.splitlines() if "stopped by an error" in line]
     assert len(stopped) == 1, result.stderr
     assert generation_posts(server), "the error must have come from saving an answer"
-    rows = ledger_rows(Path("out"))
+    rows = ledger_rows(Path("out"), decode=True)
     assert not [row for row in rows if row["status"] == "ok"], rows
     summary = summary_of(Path("out"))
     assert summary["ok"] == 0 and summary["exit_code"] == 1
@@ -233,7 +222,7 @@ async def test_a_key_echoed_in_an_error_reaches_no_file_and_no_output(status: in
         assert "bad key" in stderr  # the provider's message was shown, with the key taken out
         assert "TEST_KEY" in stderr
     else:
-        rows = ledger_rows(out)
+        rows = ledger_rows(out, decode=True)
         assert len(rows) == 3 and all(row["status"] == "failed" for row in rows)
         assert all("bad key" in row["error"] for row in rows)  # the message was recorded
 
@@ -272,7 +261,7 @@ def test_a_refused_key_leaves_tasks_pending_so_skip_failed_runs_them_later(
     assert refused.returncode == 3, refused.stderr
     assert [r.status for r in generation_posts(server)] and all(
         r.status == 401 for r in generation_posts(server))
-    assert not [row for row in ledger_rows(Path("out")) if row["status"] == "failed"]
+    assert not [row for row in ledger_rows(Path("out"), decode=True) if row["status"] == "failed"]
     status = status_json(manifest)
     assert (status["failed"], status["pending"], status["ok"]) == (0, 3, 0)
 
@@ -295,7 +284,7 @@ def test_a_spent_quota_leaves_tasks_pending_and_exits_1(thread_server) -> None:
     assert "Traceback" not in spent.stderr
     assert "quota" in spent.stderr.lower()
     assert generation_posts(server) and all(r.status == 429 for r in generation_posts(server))
-    assert not [row for row in ledger_rows(Path("out")) if row["status"] == "failed"]
+    assert not [row for row in ledger_rows(Path("out"), decode=True) if row["status"] == "failed"]
     summary = summary_of(Path("out"))
     assert (summary["ok"], summary["failed"], summary["pending"]) == (0, 0, 5)
     assert summary["exit_code"] == 1
@@ -406,7 +395,7 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_finishes(
     assert first.returncode == 0, first_stderr
     posts = generation_posts(server)
     assert len(posts) == tasks and all(r.status == 200 for r in posts)  # each sent once
-    rows = ledger_rows(Path("out"))
+    rows = ledger_rows(Path("out"), decode=True)
     assert len(rows) == tasks and all(row["status"] == "ok" for row in rows)
     assert summary_of(Path("out"))["ok"] == tasks
 
@@ -423,7 +412,7 @@ async def test_the_same_request_in_two_jobs_is_two_tasks_with_two_files(server_f
 
     assert outcome.exit_code == 0, outcome.message
     out = Path("out")
-    rows = ledger_rows(out)
+    rows = ledger_rows(out, decode=True)
     assert sorted(row["job"] for row in rows) == ["first", "second"]
     assert len({row["id"] for row in rows}) == 2
     paths = [rel for row in rows for rel, _, _ in row["files"]]
@@ -498,7 +487,7 @@ async def test_a_jsonl_job_mixing_chat_and_images_shows_both_on_the_sheet(
 
     assert outcome.exit_code == 0, outcome.message
     out = Path("out")
-    rows = {row["id"]: row for row in ledger_rows(out)}
+    rows = {row["id"]: row for row in ledger_rows(out, decode=True)}
     assert set(rows) == {"a-img", "a-chat", "a-img2", "b-chat", "b-img"}
     image_files = sorted(quote(rel) for row in rows.values() if row["kind"] == "image"
                          for rel, _, _ in row["files"])
@@ -539,7 +528,7 @@ async def test_a_deleted_listing_is_written_again_by_a_run_with_nothing_to_do(
     lines = result_lines(out)
     assert len(lines) == 3
     assert sorted(line["custom_id"] for line in lines) == sorted(
-        row["id"] for row in ledger_rows(out))
+        row["id"] for row in ledger_rows(out, decode=True))
     assert sorted(json.dumps(line, sort_keys=True) for line in lines) == sorted(
         json.dumps(line, sort_keys=True) for line in before)
     sheet = _Sheet()
@@ -617,7 +606,7 @@ async def test_a_429_on_the_last_attempt_still_pauses_the_whole_provider() -> No
     t429 = arrivals[0][0]
     early = [t - t429 for t, _ in arrivals[1:] if t < t429 + retry_after * 0.9]
     assert not early, f"requests {early} s after a 429 that asked for {retry_after} s"
-    rows = ledger_rows(Path("out"))
+    rows = ledger_rows(Path("out"), decode=True)
     assert sorted(row["status"] for row in rows) == ["failed"] + ["ok"] * 4
     [failed] = [row for row in rows if row["status"] == "failed"]
     assert failed["http_status"] == 429 and failed["attempts"] == 1

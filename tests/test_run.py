@@ -4,15 +4,13 @@ resume, pacing, keys, and the selection options (--limit, --only, --shard, merge
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
-import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from conftest import provider_block, run_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, write_manifest
 
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
@@ -37,17 +35,6 @@ async def run_manifest(path: Path, **options: Any) -> Outcome:
     manifest = load_manifest(path)
     return await run(manifest, RunOptions(progress=False, handle_signals=False, **options))
 
-
-def ledger_rows(out: Path) -> list[dict[str, Any]]:
-    """Every row of the output's ledger, files decoded to [path, size, sha256] lists."""
-    uri = f"file:{out / 'ledger.sqlite'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-        db.row_factory = sqlite3.Row
-        rows = [dict(row) for row in db.execute("SELECT * FROM tasks")]
-    for row in rows:
-        row["files"] = json.loads(row["files"])
-        row["usage"] = json.loads(row["usage"]) if row["usage"] else None
-    return rows
 
 
 def sha256(path: Path) -> str:
@@ -122,7 +109,7 @@ async def test_b64_and_url_images_are_whole_pngs_and_only_the_api_sees_the_key(
 
     assert outcome.exit_code == 0
     out = tmp_path / "out"
-    rows = ledger_rows(out)
+    rows = ledger_rows(out, decode=True)
     assert sorted((r["job"], r["seed"], r["status"]) for r in rows) == [
         ("b64", 0, "ok"), ("b64", 1, "ok"), ("urls", 7, "ok")]
     check_files_match_ledger(out, rows)
@@ -178,7 +165,7 @@ async def test_kontext_edit_sends_both_local_images_and_names_them_by_hash(
     assert outcome.exit_code == 0
     assert server.stats.statuses(IMAGES) == [200]
     out = tmp_path / "out"
-    [row] = ledger_rows(out)
+    [row] = ledger_rows(out, decode=True)
     assert row["status"] == "ok"
     check_files_match_ledger(out, [row])
     [(rel, _, _)] = row["files"]
@@ -229,12 +216,12 @@ async def test_chat_with_system_vars_and_seeds_saves_the_servers_text_and_usage(
 
     assert outcome.exit_code == 0
     out = tmp_path / "out"
-    rows = ledger_rows(out)
+    rows = ledger_rows(out, decode=True)
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
     check_files_match_ledger(out, rows)
     seen = set()
     for row in rows:
-        city = json.loads(row["vars"])["city"]
+        city = row["vars"]["city"]
         seen.add((city, row["seed"]))
         text, usage = expected_chat(city, row["seed"])
         [(rel, _, _)] = row["files"]
@@ -258,8 +245,8 @@ async def test_streamed_chat_saves_the_same_text_as_plain_chat(
     assert (await run_manifest(plain)).exit_code == 0
     assert (await run_manifest(streamed)).exit_code == 0
 
-    plain_rows = {r["id"]: r for r in ledger_rows(tmp_path / "plain")}
-    stream_rows = {r["id"]: r for r in ledger_rows(tmp_path / "streamed")}
+    plain_rows = {r["id"]: r for r in ledger_rows(tmp_path / "plain", decode=True)}
+    stream_rows = {r["id"]: r for r in ledger_rows(tmp_path / "streamed", decode=True)}
     assert plain_rows.keys() == stream_rows.keys()  # stream is transport: same task ids
     assert len(stream_rows) == 4
     for task_id, row in stream_rows.items():
@@ -268,7 +255,7 @@ async def test_streamed_chat_saves_the_same_text_as_plain_chat(
         [(plain_rel, _, _)] = plain_rows[task_id]["files"]
         text = (tmp_path / "streamed" / rel).read_text(encoding="utf-8")
         assert text == (tmp_path / "plain" / plain_rel).read_text(encoding="utf-8")
-        city = json.loads(row["vars"])["city"]
+        city = row["vars"]["city"]
         assert text == expected_chat(city, row["seed"])[0]
         assert row["usage"] == plain_rows[task_id]["usage"]
     # The second run really asked for a stream.
@@ -312,7 +299,7 @@ async def test_summary_and_results_add_up_with_a_failing_job(
     assert summary["retries"] == 0 and summary["rate_limited"] == 0
     assert summary["exit_code"] == 1
 
-    rows = {r["id"]: r for r in ledger_rows(out)}
+    rows = {r["id"]: r for r in ledger_rows(out, decode=True)}
     for row in rows.values():
         if row["job"] == "bad":
             assert row["status"] == "failed" and row["http_status"] == 400
@@ -364,7 +351,7 @@ async def test_adding_seeds_runs_only_the_new_seeds(tmp_path: Path, server_facto
     new = server.stats.generations - before
     assert sum(new.values()) == 4 and all(count == 1 for count in new.values())
     assert all(server.stats.generations[h] == 1 for h in before)  # no old seed paid twice
-    rows = ledger_rows(tmp_path / "out")
+    rows = ledger_rows(tmp_path / "out", decode=True)
     assert sorted((r["prompt"], r["seed"]) for r in rows) == [
         (p, s) for p in "AB" for s in range(4)]
     summary = summary_of(tmp_path / "out")
@@ -389,7 +376,7 @@ async def test_editing_one_prompt_reruns_only_its_tasks(
     assert len(posts) == 2
     summary = summary_of(tmp_path / "out")
     assert (summary["total"], summary["skipped"], summary["ran"], summary["ok"]) == (6, 4, 2, 6)
-    wolf = [r for r in ledger_rows(tmp_path / "out") if r["prompt"] == "A wolf"]
+    wolf = [r for r in ledger_rows(tmp_path / "out", decode=True) if r["prompt"] == "A wolf"]
     assert sorted(r["seed"] for r in wolf) == [0, 1]
     assert all(r["status"] == "ok" for r in wolf)
 
@@ -407,7 +394,7 @@ async def test_bodies_are_sent_as_written_and_transport_changes_rerun_nothing(
     body = {"model": "flux.1-schnell", "prompt": "A {curly} hat in Oslo", "size": "256x256",
             "response_format": "b64_json", "steps": 4}
     assert dict(server.stats.generations) == {canonical_hash(json.dumps(body).encode()): 1}
-    [row] = ledger_rows(tmp_path / "out")
+    [row] = ledger_rows(tmp_path / "out", decode=True)
     assert row["seed"] is None and row["prompt"] == "A {curly} hat in Oslo"
     sent = len(server.stats.requests)
 
@@ -427,7 +414,7 @@ async def test_deleting_one_output_file_reruns_only_that_task(
         "pics", prompts=["A", "B", "C"], seeds=2)))
     assert (await run_manifest(path)).exit_code == 0
     out = tmp_path / "out"
-    victim = ledger_rows(out)[3]
+    victim = ledger_rows(out, decode=True)[3]
     [(rel, _size, digest)] = victim["files"]
     (out / rel).unlink()
     sent = len(generation_posts(server))
@@ -436,7 +423,7 @@ async def test_deleting_one_output_file_reruns_only_that_task(
 
     assert len(generation_posts(server)) == sent + 1
     assert sha256(out / rel) == digest
-    rows = ledger_rows(out)
+    rows = ledger_rows(out, decode=True)
     assert len(rows) == 6
     check_files_match_ledger(out, rows)
     summary = summary_of(out)
@@ -451,7 +438,7 @@ async def test_a_file_cut_short_under_its_final_name_is_run_again(
         "pics", prompts=["A", "B"], seeds=2)))
     assert (await run_manifest(path)).exit_code == 0
     out = tmp_path / "out"
-    [(rel, size, digest)] = ledger_rows(out)[1]["files"]
+    [(rel, size, digest)] = ledger_rows(out, decode=True)[1]["files"]
     (out / rel).write_bytes((out / rel).read_bytes()[: size // 2])
     sent = len(generation_posts(server))
 
@@ -484,7 +471,7 @@ async def test_retries_and_429s_are_counted_as_the_server_saw_them(
     assert summary["requests"] == len(generation_posts(server)) == 16 + faults
     assert summary["retries"] == faults
     assert summary["rate_limited"] == server.stats.rate_limited == server.stats.faults["429"]
-    check_files_match_ledger(tmp_path / "out", ledger_rows(tmp_path / "out"))
+    check_files_match_ledger(tmp_path / "out", ledger_rows(tmp_path / "out", decode=True))
     # Each task paid for once: faulted answers are not generations.
     assert sorted(server.stats.generations.values()) == [1] * 16
 
@@ -509,7 +496,7 @@ def test_a_jsonl_task_file_keeps_the_users_ids(tmp_path: Path) -> None:
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["custom_id"] for r in results) == ["hero-1", "hero-2", "own-1"]
     assert all(r["error"] is None for r in results)
-    rows = ledger_rows(out)
+    rows = ledger_rows(out, decode=True)
     assert sorted(r["id"] for r in rows) == ["hero-1", "hero-2", "own-1"]
     check_files_match_ledger(out, rows)
 
@@ -589,7 +576,7 @@ def test_limit_runs_at_most_n_new_tasks(tmp_path: Path, thread_server: Any) -> N
     assert first.returncode in (0, 1), first.stderr
     assert "Traceback" not in first.stderr
     assert len(generation_posts(server)) == 3
-    rows = ledger_rows(tmp_path / "out")
+    rows = ledger_rows(tmp_path / "out", decode=True)
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
     summary = summary_of(tmp_path / "out")
     assert (summary["ran"], summary["ok"], summary["failed"], summary["pending"]) == (3, 3, 0, 7)
@@ -598,7 +585,7 @@ def test_limit_runs_at_most_n_new_tasks(tmp_path: Path, thread_server: Any) -> N
 
     assert second.returncode in (0, 1), second.stderr
     assert len(generation_posts(server)) == 6
-    assert len({r["id"] for r in ledger_rows(tmp_path / "out")}) == 6
+    assert len({r["id"] for r in ledger_rows(tmp_path / "out", decode=True)}) == 6
 
 
 def test_only_runs_one_job(tmp_path: Path, thread_server: Any) -> None:
@@ -610,7 +597,7 @@ def test_only_runs_one_job(tmp_path: Path, thread_server: Any) -> None:
     done = run_cli("run", str(path), "--only", "second", "--no-progress")
 
     assert done.returncode == 0, done.stderr
-    rows = ledger_rows(tmp_path / "out")
+    rows = ledger_rows(tmp_path / "out", decode=True)
     assert sorted((r["job"], r["seed"]) for r in rows) == [("second", s) for s in range(3)]
     assert len(generation_posts(server)) == 3
     summary = summary_of(tmp_path / "out")
@@ -634,7 +621,7 @@ def test_shards_cover_every_task_once_and_merge_joins_them(
         done = run_cli("run", str(path), "--shard", f"{i}/3", "--output", f"shard{i}",
                        "--no-progress")
         assert done.returncode == 0, done.stderr
-        rows = ledger_rows(tmp_path / f"shard{i}")
+        rows = ledger_rows(tmp_path / f"shard{i}", decode=True)
         assert rows and all(r["status"] == "ok" for r in rows)
         check_files_match_ledger(tmp_path / f"shard{i}", rows)
         shard_ids.append({r["id"] for r in rows})
@@ -646,7 +633,7 @@ def test_shards_cover_every_task_once_and_merge_joins_them(
     merged = run_cli("merge", "shard1", "shard2", "shard3", "--output", "merged")
 
     assert merged.returncode == 0, merged.stderr
-    rows = ledger_rows(tmp_path / "merged")
+    rows = ledger_rows(tmp_path / "merged", decode=True)
     assert {r["id"] for r in rows} == every_id and all(r["status"] == "ok" for r in rows)
     check_files_match_ledger(tmp_path / "merged", rows)
     sent = len(server.stats.requests)
@@ -678,7 +665,7 @@ async def test_in_process_shard_selection_matches_the_cli_split(
         outcome = await run_manifest(path, output=tmp_path / f"s{i}",
                                      selection=Selection(shard=(i, 3)))
         assert outcome.exit_code == 0
-        ids.append([r["id"] for r in ledger_rows(tmp_path / f"s{i}")])
+        ids.append([r["id"] for r in ledger_rows(tmp_path / f"s{i}", decode=True)])
     flat = [task_id for shard in ids for task_id in shard]
     assert len(flat) == len(set(flat)) == 9
     assert set(flat) == {t.id for t in expand(load_manifest(path))}

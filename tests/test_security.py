@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import os
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import provider_block, run_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, write_manifest
 
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
@@ -35,14 +34,6 @@ RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for
 def all_files(folder: Path) -> set[Path]:
     return {Path(d, name) for d, _dirs, names in os.walk(folder) for name in names}
 
-
-def ledger_rows(root: Path) -> list[dict[str, Any]]:
-    db = sqlite3.connect(f"file:{root / 'ledger.sqlite'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(row) for row in db.execute("SELECT * FROM tasks")]
-    finally:
-        db.close()
 
 
 def assert_key_nowhere(folder: Path, *texts: str) -> None:

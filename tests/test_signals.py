@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import provider_block, run_cli, start_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
 
 from batcher.server import LocalServer
 
@@ -70,14 +69,6 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
         proc.communicate()
         pytest.fail(f"batcher did not exit within {timeout} s of the signal")
 
-
-def ledger_rows(root: Path) -> list[dict[str, Any]]:
-    db = sqlite3.connect(f"file:{root / 'ledger.sqlite'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(row) for row in db.execute("SELECT * FROM tasks")]
-    finally:
-        db.close()
 
 
 def assert_output_consistent(root: Path) -> list[dict[str, Any]]:
