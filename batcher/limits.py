@@ -108,6 +108,10 @@ class Pacer:
             target = self.interval * 2
         self.interval = max(self.interval, min(target, self.interval * self.MAX_SLOWDOWN))
         self._quiet_since = now
+        # Turns reserved at the old pace are void: every waiter takes a new one at the new pace.
+        self._epoch += 1
+        last = self._starts[-1] if self._starts else now
+        self._next = max(self._resume_at, last + self.interval)
 
     def _forget(self, now: float) -> None:
         assert self.rate is not None
@@ -121,10 +125,17 @@ class Pacer:
             self._quiet_since = now
 
     def _too_soon(self, now: float) -> float:
-        """How long before a start now would come too close after the others."""
+        """How long before a start now would come too close after the others.
+
+        A start must follow the last by the bare spacing, period / N, and leave room in the
+        rolling window. The jitter margin in ``interval`` is not asked of each gap, so a turn
+        that woke a little late does not push every later turn back.
+        """
         if not self._starts:
             return 0.0
-        return max(self._starts[-1] + self.interval, self._window_opens()) - now
+        assert self.rate is not None
+        spacing = max(self.rate.period / self.rate.count, self.interval - JITTER_MARGIN)
+        return max(self._starts[-1] + spacing, self._window_opens()) - now
 
     def _window_opens(self) -> float:
         """When a start next fits: the N-th latest start must have left the rolling window.

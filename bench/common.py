@@ -85,10 +85,13 @@ def run_child(args: list[str], cwd: Path, *, kill_after: float | None = None) ->
         process.kill()
     assert process.stderr is not None
     stderr = process.stderr.read()
-    _pid, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    return Measured(seconds, usage.ru_maxrss / 1024, code, stderr)
+    try:
+        _pid, status, usage = os.wait4(process.pid, 0)
+        code, peak = os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
+    except ChildProcessError:  # already reaped elsewhere (a killed child): no usage to read
+        code, peak = process.wait(), float("nan")
+    process.returncode = code  # keep Popen from waiting on a pid that is gone
+    return Measured(time.perf_counter() - started, peak, code, stderr)
 
 
 def batcher(*args: str) -> list[str]:
