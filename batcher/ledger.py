@@ -203,23 +203,14 @@ class Ledger:
                 done.add(task_id)
         return done, failed
 
-    def records(
-        self, where: str = "", params: tuple[Any, ...] = (), *, limit: int = -1
-    ) -> Iterator[Record]:
-        """Records in the order they were first written, read as they are consumed."""
-        query = f"SELECT * FROM tasks {where} ORDER BY rowid LIMIT ?"
-        for row in self._db.execute(query, (*params, limit)):
+    def records(self) -> Iterator[Record]:
+        """Every record, in the order first written, read as they are consumed."""
+        for row in self._db.execute("SELECT * FROM tasks ORDER BY rowid"):
             yield Record.from_row(row)
 
     def last_finished(self) -> float:
         """When the newest record was written (0 for an empty ledger)."""
         return float(self._db.execute("SELECT max(finished) FROM tasks").fetchone()[0] or 0)
-
-    def job_counts(self) -> list[tuple[str, int, int]]:
-        """(job, tasks, ok) for each job, in the order the jobs first appear."""
-        return self._db.execute(
-            "SELECT job, count(*), sum(status = 'ok') FROM tasks GROUP BY job ORDER BY min(rowid)"
-        ).fetchall()
 
     def raw_rows(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM tasks").fetchall()

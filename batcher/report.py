@@ -15,7 +15,7 @@ from typing import Any
 from batcher.ledger import Ledger, Record
 from batcher.plan import Plan
 from batcher.progress import Counters
-from batcher.sheet import render_index
+from batcher.sheet import ContactSheet
 from batcher.storage import atomic_open
 
 SUMMARY_NAME = "summary.json"
@@ -81,9 +81,11 @@ def _listings_stale(root: Path, ledger: Ledger) -> bool:
 
 
 def write_listings(root: Path, ledger: Ledger) -> None:
-    """results.jsonl and index.html from the ledger alone."""
-    write_text_atomic(root / RESULTS_NAME, _result_lines(ledger.records()))
-    write_text_atomic(root / INDEX_NAME, render_index(root, ledger))
+    """results.jsonl and index.html from the ledger alone, in one read of it."""
+    sheet = ContactSheet()
+    records = (sheet.add(record) for record in ledger.records())
+    write_text_atomic(root / RESULTS_NAME, _result_lines(records))
+    write_text_atomic(root / INDEX_NAME, sheet.render(root))
 
 
 def result_line(record: Record) -> dict[str, Any]:

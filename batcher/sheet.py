@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from batcher.ledger import Ledger, Record
+from batcher.ledger import Record
 
 MAX_CELLS_PER_JOB = 5000
 MAX_COMPLETION_CHARS = 2000
@@ -29,31 +30,48 @@ pre{white-space:pre-wrap;margin:0;max-width:48rem}
 """
 
 
-def render_index(root: Path, ledger: Ledger) -> Iterator[str]:
-    """The page, in pieces; ``root`` is where the page lives (links are relative to it).
+@dataclass(slots=True)
+class _Job:
+    total: int = 0
+    ok: int = 0
+    shown: list[Record] = field(default_factory=list)
 
-    Memory stays bounded: at most ``MAX_CELLS_PER_JOB`` records of one job are read at a time.
-    """
-    yield ("<!doctype html><html><head><meta charset='utf-8'>"
-           f"<title>batcher: {html.escape(root.name)}</title><style>{_STYLE}</style>"
-           f"</head><body><h1>{html.escape(root.name)}</h1>")
-    jobs = ledger.job_counts()
-    if not jobs:
-        yield "<p class='muted'>Nothing has finished yet.</p>"
-    for job, total, ok in jobs:
-        yield (f"<h2>{html.escape(job)} <span class='muted'>{ok} ok, "
-               f"{total - ok} failed</span></h2>")
-        shown = list(ledger.records("WHERE job = ?", (job,), limit=MAX_CELLS_PER_JOB))
-        images = [record for record in shown if record.kind == "image"]
-        chats = [record for record in shown if record.kind == "chat"]
-        if images:  # a JSONL job may hold both kinds
-            yield from _image_grid(images)
-        if chats:
-            yield from _chat_table(root, chats)
-        if total > len(shown):
-            yield (f"<p class='muted'>{total - len(shown)} more tasks are listed in "
-                   "results.jsonl.</p>")
-    yield "</body></html>\n"
+
+class ContactSheet:
+    """Collects records as they stream past (keeping at most ``MAX_CELLS_PER_JOB`` of each job),
+    then renders the page."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, _Job] = {}
+
+    def add(self, record: Record) -> Record:
+        job = self._jobs.setdefault(record.job, _Job())
+        job.total += 1
+        job.ok += record.status == "ok"
+        if len(job.shown) < MAX_CELLS_PER_JOB:
+            job.shown.append(record)
+        return record
+
+    def render(self, root: Path) -> Iterator[str]:
+        """The page, in pieces; ``root`` is where it lives (its links are relative to it)."""
+        yield ("<!doctype html><html><head><meta charset='utf-8'>"
+               f"<title>batcher: {html.escape(root.name)}</title><style>{_STYLE}</style>"
+               f"</head><body><h1>{html.escape(root.name)}</h1>")
+        if not self._jobs:
+            yield "<p class='muted'>Nothing has finished yet.</p>"
+        for name, job in self._jobs.items():
+            yield (f"<h2>{html.escape(name)} <span class='muted'>{job.ok} ok, "
+                   f"{job.total - job.ok} failed</span></h2>")
+            images = [record for record in job.shown if record.kind == "image"]
+            chats = [record for record in job.shown if record.kind == "chat"]
+            if images:  # a JSONL job may hold both kinds
+                yield from _image_grid(images)
+            if chats:
+                yield from _chat_table(root, chats)
+            if job.total > len(job.shown):
+                yield (f"<p class='muted'>{job.total - len(job.shown)} more tasks are listed "
+                       "in results.jsonl.</p>")
+        yield "</body></html>\n"
 
 
 def _column(record: Record) -> tuple[str, int]:

@@ -68,18 +68,21 @@ class Layout:
 
     def task_stem(self, task: Task) -> Path:
         """``<job>/<model>/<prompt-slug>-s<seed>-<id8>``, relative to the root."""
-        seed = "" if task.seed is None else f"-s{task.seed}"
-        name = f"{slugify(task.prompt)}{seed}-{short_id(task.id)}"
-        return Path(slugify(task.job, 64)) / slugify(task.model, 64) / name
+        return Path(self._stem(task))
 
     def image_name(self, task: Task, index: int, count: int, ext: str) -> Path:
-        stem = self.task_stem(task)
         suffix = f"-{index}" if count > 1 else ""
-        return stem.with_name(f"{stem.name}{suffix}.{ext}")
+        return Path(f"{self._stem(task)}{suffix}.{ext}")
 
     def text_name(self, task: Task) -> Path:
-        stem = self.task_stem(task)
-        return stem.with_name(stem.name + ".txt")
+        return Path(f"{self._stem(task)}.txt")
+
+    @staticmethod
+    def _stem(task: Task) -> str:
+        # Built as one string: every part is a slug or a hash, so "/" only separates them.
+        seed = "" if task.seed is None else f"-s{task.seed}"
+        return (f"{slugify(task.job, 64)}/{slugify(task.model, 64)}/"
+                f"{slugify(task.prompt)}{seed}-{short_id(task.id)}")
 
     def resolve(self, relative: str | Path) -> Path:
         """The absolute path of a file named in the ledger; refuses anything outside the root."""
