@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     prompt      TEXT NOT NULL,
     seed        INTEGER,
     vars        TEXT,
+    params      TEXT,
     status      TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
     attempts    INTEGER NOT NULL,
     reason      TEXT,
@@ -47,7 +48,8 @@ CREATE TABLE IF NOT EXISTS tasks (
 """
 
 _COLUMNS = (
-    "id", "job", "provider", "kind", "model", "prompt", "seed", "vars", "status", "attempts",
+    "id", "job", "provider", "kind", "model", "prompt", "seed", "vars", "params", "status",
+    "attempts",
     "reason", "error", "error_code", "http_status", "files", "usage", "response", "started",
     "finished", "elapsed",
 )
@@ -82,6 +84,7 @@ class Record:
     status: str
     attempts: int
     vars: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
     reason: str | None = None
     error: str | None = None
     error_code: str | None = None
@@ -96,7 +99,8 @@ class Record:
     def as_row(self) -> tuple[Any, ...]:
         return (
             self.id, self.job, self.provider, self.kind, self.model, self.prompt, self.seed,
-            _dumps(dict(self.vars)) if self.vars else None, self.status, self.attempts,
+            _dumps(dict(self.vars)) if self.vars else None,
+            _dumps(dict(self.params)) if self.params else None, self.status, self.attempts,
             self.reason, self.error, self.error_code, self.http_status,
             _dumps([[f.path, f.size, f.sha256] for f in self.files]),
             _dumps(self.usage), _dumps(self.response), self.started, self.finished, self.elapsed,
@@ -106,6 +110,7 @@ class Record:
     def from_row(cls, row: sqlite3.Row) -> Record:
         data = dict(row)
         data["vars"] = json.loads(data["vars"]) if data["vars"] else {}
+        data["params"] = json.loads(data["params"]) if data["params"] else {}
         data["files"] = [FileRecord(*item) for item in json.loads(data["files"] or "[]")]
         for key in ("usage", "response"):
             data[key] = json.loads(data[key]) if data[key] else None

@@ -94,7 +94,8 @@ class Saver:
         return Record(
             id=task.id, job=task.job, provider=task.provider, kind=task.kind, model=task.model,
             prompt=task.prompt, seed=task.seed, status=status, attempts=attempts,
-            vars=dict(task.vars), started=started, finished=finished, elapsed=finished - started,
+            vars=dict(task.vars), params=dict(task.params or {}), started=started,
+            finished=finished, elapsed=finished - started,
         )
 
     def succeeded(

@@ -8,6 +8,7 @@ jobs are a table of prompt and completion. Failed tasks stand in place with thei
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,11 +99,19 @@ def _image_grid(records: list[Record]) -> Iterator[str]:
     yield "</table>"
 
 
+def _hover(record: Record) -> str:
+    """What a thumbnail tells on hover: the task id, its vars and its params."""
+    lines = [f"task {record.id}"]
+    lines += [f"{name} = {value}" for name, value in record.vars.items()]
+    lines += [f"{name}: {json.dumps(value)}" for name, value in record.params.items()]
+    return "\n".join(lines)
+
+
 def _image_cell(record: Record) -> str:
     if record.status != "ok":
         return (f"<div class='failed' title='{html.escape(record.id)}'>failed: "
                 f"{html.escape(record.error or record.reason or 'unknown')}</div>")
-    title = html.escape(f"{record.id} {record.vars or ''}", quote=True)
+    title = html.escape(_hover(record), quote=True)
     parts = []
     for file in record.files:
         href = quote(file.path)

@@ -66,6 +66,16 @@ def test_every_image_and_completion_is_on_the_sheet_by_relative_link(tmp_path: P
         assert completion.read_text().strip() in text
 
 
+def test_thumbnails_tell_their_task_vars_and_params_on_hover(tmp_path: Path) -> None:
+    output = _run_demo(tmp_path)
+    html = (output / "index.html").read_text()
+    titles = re.findall(r"<img [^>]*title='([^']*)'", html)
+    assert len(titles) == 13
+    amsterdam = [t for t in titles if "city = Amsterdam" in t]
+    assert amsterdam and all("size: &quot;256x256&quot;" in t for t in amsterdam)
+    assert all(t.startswith("task ") for t in titles)
+
+
 def test_failed_tasks_stand_in_place_with_their_reason(tmp_path: Path, thread_server) -> None:
     server = thread_server(fail_rate=1.0)
     manifest = write_manifest(tmp_path, textwrap.dedent("""
