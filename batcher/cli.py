@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher import commands
-from batcher.errors import BatcherError, UsageError
+from batcher.errors import BatcherError, Interrupted, UsageError
 from batcher.limits import Rate, parse_rate
 from batcher.plan import Selection
 from batcher.runner import RunOptions
@@ -191,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("stopped by an OS error", exc_info=True)
         print(f"batcher: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before a run's own signal handling is in place
         print("batcher: interrupted", file=sys.stderr)
-        return 130
+        return Interrupted.exit_code
     except BrokenPipeError:
         return 1
 

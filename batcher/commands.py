@@ -11,13 +11,13 @@ from pathlib import Path
 
 import aiohttp
 
-from batcher.errors import AuthError, BatcherError, HTTPStatusError, ProviderError, UsageError
+from batcher.errors import AuthError, BatcherError, Interrupted, ProviderError, UsageError
 from batcher.ledger import LEDGER_NAME, Ledger
 from batcher.limits import Rate
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import Plan, make_plan, output_dir
 from batcher.providers import OpenAICompatible, builtin_providers, open_clients, resolve_key
-from batcher.retry import AUTH_STATUS
+from batcher.retry import Action, classify
 from batcher.runner import RunOptions, effective_configs, used_providers
 from batcher.runner import run as run_manifest
 from batcher.status import ledger_status, print_status
@@ -43,7 +43,7 @@ async def run(path: Path, provider: str | None, options: RunOptions) -> int:
     )
     if outcome.message:
         print(f"batcher: {outcome.message}", file=sys.stderr)
-    if outcome.exit_code == 130:
+    if outcome.exit_code == Interrupted.exit_code:
         print("batcher: interrupted; run the same command to finish", file=sys.stderr)
     return outcome.exit_code
 
@@ -114,11 +114,9 @@ async def _models_of(client: OpenAICompatible) -> list[str]:
     name = client.config.name
     try:
         return await client.list_models()
-    except HTTPStatusError as exc:
-        if exc.status in AUTH_STATUS:
-            raise AuthError(f"provider {name} refused the key: {exc}") from exc
-        raise BatcherError(f"provider {name}: {exc}") from exc
     except ProviderError as exc:
+        if classify(exc).action is Action.STOP_RUN:
+            raise AuthError(f"provider {name} refused the key: {exc}") from exc
         raise BatcherError(f"provider {name} at {client.base_url}: {exc}") from exc
 
 

@@ -62,7 +62,10 @@ class AuthError(BatcherError):
 
 
 class Interrupted(BatcherError):
-    """The run was interrupted by a signal; everything finished is saved."""
+    """The run was interrupted by a signal; everything finished is saved.
+
+    A run reports this through its exit code rather than by raising: its summary and ledger
+    are written on the way out."""
 
     exit_code = 130
 

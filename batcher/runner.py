@@ -29,7 +29,7 @@ import aiohttp
 
 from batcher.bodies import InputImages
 from batcher.download import Downloader
-from batcher.errors import AuthError, ProviderError, UsageError
+from batcher.errors import AuthError, Interrupted, ProviderError, UsageError
 from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.limits import Pacer, Rate
 from batcher.manifest import Manifest
@@ -175,9 +175,9 @@ class Runner:
 
     def _exit_code(self, summary: dict[str, Any]) -> int:
         if self.interrupted:
-            return 130
+            return Interrupted.exit_code
         if self.auth_error is not None:
-            return 3
+            return AuthError.exit_code
         if summary["failed"] or self.crash is not None:
             return 1
         # Tasks held back by --limit are what the user asked for; held back by a stopped
