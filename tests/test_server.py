@@ -28,21 +28,6 @@ MakeServer = Callable[..., Awaitable[LocalServer]]
 
 
 @pytest.fixture
-async def make_server() -> AsyncIterator[MakeServer]:
-    servers: list[LocalServer] = []
-
-    async def make(**options: Any) -> LocalServer:
-        server = LocalServer(ServerOptions(**options))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.stop()
-
-
-@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
         yield client
@@ -100,8 +85,8 @@ async def b64_image(
 # --- images -------------------------------------------------------------------------------------
 
 
-async def test_models_lists_image_and_chat_models(make_server, session):
-    server = await make_server()
+async def test_models_lists_image_and_chat_models(server_factory, session):
+    server = await server_factory()
     async with session.get(server.api_url + "/models") as response:
         answer = await response.json()
     assert response.status == 200 and answer["object"] == "list"
@@ -112,8 +97,8 @@ async def test_models_lists_image_and_chat_models(make_server, session):
 
 
 @pytest.mark.parametrize("size", ["256x256", "512x512", "1024x1024"])
-async def test_b64_image_is_a_png_of_the_requested_size(make_server, session, size):
-    server = await make_server()
+async def test_b64_image_is_a_png_of_the_requested_size(server_factory, session, size):
+    server = await server_factory()
     png = await b64_image(session, server, image_body(size=size))
     width, height, raw = decode_png(png)
     assert f"{width}x{height}" == size
@@ -121,8 +106,10 @@ async def test_b64_image_is_a_png_of_the_requested_size(make_server, session, si
     assert first_row != last_row  # a gradient, not one flat colour
 
 
-async def test_images_are_deterministic_and_differ_by_prompt_model_and_seed(make_server, session):
-    server = await make_server()
+async def test_images_are_deterministic_and_differ_by_prompt_model_and_seed(
+    server_factory, session
+):
+    server = await server_factory()
     base = image_body(size="256x256", seed=1)
     first = await b64_image(session, server, base)
     assert await b64_image(session, server, dict(base)) == first
@@ -135,22 +122,22 @@ async def test_images_are_deterministic_and_differ_by_prompt_model_and_seed(make
     assert len({first, *images}) == 4
 
 
-async def test_n_images_are_distinct(make_server, session):
-    server = await make_server()
+async def test_n_images_are_distinct(server_factory, session):
+    server = await server_factory()
     status, answer, _ = await post(session, server, IMAGES, image_body(n=3, size="256x256"))
     assert status == 200 and len(answer["data"]) == 3
     assert isinstance(answer["created"], int)
     assert len({item["b64_json"] for item in answer["data"]}) == 3
 
 
-async def test_image_side_is_capped(make_server, session):
-    server = await make_server(max_image_side=300)
+async def test_image_side_is_capped(server_factory, session):
+    server = await server_factory(max_image_side=300)
     png = await b64_image(session, server, image_body(size="1024x1024"))
     assert decode_png(png)[:2] == (300, 300)
 
 
-async def test_url_image_comes_from_the_files_listener_without_a_key(make_server, session):
-    server = await make_server(api_key="sk-test")
+async def test_url_image_comes_from_the_files_listener_without_a_key(server_factory, session):
+    server = await server_factory(api_key="sk-test")
     headers = {"Authorization": "Bearer sk-test"}
     body = {"model": "stable-diffusion-3.5-medium", "prompt": "a lighthouse", "size": "512x512"}
     status, answer, _ = await post(session, server, IMAGES, body, headers=headers)
@@ -174,8 +161,8 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-async def test_edit_model_takes_input_images_and_aspect_ratio(make_server, session):
-    server = await make_server()
+async def test_edit_model_takes_input_images_and_aspect_ratio(server_factory, session):
+    server = await server_factory()
     picture = render_png("input", 64, 64)
     body = image_body(model=EDIT_MODEL, prompt="make it blue", aspect_ratio="16:9", seed=7)
     body["images"] = [data_uri(picture), "https://example.com/b.jpg"]
@@ -215,8 +202,8 @@ PNG_URI = data_uri(render_png("input", 8, 8))
         (image_body(model=EDIT_MODEL, images=[PNG_URI], aspect_ratio="9:1"), "aspect_ratio"),
     ],
 )
-async def test_invalid_image_requests_are_400_with_the_field(make_server, session, body, param):
-    server = await make_server()
+async def test_invalid_image_requests_are_400_with_the_field(server_factory, session, body, param):
+    server = await server_factory()
     status, answer, _ = await post(session, server, IMAGES, body)
     assert status == 400
     error = answer["error"]
@@ -225,22 +212,22 @@ async def test_invalid_image_requests_are_400_with_the_field(make_server, sessio
     assert not server.stats.generations
 
 
-async def test_unknown_fields_are_ignored(make_server, session):
-    server = await make_server()
+async def test_unknown_fields_are_ignored(server_factory, session):
+    server = await server_factory()
     png = await b64_image(session, server, image_body(size="256x256", style="vivid", user="me"))
     assert image_kind(png) == "png"
 
 
-async def test_body_that_is_not_a_json_object_is_400(make_server, session):
-    server = await make_server()
+async def test_body_that_is_not_a_json_object_is_400(server_factory, session):
+    server = await server_factory()
     for data in (b"{not json", b"[1, 2]"):
         async with session.post(server.api_url + IMAGES, data=data) as response:
             assert response.status == 400
             assert (await response.json())["error"]["type"] == "invalid_request_error"
 
 
-async def test_unknown_paths_are_404_in_the_openai_shape(make_server, session):
-    server = await make_server()
+async def test_unknown_paths_are_404_in_the_openai_shape(server_factory, session):
+    server = await server_factory()
     async with session.get(server.api_url + "/embeddings") as response:
         assert response.status == 404
         assert "error" in await response.json()
@@ -252,8 +239,8 @@ async def test_unknown_paths_are_404_in_the_openai_shape(make_server, session):
 # --- keys, rate limit, quota --------------------------------------------------------------------
 
 
-async def test_api_key_is_required_when_set(make_server, session):
-    server = await make_server(api_key="sk-right")
+async def test_api_key_is_required_when_set(server_factory, session):
+    server = await server_factory(api_key="sk-right")
     for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-right"}):
         status, answer, _ = await post(session, server, IMAGES, image_body(), headers=headers)
         assert status == 401
@@ -267,8 +254,8 @@ async def test_api_key_is_required_when_set(make_server, session):
     assert server.stats.statuses(IMAGES) == [401, 401, 401, 200]
 
 
-async def test_rate_limit_is_a_rolling_window_over_arrivals(make_server, session):
-    server = await make_server(rate_limit=(5, 1.0))
+async def test_rate_limit_is_a_rolling_window_over_arrivals(server_factory, session):
+    server = await server_factory(rate_limit=(5, 1.0))
     bodies = [image_body(f"prompt {i}", size="256x256") for i in range(8)]
     results = await asyncio.gather(*(post(session, server, IMAGES, b) for b in bodies))
     statuses = sorted(status for status, _, _ in results)
@@ -288,8 +275,8 @@ async def test_rate_limit_is_a_rolling_window_over_arrivals(make_server, session
     assert status == 200
 
 
-async def test_quota_exhausted_answers_429_insufficient_quota(make_server, session):
-    server = await make_server(quota_exhausted=True)
+async def test_quota_exhausted_answers_429_insufficient_quota(server_factory, session):
+    server = await server_factory(quota_exhausted=True)
     for path, body in ((IMAGES, image_body()), (CHAT, chat_body())):
         status, answer, _ = await post(session, server, path, body)
         assert status == 429
@@ -301,8 +288,8 @@ async def test_quota_exhausted_answers_429_insufficient_quota(make_server, sessi
 # --- chat ---------------------------------------------------------------------------------------
 
 
-async def test_chat_is_deterministic_about_the_prompt_with_word_usage(make_server, session):
-    server = await make_server()
+async def test_chat_is_deterministic_about_the_prompt_with_word_usage(server_factory, session):
+    server = await server_factory()
     status, answer, _ = await post(session, server, CHAT, chat_body())
     assert status == 200
     assert answer["object"] == "chat.completion" and answer["model"] == "llama-3.1-8b-instruct"
@@ -324,8 +311,8 @@ async def test_chat_is_deterministic_about_the_prompt_with_word_usage(make_serve
     assert len(texts) == 3
 
 
-async def test_chat_max_tokens_truncates_to_that_many_words(make_server, session):
-    server = await make_server()
+async def test_chat_max_tokens_truncates_to_that_many_words(server_factory, session):
+    server = await server_factory()
     status, answer, _ = await post(session, server, CHAT, chat_body(max_tokens=4))
     assert status == 200
     assert len(answer["choices"][0]["message"]["content"].split()) == 4
@@ -345,8 +332,8 @@ async def test_chat_max_tokens_truncates_to_that_many_words(make_server, session
         (chat_body(stream="yes"), "stream"),
     ],
 )
-async def test_invalid_chat_requests_are_400_with_the_field(make_server, session, body, param):
-    server = await make_server()
+async def test_invalid_chat_requests_are_400_with_the_field(server_factory, session, body, param):
+    server = await server_factory()
     status, answer, _ = await post(session, server, CHAT, body)
     assert status == 400 and answer["error"]["param"] == param
 
@@ -361,8 +348,8 @@ async def read_stream(response: aiohttp.ClientResponse) -> list[Any]:
     return events
 
 
-async def test_chat_stream_assembles_the_same_text(make_server, session):
-    server = await make_server()
+async def test_chat_stream_assembles_the_same_text(server_factory, session):
+    server = await server_factory()
     _, plain, _ = await post(session, server, CHAT, chat_body(seed=5))
     async with session.post(server.api_url + CHAT, json=chat_body(seed=5, stream=True)) as resp:
         assert resp.status == 200
@@ -426,10 +413,10 @@ async def observe_image_fault(session, server, kind: str, body: dict) -> None:  
 
 @pytest.mark.parametrize("kind", server_app.FAULT_KINDS)
 async def test_each_fault_is_seen_once_then_the_retry_succeeds(
-    make_server, session, monkeypatch, kind
+    server_factory, session, monkeypatch, kind
 ):
     monkeypatch.setattr(server_app, "SLOW_FAULT_SECONDS", 1.0)  # where _fate reads it
-    server = await make_server(fault_rate=1.0, fault_kinds=(kind,))
+    server = await server_factory(fault_rate=1.0, fault_kinds=(kind,))
     url_kinds = ("url_404", "not_image")
     body = image_body(size="256x256", response_format="url" if kind in url_kinds else "b64_json")
     await observe_image_fault(session, server, kind, body)
@@ -449,8 +436,8 @@ async def test_each_fault_is_seen_once_then_the_retry_succeeds(
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("kind", ["503", "reset", "truncated", "garbage", "empty_data"])
-async def test_chat_faults_are_seen_once(make_server, session, kind, stream):
-    server = await make_server(fault_rate=1.0, fault_kinds=(kind,))
+async def test_chat_faults_are_seen_once(server_factory, session, kind, stream):
+    server = await server_factory(fault_rate=1.0, fault_kinds=(kind,))
     body = chat_body(stream=stream)
     url = server.api_url + CHAT
     if kind == "reset":
@@ -475,8 +462,8 @@ async def test_chat_faults_are_seen_once(make_server, session, kind, stream):
     assert sum(server.stats.generations.values()) == 1
 
 
-async def test_image_only_faults_become_garbage_for_chat(make_server, session):
-    server = await make_server(fault_rate=1.0, fault_kinds=("url_404",))
+async def test_image_only_faults_become_garbage_for_chat(server_factory, session):
+    server = await server_factory(fault_rate=1.0, fault_kinds=("url_404",))
     async with session.post(server.api_url + CHAT, json=chat_body()) as response:
         assert response.status == 200
         with pytest.raises(ValueError):
@@ -484,9 +471,9 @@ async def test_image_only_faults_become_garbage_for_chat(make_server, session):
     assert server.stats.faults == {"garbage": 1}
 
 
-async def test_faults_hit_a_fraction_of_bodies_chosen_by_their_hash(make_server, session):
+async def test_faults_hit_a_fraction_of_bodies_chosen_by_their_hash(server_factory, session):
     options = {"fault_rate": 0.5, "fault_kinds": ("500", "503")}
-    first, second = await make_server(**options), await make_server(**options)
+    first, second = await server_factory(**options), await server_factory(**options)
     bodies = [chat_body(f"prompt number {i}") for i in range(40)]
     seen = []
     for server in (first, second):
@@ -499,8 +486,8 @@ async def test_faults_hit_a_fraction_of_bodies_chosen_by_their_hash(make_server,
     assert retries == [200] * 40
 
 
-async def test_fail_rate_one_always_answers_500(make_server, session):
-    server = await make_server(fail_rate=1.0)
+async def test_fail_rate_one_always_answers_500(server_factory, session):
+    server = await server_factory(fail_rate=1.0)
     for _ in range(3):
         status, answer, _ = await post(session, server, IMAGES, image_body())
         assert status == 500
@@ -508,8 +495,8 @@ async def test_fail_rate_one_always_answers_500(make_server, session):
     assert not server.stats.generations
 
 
-async def test_latency_delays_answers(make_server, session):
-    server = await make_server(latency=0.2)
+async def test_latency_delays_answers(server_factory, session):
+    server = await server_factory(latency=0.2)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await asyncio.gather(*(post(session, server, CHAT, chat_body(f"p {i}")) for i in range(3)))
