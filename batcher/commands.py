@@ -94,8 +94,9 @@ async def _check_models(manifest: Manifest, options: RunOptions) -> int:
     for job in manifest.jobs:
         if job.provider in configs:
             wanted.setdefault(job.provider, set()).update(job.models)
-    for task in options.selection.tasks(manifest):  # models named in JSONL task files
-        if task.job in {job.name for job in manifest.jobs if job.file is not None}:
+    listed = {job.name for job in manifest.jobs if job.file is not None}
+    for task in options.selection.tasks(manifest) if listed else ():  # models in JSONL files
+        if task.job in listed:
             wanted.setdefault(task.provider, set()).add(task.model)
     missing = 0
     async with aiohttp.ClientSession() as session, open_clients(configs, keys, session) as clients:

@@ -70,7 +70,7 @@ class Saver:
             path = self.layout.image_name(task, index, count, kind)
             size, sha = await write_atomic(self.layout.root / path, data)
             return FileRecord(path.as_posix(), size, sha)
-        stem = self.layout.image_name(task, index, count, "x").with_suffix("")
+        stem = self.layout.image_stem(task, index, count)
         downloader = self.downloaders[task.provider]
         final, size, sha = await downloader.fetch(item.url, self.layout.root / stem)
         return FileRecord(final.relative_to(self.layout.root).as_posix(), size, sha)

@@ -70,9 +70,13 @@ class Layout:
         """``<job>/<model>/<prompt-slug>-s<seed>-<id8>``, relative to the root."""
         return Path(self._stem(task))
 
-    def image_name(self, task: Task, index: int, count: int, ext: str) -> Path:
+    def image_stem(self, task: Task, index: int, count: int) -> Path:
+        """Image ``index`` of ``count`` without its extension (known once its bytes are)."""
         suffix = f"-{index}" if count > 1 else ""
-        return Path(f"{self._stem(task)}{suffix}.{ext}")
+        return Path(f"{self._stem(task)}{suffix}")
+
+    def image_name(self, task: Task, index: int, count: int, ext: str) -> Path:
+        return Path(f"{self.image_stem(task, index, count)}.{ext}")
 
     def text_name(self, task: Task) -> Path:
         return Path(f"{self._stem(task)}.txt")
