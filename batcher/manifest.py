@@ -73,7 +73,12 @@ class _Mapping(dict[str, Any]):
     lines: dict[str, int]
 
 
-class _LineLoader(yaml.SafeLoader):
+# libyaml's parser when PyYAML was built with it (ten times faster on a long list of values);
+# either way the constructor is PyYAML's safe one, in Python, with the hook below.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _LineLoader(_SafeLoader):  # type: ignore[valid-type, misc]
     """The safe loader, recording where each mapping key stands in the file."""
 
 
@@ -119,8 +124,13 @@ def _load_yaml(path: Path) -> Any:
         loader.name = str(path)
         return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
-        raise ManifestError(_yaml_problem(exc), file=str(path), line=_yaml_line(exc)) from None
-    except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
+        line = _yaml_line(exc, len(text))
+        raise ManifestError(_yaml_problem(exc, line), file=str(path), line=line) from None
+    except yaml.reader.ReaderError as exc:  # a control character, say
+        line = text.count("\n", 0, exc.position) + 1
+        raise ManifestError(f"unacceptable character #x{exc.character:04x} ({exc.reason})",
+                            file=str(path), line=line) from None
+    except yaml.YAMLError as exc:
         raise ManifestError(f"invalid YAML: {exc}", file=str(path)) from None
     except RecursionError:
         raise ManifestError("nested too deeply to be a manifest", file=str(path)) from None
@@ -129,22 +139,25 @@ def _load_yaml(path: Path) -> Any:
             loader.dispose()
 
 
-def _yaml_line(exc: yaml.MarkedYAMLError) -> int | None:
+def _yaml_line(exc: yaml.MarkedYAMLError, length: int) -> int | None:
     # At the end of the file the problem's own place says little: an unclosed quote or bracket
     # is found where the file ends; the context names where it was opened.
     mark = exc.problem_mark
-    if exc.context_mark is not None and (mark is None or "end of stream" in (exc.problem or "")):
+    if exc.context_mark is not None and (mark is None or mark.index >= length - 1):
         mark = exc.context_mark
     return mark.line + 1 if mark else None
 
 
-def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+def _yaml_problem(exc: yaml.MarkedYAMLError, line: int | None) -> str:
     problem = exc.problem or "invalid YAML"
     if "could not determine a constructor" in problem:
         return "this tag is not allowed (batcher loads YAML safely: plain data only)"
-    if exc.context:
-        return f"{problem} ({exc.context})"
-    return problem
+    if not exc.context:
+        return problem
+    opened = exc.context_mark.line + 1 if exc.context_mark is not None else line
+    if opened != line:
+        return f"{problem} ({exc.context} begun on line {opened})"
+    return f"{problem} ({exc.context})"
 
 
 # --------------------------------------------------------------------------- validation helpers

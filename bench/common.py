@@ -22,7 +22,8 @@ def start_server(**options: object) -> LocalServer:
     return server
 
 
-BENCH_ROOT = Path(__file__).resolve().parent.parent / "output" / "bench"
+BENCH_ROOT = Path(os.environ.get("BATCHER_BENCH_DIR")
+                  or Path(__file__).resolve().parent.parent / "output" / "bench")
 
 
 def workdir(name: str) -> Path:

@@ -558,7 +558,23 @@ def test_control_character_is_a_manifest_error(tmp_path: Path, char: str) -> Non
         "name: demo\njobs:\n  - name: a\n    type: image\n    provider: local\n"
         f"    model: m\n    prompt: red {char}[0m fox\n"
     )
-    assert "jobs.yaml" in str(load_error(path))
+    error = load_error(path)
+    assert_points_at(error, "jobs.yaml", 7, None)
+    assert f"#x{ord(char):04x}" in str(error)
+
+
+def test_unclosed_quote_at_the_end_names_where_it_opened(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.yaml"
+    path.write_text('name: demo\njobs:\n  - name: a\n    prompt: "red fox\n\n')
+    assert_points_at(load_error(path), "jobs.yaml", 4, None)
+
+
+def test_unclosed_bracket_names_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.yaml"
+    path.write_text("name: demo\njobs:\n  - name: a\n    seeds: [1, 2\n    prompt: p\n")
+    error = load_error(path)
+    assert_points_at(error, "jobs.yaml", 5, None)
+    assert "flow sequence begun on line 4" in str(error)
 
 
 def test_missing_file(tmp_path: Path) -> None:
