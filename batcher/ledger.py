@@ -9,7 +9,6 @@ The database runs in WAL mode; a committed row survives a killed process.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher import fastjson
 from batcher.errors import UsageError
 
 LEDGER_NAME = "ledger.sqlite"
@@ -109,18 +109,18 @@ class Record:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Record:
         data = dict(row)
-        data["vars"] = json.loads(data["vars"]) if data["vars"] else {}
-        data["params"] = json.loads(data["params"]) if data["params"] else {}
-        data["files"] = [FileRecord(*item) for item in json.loads(data["files"] or "[]")]
+        data["vars"] = fastjson.loads(data["vars"]) if data["vars"] else {}
+        data["params"] = fastjson.loads(data["params"]) if data["params"] else {}
+        data["files"] = [FileRecord(*item) for item in fastjson.loads(data["files"] or "[]")]
         for key in ("usage", "response"):
-            data[key] = json.loads(data[key]) if data[key] else None
+            data[key] = fastjson.loads(data[key]) if data[key] else None
         return cls(**data)
 
 
 def _dumps(value: Any) -> str | None:
     if value is None:
         return None
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return fastjson.dumps(value)
 
 
 class Ledger:
@@ -222,7 +222,7 @@ class Ledger:
 
 
 def _files_present(root: Path, files_json: str) -> bool:
-    for path, size, _sha in json.loads(files_json):
+    for path, size, _sha in fastjson.loads(files_json):
         try:
             if os.stat(root / path).st_size != size:
                 return False

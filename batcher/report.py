@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batcher import fastjson
 from batcher.ledger import Ledger, Record
 from batcher.plan import Plan
 from batcher.progress import Counters
@@ -111,4 +112,4 @@ def result_line(record: Record) -> dict[str, Any]:
 
 def _result_lines(records: Iterator[Record]) -> Iterator[str]:
     for record in records:
-        yield json.dumps(result_line(record), ensure_ascii=False, separators=(",", ":")) + "\n"
+        yield fastjson.dumps(result_line(record)) + "\n"

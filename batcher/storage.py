@@ -150,7 +150,11 @@ _tmp_numbers = itertools.count()
 
 def temporary_name(final: Path) -> Path:
     """A name beside ``final`` that no other write of this process (or another) uses."""
-    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{next(_tmp_numbers)}-{final.name}")
+    return final.with_name(_temporary_name(final.name))
+
+
+def _temporary_name(name: str) -> str:
+    return f"{TMP_PREFIX}{os.getpid()}-{next(_tmp_numbers)}-{name}"
 
 
 @contextlib.contextmanager
@@ -173,13 +177,35 @@ def atomic_open(final: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
 def _write_atomic_sync(final: Path, data: bytes) -> None:
-    with atomic_open(final) as handle:
-        handle.write(data)
+    # atomic_open() in system calls: one file per task makes the Python file object and the
+    # context manager a measurable share of batcher's own time per task.
+    folder, name = os.path.split(final)
+    tmp = os.path.join(folder, _temporary_name(name))
+    try:
+        fd = os.open(tmp, _NEW_FILE, 0o666)
+    except FileNotFoundError:  # the first file of its folder
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(tmp, _NEW_FILE, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 async def write_atomic(final: Path, data: bytes) -> tuple[int, str]:
-    """Write ``data`` to ``final`` atomically (temporary name, flush, rename).
+    """Write ``data`` to ``final`` atomically (temporary name, written out, renamed).
 
     Returns its size and sha256. Large payloads are written on a worker thread.
     """

@@ -7,13 +7,13 @@ client makes to its own base URL; redirects are never followed, so it cannot lea
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 
+from batcher import fastjson
 from batcher.errors import HTTPStatusError, ResponseError, TransportError
 from batcher.providers.base import ChatAnswer, ImageAnswer, ImageItem
 from batcher.providers.config import ProviderConfig
@@ -38,6 +38,7 @@ class OpenAICompatible:
         self._session = session
         self._key = api_key
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeout, sock_connect=config.connect_timeout
         )
@@ -67,9 +68,11 @@ class OpenAICompatible:
     async def _request(
         self, method: str, path: str, body: Mapping[str, Any] | None = None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
+        data, headers = (None, self._headers) if body is None else (
+            fastjson.dumps_bytes(body), self._json_headers)
         try:
             async with self._session.request(
-                method, self.base_url + path, json=body, headers=self._headers,
+                method, self.base_url + path, data=data, headers=headers,
                 timeout=self._timeout, allow_redirects=False,
             ) as response:
                 if response.status >= 300:
@@ -129,8 +132,8 @@ class OpenAICompatible:
 
 def _decode_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        return fastjson.loads(raw)
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise ResponseError(
             f"the answer is not JSON: {raw[:80]!r}", reason="bad_json"
         ) from exc
@@ -155,7 +158,7 @@ async def _status_error(response: aiohttp.ClientResponse) -> HTTPStatusError:
 
 def _error_fields(raw: bytes) -> tuple[str, str | None]:
     try:
-        data = json.loads(raw)
+        data = fastjson.loads(raw)
     except ValueError:
         return raw.decode("utf-8", "replace").strip()[:200], None
     error = data.get("error") if isinstance(data, dict) else None
