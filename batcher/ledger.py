@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -107,14 +107,24 @@ class Record:
         )
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Record:
-        data = dict(row)
-        data["vars"] = fastjson.loads(data["vars"]) if data["vars"] else {}
-        data["params"] = fastjson.loads(data["params"]) if data["params"] else {}
-        data["files"] = [FileRecord(*item) for item in fastjson.loads(data["files"] or "[]")]
-        for key in ("usage", "response"):
-            data[key] = fastjson.loads(data[key]) if data[key] else None
-        return cls(**data)
+    def from_row(cls, row: Sequence[Any]) -> Record:
+        """A record from a row of :data:`_SELECT_RECORDS` (its columns in field order)."""
+        values = list(row)
+        for index, empty in _JSON_FIELDS:
+            values[index] = fastjson.loads(values[index]) if values[index] else empty()
+        values[_FILES] = [FileRecord(*item) for item in values[_FILES]]
+        return cls(*values)
+
+
+# Fields kept as JSON text: their position among the fields, and what makes the value of an
+# empty column.
+_JSON_FIELDS: tuple[tuple[int, Callable[[], Any]], ...] = tuple(
+    (index, {"vars": dict, "params": dict, "files": list}.get(f.name, lambda: None))
+    for index, f in enumerate(fields(Record))
+    if f.name in {"vars", "params", "files", "usage", "response"}
+)
+_FILES = [f.name for f in fields(Record)].index("files")
+_SELECT_RECORDS = f"SELECT {', '.join(f.name for f in fields(Record))} FROM tasks ORDER BY rowid"
 
 
 def _dumps(value: Any) -> str | None:
@@ -210,7 +220,7 @@ class Ledger:
 
     def records(self) -> Iterator[Record]:
         """Every record, in the order first written, read as they are consumed."""
-        for row in self._db.execute("SELECT * FROM tasks ORDER BY rowid"):
+        for row in self._db.execute(_SELECT_RECORDS):
             yield Record.from_row(row)
 
     def last_finished(self) -> float:

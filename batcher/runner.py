@@ -40,7 +40,7 @@ from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.report import JobTally, summarize, write_reports
 from batcher.retry import Action, Verdict, backoff, classify
 from batcher.saving import Answer, Saver
-from batcher.storage import Layout, lock_folder, remove_leftovers
+from batcher.storage import FileWriter, Layout, lock_folder, remove_leftovers
 from batcher.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,15 @@ class Runner:
                     config, clients[name], Pacer(config.rate_limit, config.concurrency),
                     asyncio.Queue(maxsize=2 * config.concurrency),
                 )
+            files = FileWriter()
             saver = Saver(self.layout, {
                 name: Downloader(downloads, cap=c.download_cap, timeout=c.timeout)
                 for name, c in self.configs.items()
-            })
-            await self._supervise(done, failed, saver)
+            }, files)
+            try:
+                await self._supervise(done, failed, saver)
+            finally:
+                files.close()
 
     # ------------------------------------------------------------------ supervision
 

@@ -18,7 +18,7 @@ from batcher.errors import HTTPStatusError, ProviderError, ResponseError
 from batcher.imagegen import image_kind
 from batcher.ledger import FileRecord, Record
 from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
-from batcher.storage import Layout, write_atomic
+from batcher.storage import FileWriter, Layout
 from batcher.tasks import Task
 
 Answer = ImageAnswer | ChatAnswer
@@ -27,9 +27,12 @@ Answer = ImageAnswer | ChatAnswer
 class Saver:
     """Sends a task's request and turns the answer into files and a ledger record."""
 
-    def __init__(self, layout: Layout, downloaders: dict[str, Downloader]) -> None:
+    def __init__(
+        self, layout: Layout, downloaders: dict[str, Downloader], files: FileWriter
+    ) -> None:
         self.layout = layout
         self.downloaders = downloaders  # per provider: each has its own size cap
+        self.files = files
 
     async def request(
         self, provider: Provider, task: Task, images: InputImages
@@ -46,8 +49,8 @@ class Saver:
         """Write the answer's files; returns them and the response body to keep in the ledger."""
         if isinstance(answer, ChatAnswer):
             path = self.layout.text_name(task)
-            size, sha = await write_atomic(self.layout.root / path, answer.text.encode())
-            return [FileRecord(path.as_posix(), size, sha)], dict(answer.body)
+            size, sha = await self.files.write(self.layout.path(path), answer.text.encode())
+            return [FileRecord(path, size, sha)], dict(answer.body)
         files: list[FileRecord] = []
         count = len(answer.items)
         answered = time.time()
@@ -68,8 +71,8 @@ class Saver:
             if kind is None:
                 raise ResponseError(f"image {index} is not an image", reason="not_image")
             path = self.layout.image_name(task, index, count, kind)
-            size, sha = await write_atomic(self.layout.root / path, data)
-            return FileRecord(path.as_posix(), size, sha)
+            size, sha = await self.files.write(self.layout.path(path), data)
+            return FileRecord(path, size, sha)
         stem = self.layout.image_stem(task, index, count)
         downloader = self.downloaders[task.provider]
         final, size, sha = await downloader.fetch(item.url, self.layout.root / stem)
@@ -87,7 +90,7 @@ class Saver:
             "timings": {"started": started, "answered": answered, "saved": time.time()},
         }
         path = (self.layout.root / file.path).with_suffix(".json")
-        await write_atomic(path, json.dumps(sidecar, indent=2, ensure_ascii=False).encode())
+        await self.files.write(path, json.dumps(sidecar, indent=2, ensure_ascii=False).encode())
 
     def _base(self, task: Task, status: str, attempts: int, started: float) -> Record:
         finished = time.time()

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -15,11 +16,11 @@ from hypothesis import strategies as st
 from batcher.storage import (
     TMP_PREFIX,
     AtomicFile,
+    FileWriter,
     Layout,
     remove_leftovers,
     short_id,
     slugify,
-    write_atomic,
 )
 from batcher.tasks import Task
 
@@ -73,8 +74,8 @@ def task(prompt: str, *, job: str = "job", model: str = "model", task_id: str = 
 
 
 def names_of(layout: Layout, t: Task) -> list[Path]:
-    return [layout.task_stem(t), layout.image_name(t, 1, 1, "png"),
-            layout.image_name(t, 2, 3, "webp"), layout.text_name(t)]
+    return [Path(name) for name in (layout.task_stem(t), layout.image_name(t, 1, 1, "png"),
+                                    layout.image_name(t, 2, 3, "webp"), layout.text_name(t))]
 
 
 def assert_safe(root: Path, relative: Path) -> None:
@@ -153,13 +154,14 @@ def test_layout_names(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "out")
     t = task("A Hedgehog in {city}", job="heroes", model="black-forest-labs/FLUX.1-schnell",
              task_id="90d65965622c61f49bf219a36c967f2a", seed=3)
-    assert layout.task_stem(t) == Path("heroes/black-forest-labs-flux-1-schnell/"
-                                       "a-hedgehog-in-city-s3-5ff5bc7a")
-    assert layout.image_name(t, 1, 1, "png").name == "a-hedgehog-in-city-s3-5ff5bc7a.png"
-    assert layout.image_name(t, 2, 4, "png").name == "a-hedgehog-in-city-s3-5ff5bc7a-2.png"
-    assert layout.text_name(t).name == "a-hedgehog-in-city-s3-5ff5bc7a.txt"
+    folder = "heroes/black-forest-labs-flux-1-schnell/"
+    assert layout.task_stem(t) == folder + "a-hedgehog-in-city-s3-5ff5bc7a"
+    assert layout.image_name(t, 1, 1, "png") == folder + "a-hedgehog-in-city-s3-5ff5bc7a.png"
+    assert layout.image_name(t, 2, 4, "png") == folder + "a-hedgehog-in-city-s3-5ff5bc7a-2.png"
+    assert layout.text_name(t) == folder + "a-hedgehog-in-city-s3-5ff5bc7a.txt"
+    assert layout.path(layout.text_name(t)) == str(tmp_path / "out" / layout.text_name(t))
     no_seed = task("p", task_id="90d65965622c61f49bf219a36c967f2a", seed=None)
-    assert layout.image_name(no_seed, 1, 1, "png").name == "p-5ff5bc7a.png"
+    assert layout.image_name(no_seed, 1, 1, "png") == "job/model/p-5ff5bc7a.png"
 
 
 @pytest.mark.parametrize("text", HOSTILE)
@@ -175,14 +177,14 @@ def test_hostile_names_stay_inside_the_root(tmp_path: Path, text: str) -> None:
             assert_safe(root, relative)
 
 
-async def test_hostile_names_write_inside_the_root(tmp_path: Path) -> None:
+async def test_hostile_names_write_inside_the_root(tmp_path: Path, files: FileWriter) -> None:
     root = tmp_path / "out"
     root.mkdir()
     layout = Layout(root)
     for i, text in enumerate(HOSTILE):
         relative = layout.image_name(task(text, job=text, model=text, task_id=f"{text}{i}"),
                                      1, 1, "png")
-        await write_atomic(root / relative, b"data")
+        await files.write(layout.path(relative), b"data")
     written = [p for p in root.rglob("*") if p.is_file()]
     assert len(written) == len(HOSTILE)
     assert sorted(os.listdir(tmp_path)) == ["home", "out"]
@@ -231,40 +233,77 @@ def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.startswith(TMP_PREFIX)]
 
 
+@pytest.fixture
+async def files() -> AsyncIterator[FileWriter]:
+    writer = FileWriter()
+    yield writer
+    writer.close()
+
+
 @pytest.mark.parametrize("size", [0, 1, 1000, 300 * 1024, 3 * 1024 * 1024 + 7])
-async def test_write_atomic(tmp_path: Path, size: int) -> None:
+async def test_write(tmp_path: Path, files: FileWriter, size: int) -> None:
     data = os.urandom(size)
     final = tmp_path / "out" / "job" / "model" / "x.png"  # folders that do not exist yet
-    written, sha = await write_atomic(final, data)
+    written, sha = await files.write(final, data)
     assert final.read_bytes() == data
     assert written == size == final.stat().st_size
     assert sha == hashlib.sha256(data).hexdigest()
     assert leftovers(tmp_path) == []
 
 
-async def test_write_atomic_replaces_an_existing_file(tmp_path: Path) -> None:
+async def test_write_replaces_an_existing_file(tmp_path: Path, files: FileWriter) -> None:
     final = tmp_path / "x.txt"
     final.write_bytes(b"old")
-    await write_atomic(final, b"new")
+    await files.write(final, b"new")
     assert final.read_bytes() == b"new"
     assert leftovers(tmp_path) == []
 
 
-async def test_concurrent_writes_of_one_folder(tmp_path: Path) -> None:
+async def test_concurrent_writes_of_one_folder(tmp_path: Path, files: FileWriter) -> None:
+    # Small and large payloads at once: the small ones travel to the writer thread together.
     payloads = {tmp_path / "out" / f"{i}.bin": os.urandom(1000 + i * 40_000) for i in range(12)}
-    await asyncio.gather(*(write_atomic(path, data) for path, data in payloads.items()))
-    for path, data in payloads.items():
+    payloads.update({tmp_path / "out" / f"small-{i}.txt": b"%d" % i for i in range(200)})
+    results = await asyncio.gather(*(files.write(path, data) for path, data in payloads.items()))
+    for (path, data), (size, sha) in zip(payloads.items(), results, strict=True):
         assert path.read_bytes() == data
+        assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
+    assert leftovers(tmp_path) == []
+
+
+async def test_one_failed_write_does_not_fail_the_others(tmp_path: Path, files: FileWriter) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "inside").write_text("a folder cannot be replaced by a file")
+    finals = [tmp_path / "a.txt", tmp_path / "taken", tmp_path / "b.txt"]
+    results = await asyncio.gather(*(files.write(final, b"x") for final in finals),
+                                   return_exceptions=True)
+    assert results[0] == results[2] == (1, hashlib.sha256(b"x").hexdigest())
+    assert isinstance(results[1], OSError)
+    assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes() == b"x"
+    assert leftovers(tmp_path) == []
+
+
+async def test_a_cancelled_write_leaves_the_writer_working(tmp_path: Path,
+                                                          files: FileWriter) -> None:
+    first = asyncio.ensure_future(files.write(tmp_path / "first.txt", b"1"))
+    await asyncio.sleep(0)  # queued, not yet written
+    first.cancel()
+    assert await files.write(tmp_path / "second.txt", b"22") == (
+        2, hashlib.sha256(b"22").hexdigest())
+    assert (tmp_path / "second.txt").read_bytes() == b"22"
+    # A cancelled wait does not unmake the file: it is complete or absent, never partial.
+    assert not (tmp_path / "first.txt").exists() or (tmp_path / "first.txt").read_bytes() == b"1"
     assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("size", [10, 2 * 1024 * 1024])
-async def test_failed_write_atomic_leaves_no_temporary_file(tmp_path: Path, size: int) -> None:
+async def test_failed_write_leaves_no_temporary_file(
+    tmp_path: Path, files: FileWriter, size: int
+) -> None:
     final = tmp_path / "taken"
     final.mkdir()
     (final / "inside").write_text("a folder cannot be replaced by a file")
     with pytest.raises(OSError):
-        await write_atomic(final, b"x" * size)
+        await files.write(final, b"x" * size)
     assert leftovers(tmp_path) == []
     assert (final / "inside").exists()
 
