@@ -14,7 +14,7 @@ import argparse
 import statistics
 import sys
 
-from common import ServedProcess, batcher, run_child, workdir, write
+from common import ServedProcess, batcher, file_creation_cost, run_child, workdir, write
 
 BARE_LOOP = r'''
 import asyncio, sys
@@ -63,6 +63,7 @@ def main() -> None:
                 vars: {{i: [{", ".join(str(i) for i in range(args.tasks))}]}}
                 params: {{max_tokens: 20}}
         """)
+        disk = file_creation_cost(folder)
         for round_number in range(args.rounds):
             # A fresh output folder each round: deleting thousands of files just before a run
             # leaves the file system busy and would be measured as batcher's time.
@@ -82,7 +83,8 @@ def main() -> None:
     our_rate = args.tasks / statistics.median(our_times)
     print(f"overhead: {args.tasks} chat tasks at concurrency {args.concurrency}, median of "
           f"{args.rounds} rounds: bare aiohttp {bare_rate:.0f} tasks/s, batcher {our_rate:.0f} "
-          f"tasks/s (ledger + files on), ratio {our_rate / bare_rate:.2f}")
+          f"tasks/s (ledger + files on), ratio {our_rate / bare_rate:.2f}; "
+          f"disk: {disk:.0f} us per new file")
 
 
 if __name__ == "__main__":
