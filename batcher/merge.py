@@ -77,7 +77,7 @@ def _merge_summaries(inputs: list[Path], output: Path) -> None:
     summaries = []
     for folder in inputs:
         try:
-            summaries.append(json.loads((folder / SUMMARY_NAME).read_text()))
+            summaries.append(json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8")))
         except (OSError, ValueError):
             continue
     merged: dict[str, object] = {key: sum(int(s.get(key, 0)) for s in summaries) for key in _COUNTS}

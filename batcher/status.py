@@ -90,7 +90,7 @@ def _summary_totals(
 ) -> dict[tuple[str, str], int]:
     """Without a manifest, the last summary gives the totals per job (spread over its models)."""
     try:
-        summary = json.loads((root / SUMMARY_NAME).read_text())
+        summary = json.loads((root / SUMMARY_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     totals: dict[tuple[str, str], int] = {}

@@ -156,39 +156,43 @@ def _temporary_name(name: str) -> str:
     return f"{TMP_PREFIX}{os.getpid()}-{next(_tmp_numbers)}-{name}"
 
 
-@contextlib.contextmanager
-def atomic_open(final: Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``final``; on success flush it and rename it into place,
-    on failure remove it. The folder is created when missing."""
-    tmp = temporary_name(final)
-    try:
-        handle = open(tmp, mode)  # noqa: SIM115 - closed below
-    except FileNotFoundError:  # the first file of its folder
-        final.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(tmp, mode)  # noqa: SIM115
-    try:
-        with handle:
-            yield handle
-            handle.flush()
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
 
-def _write_atomic_sync(final: str | os.PathLike[str], data: bytes) -> None:
-    # atomic_open() in system calls: one file per task makes the Python file object and the
-    # context manager a measurable share of batcher's own time per task.
+def _create_temporary(final: str | os.PathLike[str]) -> tuple[str, int]:
+    """A new file under a temporary name beside ``final`` (its folder made when missing):
+    its name and an open descriptor."""
     folder, name = os.path.split(final)
     tmp = os.path.join(folder, _temporary_name(name))
     try:
-        fd = os.open(tmp, _NEW_FILE, 0o666)
+        return tmp, os.open(tmp, _NEW_FILE, 0o666)
     except FileNotFoundError:  # the first file of its folder
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(tmp, _NEW_FILE, 0o666)
+        return tmp, os.open(tmp, _NEW_FILE, 0o666)
+
+
+def _discard(tmp: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(final: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``final``; on success flush it and rename it into place,
+    on failure remove it. Text is UTF-8."""
+    tmp, fd = _create_temporary(final)
+    try:
+        with open(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+        os.replace(tmp, final)  # closing the handle flushed it
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _write_atomic_sync(final: str | os.PathLike[str], data: bytes) -> None:
+    """atomic_open() in bare system calls, for the file each task writes."""
+    tmp, fd = _create_temporary(final)
     try:
         try:
             view = memoryview(data)
@@ -198,8 +202,7 @@ def _write_atomic_sync(final: str | os.PathLike[str], data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, final)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
 
 
