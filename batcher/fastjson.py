@@ -2,27 +2,29 @@
 
 orjson encodes and decodes these five to ten times faster than the standard library, which is
 a good part of batcher's own time per task on a fast endpoint. Output is compact UTF-8, as the
-standard library's with ``separators=(",", ":")`` and ``ensure_ascii=False``. Two differences
-matter to callers: orjson writes NaN and infinities as ``null`` (the standard library writes
-``NaN``, which is not JSON), and it refuses integers beyond 64 bits and non-string keys, which
-then go through the standard library. Task ids never use this module: their canonical form is
-the standard library's, byte for byte (see :mod:`batcher.tasks`).
+standard library's with ``separators=(",", ":")`` and ``ensure_ascii=False``. Values a user
+writes (params, JSONL lines) are checked with :func:`unsendable` when the manifest loads, so
+what reaches :func:`dumps` is plain JSON that both libraries write alike. Task ids never use
+this module: their canonical form is the standard library's, byte for byte (see
+:mod:`batcher.tasks`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
 
 JSONDecodeError = orjson.JSONDecodeError  # a ValueError, as json.JSONDecodeError is
+_INT64 = range(-(2**63), 2**63)
 
 
 def dumps_bytes(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
-    except TypeError:  # an integer beyond 64 bits, a key that is not a string
+    except TypeError:  # not plain JSON after all; the standard library says what it makes of it
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -31,6 +33,50 @@ def dumps(value: Any) -> str:
 
 
 def loads(data: bytes | str) -> Any:
-    """Parse JSON text; raises :data:`JSONDecodeError` (a ValueError) on anything else,
-    including bytes that are not UTF-8."""
-    return orjson.loads(data)
+    """Parse JSON text; raises a ValueError on anything else.
+
+    What orjson refuses and the standard library reads (a byte-order mark, UTF-16, ``NaN`` in a
+    ledger written by an older batcher) is read by the standard library.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def unsendable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The first part of ``value`` that is not plain, portable JSON, as (where, why), or None.
+
+    Plain: strings of valid Unicode, booleans, null, 64-bit integers, finite numbers, and lists
+    and mappings of these with string keys. APIs refuse the rest, or read it differently.
+    """
+    if isinstance(value, str):
+        return None if _is_unicode(value) else (path, "holds a lone surrogate (not Unicode)")
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if value in _INT64 else (path, "is an integer beyond 64 bits")
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, "is not a finite number")
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if (found := unsendable(item, f"{path}[{index}]")) is not None:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if not isinstance(key, str) or not _is_unicode(key):
+                return where, "has a key that is not a string of valid Unicode"
+            if (found := unsendable(item, where)) is not None:
+                return found
+        return None
+    return path, f"is a {type(value).__name__}, not a JSON value (quote dates and times)"
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

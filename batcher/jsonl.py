@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batcher import fastjson
 from batcher.errors import ManifestError
 
 JOB_TYPES = ("image", "chat")
@@ -66,6 +67,9 @@ def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
                                     line=number) from None
             if not isinstance(data, dict):
                 raise ManifestError("each line must be a JSON object", file=str(path), line=number)
+            if (found := fastjson.unsendable(data)) is not None:
+                field, problem = found
+                raise ManifestError(problem, file=str(path), line=number, field=field)
             try:
                 yield _batch_line(data, number) if "custom_id" in data else _own_line(data, number)
             except _LineError as exc:

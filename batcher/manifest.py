@@ -7,7 +7,6 @@ JSONL file are parsed by :mod:`batcher.jsonl`.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from batcher import fastjson
 from batcher.errors import ManifestError
 from batcher.jsonl import JOB_TYPES, RESERVED_PARAMS, check_jsonl
 from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
@@ -116,10 +116,16 @@ def _read_text(path: Path) -> str:
         raise ManifestError(f"cannot read: {exc}", file=str(path)) from None
 
 
+MAX_DEPTH = 64  # a manifest needs a handful of levels; deeper is a mistake or an attack
+_TOO_DEEP = "nested too deeply to be a manifest"
+
+
 def _load_yaml(path: Path) -> Any:
     text = _read_text(path)
     loader = None
     try:
+        if _SafeLoader is not yaml.SafeLoader:
+            _check_depth(text, path)
         loader = _LineLoader(text)
         loader.name = str(path)
         return loader.get_single_data()
@@ -127,16 +133,38 @@ def _load_yaml(path: Path) -> Any:
         line = _yaml_line(exc, len(text))
         raise ManifestError(_yaml_problem(exc, line), file=str(path), line=line) from None
     except yaml.reader.ReaderError as exc:  # a control character, say
-        line = text.count("\n", 0, exc.position) + 1
         raise ManifestError(f"unacceptable character #x{exc.character:04x} ({exc.reason})",
-                            file=str(path), line=line) from None
+                            file=str(path), line=_reader_line(text, exc.position)) from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"invalid YAML: {exc}", file=str(path)) from None
     except RecursionError:
-        raise ManifestError("nested too deeply to be a manifest", file=str(path)) from None
+        raise ManifestError(_TOO_DEEP, file=str(path)) from None
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _check_depth(text: str, path: Path) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH`` before libyaml builds the nodes: it builds
+    them by recursion in C, where a deep enough file crashes the process instead of raising.
+    Walking the events is not recursive."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                raise ManifestError(_TOO_DEEP, file=str(path),
+                                    line=mark.line + 1 if mark is not None else None)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _reader_line(text: str, position: int) -> int:
+    """The line of a character the reader refused; libyaml counts its position in bytes."""
+    if _SafeLoader is yaml.SafeLoader:
+        return text.count("\n", 0, position) + 1
+    return text.encode("utf-8", "surrogatepass")[:position].count(b"\n") + 1
 
 
 def _yaml_line(exc: yaml.MarkedYAMLError, length: int) -> int | None:
@@ -173,8 +201,12 @@ class _Where:
 
     def line(self, key: str | None = None) -> int | None:
         if isinstance(self.mapping, _Mapping):
-            if key is not None and key in self.mapping.lines:
-                return self.mapping.lines[key]
+            lines = self.mapping.lines
+            if key is not None:
+                top = re.split(r"[.\[]", key, maxsplit=1)[0]  # "stop" of "stop[1]"
+                for name in (key, top):
+                    if name in lines:
+                        return lines[name]
             return self.mapping.line
         return None
 
@@ -327,11 +359,9 @@ def _parse_job(
     for key in params:
         if key in reserved:
             raise where.child("params", raw_params).error(key, "is set by batcher; remove it here")
-    try:
-        json.dumps(params)
-    except (TypeError, ValueError):
-        raise where.error("params", "values must be plain JSON: strings, numbers, booleans, "
-                          "lists and mappings (quote dates)") from None
+    if (found := fastjson.unsendable(params)) is not None:
+        field, problem = found
+        raise where.child("params", raw_params).error(field, problem)
     system = data.get("system")
     if system is not None and (kind != "chat" or not isinstance(system, str)):
         raise where.error("system", "only a chat job takes a system message (a string)")

@@ -217,7 +217,7 @@ class Runner:
             try:
                 await self._supervise(done, failed, saver)
             finally:
-                files.close()
+                await files.close()
 
     # ------------------------------------------------------------------ supervision
 

@@ -163,12 +163,14 @@ def _create_temporary(final: str | os.PathLike[str]) -> tuple[str, int]:
     """A new file under a temporary name beside ``final`` (its folder made when missing):
     its name and an open descriptor."""
     folder, name = os.path.split(final)
-    tmp = os.path.join(folder, _temporary_name(name))
-    try:
-        return tmp, os.open(tmp, _NEW_FILE, 0o666)
-    except FileNotFoundError:  # the first file of its folder
-        os.makedirs(folder, exist_ok=True)
-        return tmp, os.open(tmp, _NEW_FILE, 0o666)
+    while True:
+        tmp = os.path.join(folder, _temporary_name(name))
+        try:
+            return tmp, os.open(tmp, _NEW_FILE, 0o666)
+        except FileNotFoundError:  # the first file of its folder
+            os.makedirs(folder, exist_ok=True)
+        except FileExistsError:  # left by a killed process that had this pid: the next name
+            pass
 
 
 def _discard(tmp: str) -> None:
@@ -210,69 +212,88 @@ class FileWriter:
     """Writes whole files atomically off the event loop's thread.
 
     Creating a file costs a system call of tens of microseconds, hundreds on some disks; a run
-    on a fast endpoint creates one per task. Small files go to one writer thread, all the files
-    of a loop turn in one hand-off (while the thread is busy, the next batch gathers), so the
-    loop pays a list append per file and the kernel's work runs beside it. Large payloads each
-    get a thread of the default pool. A write returns once its file is renamed into place.
+    on a fast endpoint creates one per task. Small files queue for one writer thread, which takes
+    all that are waiting at once (the files of a loop turn, and those that came while it wrote
+    the last batch), so the loop pays a queue put per file and the kernel's work runs beside it.
+    Large payloads each get a thread of the default pool. A write returns once its file is
+    renamed into place; one whose caller was cancelled before its batch began is skipped.
     """
 
     SMALL = 256 * 1024  # bytes; larger payloads are written alone
 
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher-files")
-        self._waiting: list[tuple[str | os.PathLike[str], bytes, asyncio.Future[None]]] = []
-        self._busy = False
+        self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
+        self._consumer: asyncio.Task[None] | None = None
 
     async def write(self, final: str | os.PathLike[str], data: bytes) -> tuple[int, str]:
         """Write ``data`` to ``final``; returns its size and sha256."""
         if len(data) > self.SMALL:
             await asyncio.to_thread(_write_atomic_sync, final, data)
         else:
-            loop = asyncio.get_running_loop()
-            written = loop.create_future()
-            self._waiting.append((final, data, written))
-            if not self._busy:
-                self._busy = True
-                loop.call_soon(self._hand_off)  # after this turn: its other files join in
+            if self._consumer is None:
+                self._consumer = asyncio.create_task(self._consume())
+            written = asyncio.get_running_loop().create_future()
+            self._queue.put_nowait(_Write(final, data, written))
             await written
         return len(data), hashlib.sha256(data).hexdigest()
 
-    def _hand_off(self) -> None:
-        batch, self._waiting = self._waiting, []
-        future = asyncio.get_running_loop().run_in_executor(self._thread, _write_batch, batch)
-        future.add_done_callback(functools.partial(self._written, batch))
+    async def close(self) -> None:
+        """Write what is queued, then stop the thread; call once the run's writers are done."""
+        if self._consumer is not None:
+            self._queue.put_nowait(None)
+            await self._consumer
+        self._thread.shutdown(wait=False)  # idle by now
 
-    def _written(self, batch: list[tuple[Any, bytes, asyncio.Future[None]]],
-                 future: asyncio.Future[list[Exception | None]]) -> None:
-        failure = future.exception()  # never expected: _write_batch catches each write's error
-        errors = [failure] * len(batch) if failure is not None else future.result()
-        for (_final, _data, written), error in zip(batch, errors, strict=True):
-            if written.done():  # its writer was cancelled
-                continue
-            if error is None:
-                written.set_result(None)
-            else:
-                written.set_exception(error)
-        if self._waiting:
-            self._hand_off()
-        else:
-            self._busy = False
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            closing = batch[-1] is None
+            writes = [w for w in batch if w is not None and not w.done.done()]
+            if writes:
+                try:
+                    errors = await loop.run_in_executor(self._thread, _write_batch, writes)
+                except asyncio.CancelledError:  # the loop is closing: so are their callers
+                    for write in writes:
+                        write.done.cancel()
+                    raise
+                except Exception as exc:  # never expected: _write_batch returns each one's error
+                    errors = [exc] * len(writes)
+                _settle(writes, errors)
+            if closing:
+                return
 
-    def close(self) -> None:
-        """Wait for the files handed off; call once the run's writers are done."""
-        self._thread.shutdown(wait=True)
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    final: str | os.PathLike[str]
+    data: bytes
+    done: asyncio.Future[None]
 
 
-def _write_batch(batch: list[tuple[Any, bytes, Any]]) -> list[Exception | None]:
+def _write_batch(writes: list[_Write]) -> list[Exception | None]:
     errors: list[Exception | None] = []
-    for final, data, _written in batch:
+    for write in writes:
         try:
-            _write_atomic_sync(final, data)
+            _write_atomic_sync(write.final, write.data)
         except Exception as exc:  # a full disk, a folder in the way: that write's own error
             errors.append(exc)
         else:
             errors.append(None)
     return errors
+
+
+def _settle(writes: list[_Write], errors: list[Exception | None]) -> None:
+    for write, error in zip(writes, errors, strict=True):
+        if write.done.done():  # its caller was cancelled while the batch was written
+            continue
+        if error is None:
+            write.done.set_result(None)
+        else:
+            write.done.set_exception(error)
 
 
 def remove_leftovers(root: Path) -> int:

@@ -835,3 +835,76 @@ def test_any_jsonl_loads_or_raises_manifest_error(tmp_path: Path, lines: list[ob
     ))
     _load_or_manifest_error(path)
 
+
+
+# ------------------------------------------------------------------ values an API cannot take
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    (".nan", "not a finite number"),
+    ("-.inf", "not a finite number"),
+    ("1180591620717411303424", "beyond 64 bits"),
+    ("2026-11-21", "date"),
+])
+def test_params_must_be_plain_json(tmp_path: Path, value: str, problem: str) -> None:
+    path = write_manifest(tmp_path, f"""
+        name: demo
+        jobs:
+          - name: a
+            type: chat
+            provider: local
+            model: m
+            prompt: p
+            params:
+              max_tokens: 10
+              temperature: {value}
+    """)
+    error = load_error(path)
+    assert_points_at(error, "jobs.yaml", 10, "jobs[0].params.temperature")
+    assert problem in str(error)
+
+
+def test_nested_params_name_the_value(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path, """
+        name: demo
+        jobs:
+          - name: a
+            type: chat
+            provider: local
+            model: m
+            prompt: p
+            params:
+              max_tokens: 10
+              stop: ["a", .nan]
+    """)
+    assert_points_at(load_error(path), "jobs.yaml", 10, "jobs[0].params.stop[1]")
+
+
+@pytest.mark.parametrize(("line", "field", "problem"), [
+    ('{"model": "m", "prompt": "p", "params": {"temperature": NaN}}', "params.temperature",
+     "not a finite number"),
+    ('{"model": "m", "prompt": "p", "params": {"n": 1180591620717411303424}}', "params.n",
+     "beyond 64 bits"),
+    ('{"model": "m", "prompt": "red \\ud800 fox"}', "prompt", "lone surrogate"),
+])
+def test_jsonl_values_an_api_cannot_take(tmp_path: Path, line: str, field: str,
+                                         problem: str) -> None:
+    path = write_jsonl(tmp_path, ['{"model": "m", "prompt": "fine"}', line])
+    with pytest.raises(ManifestError) as caught:
+        list(iter_jsonl(path))
+    assert_points_at(caught.value, "tasks.jsonl", 2, field)
+    assert problem in str(caught.value)
+
+
+def test_deep_nesting_is_refused_without_crashing(tmp_path: Path) -> None:
+    # libyaml builds nodes by recursion in C: 100,000 levels would kill the process.
+    path = tmp_path / "jobs.yaml"
+    path.write_text("name: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert "nested too deeply" in str(load_error(path))
+
+
+def test_control_character_line_counts_characters_not_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.yaml"
+    path.write_text("name: démo\n# 日本語 ü é\njobs:\n  - name: a\n    type: chat\n"
+                    "    prompt: \"red \x1b[0m fox\"\n", encoding="utf-8")
+    assert_points_at(load_error(path), "jobs.yaml", 6, None)

@@ -612,3 +612,31 @@ async def test_a_429_on_the_last_attempt_still_pauses_the_whole_provider() -> No
     assert failed["http_status"] == 429 and failed["attempts"] == 1
     summary = summary_of(Path("out"))
     assert summary["rate_limited"] == 1 and summary["retries"] == 0
+
+
+def test_a_ledger_from_an_older_batcher_with_nan_params_still_reads(tmp_path: Path) -> None:
+    # Before params were checked, a `temperature: .nan` was kept in the ledger as NaN, which
+    # is not JSON. status, report and a re-run must still read such a folder.
+    import sqlite3
+
+    manifest = write_manifest(tmp_path, """
+        name: old
+        output: out
+        jobs:
+          - {name: notes, type: chat, provider: local, model: llama-3.1-8b-instruct,
+             prompt: "a note {n}",
+             vars: {n: [1, 2]}, params: {max_tokens: 5}}
+    """)
+    assert run_cli("run", str(manifest), "--no-progress", cwd=tmp_path).returncode == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "out" / "ledger.sqlite")) as db, db:
+        db.execute("""UPDATE tasks SET params = '{"max_tokens":5,"temperature":NaN}'""")
+    status = run_cli("status", str(tmp_path / "out"), "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["ok"] == 2
+    report = run_cli("report", str(tmp_path / "out"), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["error"] is None for line in lines)
+    again = run_cli("run", str(manifest), "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "0 ran" in again.stderr

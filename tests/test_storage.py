@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import re
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from batcher import storage
 from batcher.storage import (
     TMP_PREFIX,
     AtomicFile,
@@ -237,7 +241,7 @@ def leftovers(folder: Path) -> list[Path]:
 async def files() -> AsyncIterator[FileWriter]:
     writer = FileWriter()
     yield writer
-    writer.close()
+    await writer.close()
 
 
 @pytest.mark.parametrize("size", [0, 1, 1000, 300 * 1024, 3 * 1024 * 1024 + 7])
@@ -259,8 +263,16 @@ async def test_write_replaces_an_existing_file(tmp_path: Path, files: FileWriter
     assert leftovers(tmp_path) == []
 
 
-async def test_concurrent_writes_of_one_folder(tmp_path: Path, files: FileWriter) -> None:
-    # Small and large payloads at once: the small ones travel to the writer thread together.
+async def test_concurrent_writes_of_one_folder(tmp_path: Path, files: FileWriter,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[int] = []
+    write_batch = storage._write_batch
+
+    def counted(writes: list[Any]) -> list[Exception | None]:
+        batches.append(len(writes))
+        return write_batch(writes)
+
+    monkeypatch.setattr(storage, "_write_batch", counted)
     payloads = {tmp_path / "out" / f"{i}.bin": os.urandom(1000 + i * 40_000) for i in range(12)}
     payloads.update({tmp_path / "out" / f"small-{i}.txt": b"%d" % i for i in range(200)})
     results = await asyncio.gather(*(files.write(path, data) for path, data in payloads.items()))
@@ -268,6 +280,9 @@ async def test_concurrent_writes_of_one_folder(tmp_path: Path, files: FileWriter
         assert path.read_bytes() == data
         assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
     assert leftovers(tmp_path) == []
+    # The small files asked for in one turn travel to the writer thread together.
+    small = sum(1 for data in payloads.values() if len(data) <= FileWriter.SMALL)
+    assert sum(batches) == small and len(batches) <= 2, batches
 
 
 async def test_one_failed_write_does_not_fail_the_others(tmp_path: Path, files: FileWriter) -> None:
@@ -282,17 +297,46 @@ async def test_one_failed_write_does_not_fail_the_others(tmp_path: Path, files: 
     assert leftovers(tmp_path) == []
 
 
-async def test_a_cancelled_write_leaves_the_writer_working(tmp_path: Path,
-                                                          files: FileWriter) -> None:
+async def test_cancelled_writes_while_the_thread_is_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run stopped by a second Ctrl-C: its workers are cancelled while one batch is being
+    # written and another waits. close() must still finish, with no error left on the loop.
+    release = threading.Event()
+    write_one = storage._write_atomic_sync
+
+    def slow(final: Any, data: bytes) -> None:
+        release.wait(10)
+        write_one(final, data)
+
+    monkeypatch.setattr(storage, "_write_atomic_sync", slow)
+    loop_errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+    files = FileWriter()
     first = asyncio.ensure_future(files.write(tmp_path / "first.txt", b"1"))
-    await asyncio.sleep(0)  # queued, not yet written
+    await asyncio.sleep(0.05)  # its batch is in the thread, held
+    second = asyncio.ensure_future(files.write(tmp_path / "second.txt", b"2"))
+    await asyncio.sleep(0.05)  # queued behind it
     first.cancel()
-    assert await files.write(tmp_path / "second.txt", b"22") == (
-        2, hashlib.sha256(b"22").hexdigest())
-    assert (tmp_path / "second.txt").read_bytes() == b"22"
-    # A cancelled wait does not unmake the file: it is complete or absent, never partial.
-    assert not (tmp_path / "first.txt").exists() or (tmp_path / "first.txt").read_bytes() == b"1"
+    second.cancel()
+    release.set()
+    await asyncio.wait_for(files.close(), 10)
+    assert first.cancelled() and second.cancelled()
+    # The batch under way completes; the write still waiting is dropped; nothing is partial.
+    assert (tmp_path / "first.txt").read_bytes() == b"1"
+    assert not (tmp_path / "second.txt").exists()
     assert leftovers(tmp_path) == []
+    assert loop_errors == []
+
+
+def test_a_leftover_temporary_name_is_skipped(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A killed process with the same pid (a container's pid 1, say) left this exact name.
+    monkeypatch.setattr(storage, "_tmp_numbers", itertools.count())
+    (tmp_path / f"{TMP_PREFIX}{os.getpid()}-0-report.txt").write_text("left over")
+    with storage.atomic_open(tmp_path / "report.txt", "w") as handle:
+        handle.write("fresh")
+    assert (tmp_path / "report.txt").read_text() == "fresh"
 
 
 @pytest.mark.parametrize("size", [10, 2 * 1024 * 1024])
