@@ -136,12 +136,7 @@ class AtomicFile:
         if exc_type is None:
             await aiofiles.os.replace(self.tmp, self.final)
         else:
-            await _unlink_quietly(self.tmp)
-
-
-async def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        await aiofiles.os.remove(path)
+            _discard(self.tmp)  # one unlink, on the failure path only
 
 
 _tmp_numbers = itertools.count()
@@ -173,7 +168,7 @@ def _create_temporary(final: str | os.PathLike[str]) -> tuple[str, int]:
             pass
 
 
-def _discard(tmp: str) -> None:
+def _discard(tmp: str | os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
 
