@@ -8,6 +8,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -17,10 +18,12 @@ from batcher.limits import Rate
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import Plan, make_plan, output_dir
 from batcher.providers import OpenAICompatible, builtin_providers, open_clients, resolve_key
+from batcher.report import SUMMARY_NAME
 from batcher.retry import Action, classify
 from batcher.runner import RunOptions, effective_configs, used_providers
 from batcher.runner import run as run_manifest
-from batcher.status import ledger_status, print_status
+from batcher.status import ledger_status, print_status, read_summary, verify_folder
+from batcher.store import StoreURL, output_target
 
 
 def validate(path: Path, provider: str | None) -> int:
@@ -48,12 +51,21 @@ async def run(path: Path, provider: str | None, options: RunOptions) -> int:
     return outcome.exit_code
 
 
-def _done_and_failed(root: Path) -> tuple[set[str], set[str]]:
-    ledger = Ledger.open_existing(root)
+def _done_and_failed(target: Path | StoreURL) -> tuple[set[str], set[str]]:
+    if isinstance(target, StoreURL):
+        return asyncio.run(_done_and_failed_in_store(target))
+    ledger = Ledger.open_existing(target)
     if ledger is None:
         return set(), set()
     with ledger:
-        return ledger.statuses(root)
+        return ledger.statuses(target)
+
+
+async def _done_and_failed_in_store(url: StoreURL) -> tuple[set[str], set[str]]:
+    from batcher.store.mirror import read_store
+
+    async with read_store(url, required=False) as (_store, ledger, listing, _root):
+        return ledger.statuses(lambda path, size: listing.get(path) == size)
 
 
 def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool) -> int:
@@ -68,7 +80,7 @@ def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool) 
     return 0
 
 
-def _print_plan(result: Plan, rates: dict[str, Rate | None], root: Path) -> None:
+def _print_plan(result: Plan, rates: dict[str, Rate | None], root: Path | StoreURL) -> None:
     print(f"{'job':<24} {'model':<40} {'total':>9} {'done':>9} {'failed':>8} {'to run':>9}")
     for (job, model), c in result.by_model.items():
         print(f"{job:<24} {model:<40} {c.total:>9} {c.done:>9} {c.failed:>8} {c.to_run:>9}")
@@ -152,21 +164,42 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def status(target: Path, output: Path | None, *, as_json: bool, verify: bool) -> int:
+def status(target: str, output: str | None, *, as_json: bool, verify: bool) -> int:
     manifest = None
-    if target.is_file():
-        manifest = load_manifest(target)
+    if Path(target).is_file():
+        manifest = load_manifest(Path(target))
         root = output_dir(manifest, output)
     else:
-        root = output or target
-    if not (root / LEDGER_NAME).is_file():
-        raise UsageError(f"{root}: no ledger here (nothing has run into this folder yet)")
-    report = ledger_status(root, manifest, verify=verify)
+        root = output_target(output or target)
+    if isinstance(root, StoreURL):
+        report = asyncio.run(_store_status(root, manifest, verify=verify))
+    else:
+        if not (root / LEDGER_NAME).is_file():
+            raise UsageError(f"{root}: no ledger here (nothing has run into this folder yet)")
+        with Ledger(root / LEDGER_NAME, readonly=True) as ledger:
+            report = ledger_status(ledger, str(root), manifest,
+                                   verify=verify_folder(root) if verify else None,
+                                   summary=read_summary(root))
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print_status(report)
     return 1 if report["failed"] or report.get("changed") else 0
+
+
+async def _store_status(url: StoreURL, manifest: Manifest | None, *,
+                        verify: bool) -> dict[str, Any]:
+    from batcher.store.mirror import read_store, verify_store
+
+    async with read_store(url) as (store, ledger, _listing, _root):
+        problems = await verify_store(store, ledger) if verify else None
+        got = await store.get_bytes(SUMMARY_NAME) if manifest is None else None
+        summary = None
+        with contextlib.suppress(ValueError, TypeError):
+            summary = json.loads(got[0]) if got is not None else None
+        return ledger_status(
+            ledger, str(url), manifest, summary=summary if isinstance(summary, dict) else None,
+            verify=None if problems is None else lambda record: problems.get(record.id, []))
 
 
 def merge(inputs: list[Path], output: Path) -> int:
@@ -177,9 +210,14 @@ def merge(inputs: list[Path], output: Path) -> int:
     return 0
 
 
-def report(output: Path) -> int:
+def report(target: str) -> int:
     from batcher.report import write_listings
 
+    output = output_target(target)
+    if isinstance(output, StoreURL):
+        asyncio.run(_store_report(output))
+        print(f"wrote {output}/results.jsonl and {output}/index.html")
+        return 0
     ledger = Ledger.open_existing(output)
     if ledger is None:
         raise UsageError(f"{output}: no ledger here")
@@ -187,3 +225,10 @@ def report(output: Path) -> int:
         write_listings(output, ledger)
     print(f"wrote {output / 'results.jsonl'} and {output / 'index.html'}")
     return 0
+
+
+async def _store_report(url: StoreURL) -> None:
+    from batcher.store.mirror import read_store, upload_listings
+
+    async with read_store(url) as (store, ledger, _listing, root):
+        await upload_listings(store, root, ledger)

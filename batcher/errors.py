@@ -9,6 +9,7 @@ family into one exit code and a plain message, and nothing else in the package p
     ├── ConfigError           exit 2: a provider that cannot be reached as configured (missing key)
     ├── AuthError             exit 3: the provider refused the key or the config (401/403)
     ├── Interrupted           exit 130: Ctrl-C or SIGTERM; the same command resumes
+    ├── StoreError            exit 1: an object store stayed down or refused the credentials
     └── ProviderError         one request went wrong; the runner retries it or records it
         ├── HTTPStatusError   the provider answered with a non-2xx status
         ├── ResponseError     a 2xx answer without what it promises (bad JSON, no data, bad base64)
@@ -68,6 +69,13 @@ class Interrupted(BatcherError):
     are written on the way out."""
 
     exit_code = 130
+
+
+class StoreError(BatcherError):
+    """An object store kept failing past its retry deadline, or refused the credentials.
+    Tasks not yet uploaded stay pending; the same command resumes once the store is back."""
+
+    exit_code = 1
 
 
 class ProviderError(BatcherError):

@@ -96,6 +96,24 @@ class Record:
     finished: float | None = None
     elapsed: float | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """The record as plain JSON values (a task's sidecar carries this)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["vars"], data["params"] = dict(self.vars), dict(self.params)
+        data["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Record:
+        """The record a sidecar carries; raises ``ValueError`` when it is not one."""
+        try:
+            values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+            values["files"] = [FileRecord(str(f["path"]), int(f["size"]), str(f["sha256"]))
+                               for f in data["files"]]
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a task record: {exc!r}") from None
+
     def as_row(self) -> tuple[Any, ...]:
         return (
             self.id, self.job, self.provider, self.kind, self.model, self.prompt, self.seed,
@@ -194,6 +212,34 @@ class Ledger:
             self._db.execute("BEGIN")
             self._db.executemany(_UPSERT, [r.as_row() for r in rows])
 
+    def absorb(self, other: Path) -> None:
+        """Take in another ledger's rows (another shard's): an ok row wins over a failed one,
+        else the later one."""
+        self.flush()
+        self._db.execute("ATTACH DATABASE ? AS other", (f"file:{other}?mode=ro",))
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute(
+                    f"INSERT INTO tasks ({', '.join(_COLUMNS)}) "
+                    f"SELECT {', '.join(_COLUMNS)} FROM other.tasks WHERE true "
+                    "ON CONFLICT(id) DO UPDATE SET "
+                    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c != "id")
+                    + " WHERE (excluded.status = 'ok') > (tasks.status = 'ok') OR "
+                    "((excluded.status = 'ok') = (tasks.status = 'ok') AND "
+                    "coalesce(excluded.finished, 0) > coalesce(tasks.finished, 0))")
+        finally:
+            self._db.execute("DETACH DATABASE other")
+
+    def snapshot(self, target: Path) -> None:
+        """A consistent copy of the whole ledger at ``target`` (for publishing it)."""
+        self.flush()
+        copy = sqlite3.connect(target)
+        try:
+            self._db.backup(copy)
+        finally:
+            copy.close()
+
     def write_rows(self, rows: list[sqlite3.Row]) -> None:
         """Copy whole rows from another ledger (``merge``), keeping their attempt counts."""
         with self._db:
@@ -206,15 +252,18 @@ class Ledger:
 
     # ------------------------------------------------------------------ reading
 
-    def statuses(self, root: Path) -> tuple[set[str], set[str]]:
+    def statuses(self, present: FilePresent | Path) -> tuple[set[str], set[str]]:
         """(done, failed): ids whose latest record is ok with every file present at its
-        recorded size, and ids whose latest record is failed."""
+        recorded size, and ids whose latest record is failed. ``present`` says whether a file
+        is there at a size (a folder: its files on disk)."""
+        if isinstance(present, Path):
+            present = on_disk(present)
         done: set[str] = set()
         failed: set[str] = set()
         for task_id, status, files in self._db.execute("SELECT id, status, files FROM tasks"):
             if status == "failed":
                 failed.add(task_id)
-            elif _files_present(root, files):
+            elif all(present(path, size) for path, size, _sha in fastjson.loads(files)):
                 done.add(task_id)
         return done, failed
 
@@ -231,11 +280,14 @@ class Ledger:
         return self._db.execute("SELECT * FROM tasks").fetchall()
 
 
-def _files_present(root: Path, files_json: str) -> bool:
-    for path, size, _sha in fastjson.loads(files_json):
+FilePresent = Callable[[str, int], bool]
+
+
+def on_disk(root: Path) -> FilePresent:
+    """Whether a ledger's file is under ``root`` at its recorded size."""
+    def present(path: str, size: int) -> bool:
         try:
-            if os.stat(root / path).st_size != size:
-                return False
+            return os.stat(root / path).st_size == size
         except OSError:
             return False
-    return True
+    return present

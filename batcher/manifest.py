@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 from batcher import fastjson
-from batcher.errors import ManifestError
+from batcher.errors import ManifestError, UsageError
 from batcher.jsonl import JOB_TYPES, RESERVED_PARAMS, check_jsonl
 from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
+from batcher.store.url import parse_store_url
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 DEFAULT_JSONL_PROVIDER = "vultr"
@@ -54,7 +55,7 @@ class Manifest:
 
     name: str
     path: Path
-    output: Path
+    output: str  # a folder path or an object-store URL (s3://, gs://, az://)
     providers: Mapping[str, ProviderConfig]
     jobs: tuple[JobSpec, ...]
 
@@ -425,7 +426,11 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
     name = _name(data.get("name"), where, "name")
     output = data.get("output", f"output/{name}")
     if not isinstance(output, str) or not output:
-        raise where.error("output", "must be a folder path")
+        raise where.error("output", "must be a folder path or a store URL (s3://, gs://, az://)")
+    try:
+        parse_store_url(output)
+    except UsageError as exc:
+        raise where.error("output", str(exc)) from None
     providers = _parse_providers(data.get("providers", {}), where)
     defaults = _require_mapping(data.get("defaults", {}), where, "defaults")
     _check_fields(defaults, JOB_FIELDS - {"name"}, where.child("defaults", defaults))
@@ -443,7 +448,7 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
         if any(job.name == other.name for other in jobs):
             raise job_where.error("name", f"{job.name!r} is used by another job")
         jobs.append(job)
-    manifest = Manifest(name, path, Path(output), providers, tuple(jobs))
+    manifest = Manifest(name, path, output, providers, tuple(jobs))
     for job in manifest.jobs:
         if job.file is not None:
             check_jsonl(job.file)
@@ -494,4 +499,4 @@ def _load_jsonl_manifest(path: Path, provider: str) -> Manifest:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-") or "tasks"
     job = JobSpec(name=name, type="file", provider=provider, file=path)
     check_jsonl(path)
-    return Manifest(name, path, Path("output") / name, providers, (job,))
+    return Manifest(name, path, f"output/{name}", providers, (job,))

@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 from batcher.errors import UsageError
 from batcher.ledger import LEDGER_NAME, Ledger
@@ -63,9 +64,11 @@ def merge_outputs(inputs: list[Path], output: Path) -> int:
             source = Layout(folder)
             for path, _size, _sha in json.loads(row["files"]):
                 _place(source.resolve(path), target_layout.resolve(path))
-                sidecar = source.resolve(path).with_suffix(".json")
-                if sidecar.is_file() and not path.endswith(".txt"):
-                    _place(sidecar, target_layout.resolve(Path(path).with_suffix(".json")))
+            sidecar = source.sidecar_name(SimpleNamespace(
+                id=row["id"], job=row["job"], model=row["model"], prompt=row["prompt"],
+                seed=row["seed"]))
+            if source.resolve(sidecar).is_file():
+                _place(source.resolve(sidecar), target_layout.resolve(sidecar))
             rows.append(row)
         merged.write_rows(rows)
         write_listings(output, merged)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from batcher.limits import Rate
 from batcher.manifest import Manifest
+from batcher.store.url import StoreURL, output_target
 from batcher.tasks import Task, expand
 
 
@@ -110,6 +111,9 @@ def make_plan(
     return plan
 
 
-def output_dir(manifest: Manifest, override: Path | None) -> Path:
-    """The run's output folder: ``--output``, else the manifest's (relative to the cwd)."""
-    return (override or manifest.output).expanduser()
+def output_dir(manifest: Manifest, override: str | Path | None) -> Path | StoreURL:
+    """Where the run writes: ``--output``, else the manifest's ``output`` (a folder relative to
+    the current directory, or a store URL). A ``Path`` is always a folder."""
+    if isinstance(override, Path):
+        return override.expanduser()
+    return output_target(override or manifest.output)

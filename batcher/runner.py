@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,17 +30,18 @@ import aiohttp
 from batcher.bodies import InputImages
 from batcher.download import Downloader
 from batcher.errors import AuthError, Interrupted, ProviderError, UsageError
-from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
+from batcher.ledger import FileRecord, Record
 from batcher.limits import Pacer, Rate
 from batcher.manifest import Manifest
 from batcher.plan import Plan, Selection, make_plan, output_dir
 from batcher.progress import Counters, Progress
 from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.config import ProviderConfig, resolve_key
-from batcher.report import JobTally, summarize, write_reports
+from batcher.report import JobTally, summarize
 from batcher.retry import Action, Verdict, backoff, classify
 from batcher.saving import Answer, Saver
-from batcher.storage import FileWriter, Layout, lock_folder, remove_leftovers
+from batcher.storage import FileWriter, Layout, remove_leftovers
+from batcher.store.output import Output, open_output
 from batcher.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 class RunOptions:
     """Everything ``batcher run`` takes besides the manifest."""
 
-    output: Path | None = None
+    output: str | Path | None = None  # a folder or a store URL; default: the manifest's
     selection: Selection = field(default_factory=Selection)
     concurrency: int | None = None
     rate: Rate | None = None
@@ -58,6 +59,8 @@ class RunOptions:
     log_every: float = 10.0
     grace: float = 10.0
     handle_signals: bool = True
+    sync_every: float | None = None  # seconds between ledger publishes to a store
+    store_timeout: float | None = None  # seconds a failing store is retried before the run stops
 
 
 @dataclass(slots=True)
@@ -79,7 +82,7 @@ class Outcome:
     plan: Plan
     counters: Counters
     summary: dict[str, Any]
-    output: Path
+    output: str
     message: str | None = None
 
 
@@ -109,11 +112,14 @@ def used_providers(manifest: Manifest, only: str | None) -> set[str]:
 
 async def run(manifest: Manifest, options: RunOptions) -> Outcome:
     """Run every selected task that is not done yet; see :class:`Runner`."""
-    root = output_dir(manifest, options.output)
+    target = output_dir(manifest, options.output)
     configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
     keys = {name: resolve_key(config) for name, config in configs.items()}  # before any request
-    with lock_folder(root), Ledger(root / LEDGER_NAME) as ledger:
-        return await Runner(manifest, options, root, ledger, configs, keys).run()
+    async with open_output(
+        target, shard=options.selection.shard, sync_every=options.sync_every,
+        store_timeout=options.store_timeout, slots=sum(c.concurrency for c in configs.values()),
+    ) as output:
+        return await Runner(manifest, options, output, configs, keys).run()
 
 
 class Runner:
@@ -123,23 +129,23 @@ class Runner:
         self,
         manifest: Manifest,
         options: RunOptions,
-        root: Path,
-        ledger: Ledger,
+        output: Output,
         configs: dict[str, ProviderConfig],
         keys: dict[str, str | None],
     ) -> None:
         self.manifest = manifest
         self.options = options
-        self.root = root
-        self.ledger = ledger
+        self.output = output
+        self.root = output.root
+        self.ledger = output.ledger
         self.configs = configs
         self.keys = keys
         self.counters = Counters()
-        self.layout = Layout(root)
+        self.layout = Layout(self.root)
         self.images = InputImages()
         self.stopping = asyncio.Event()
         self.auth_error: AuthError | None = None
-        self.crash: BaseException | None = None  # an error of batcher's own, not the provider's
+        self.crash: BaseException | None = None  # batcher's own or the store's, not the provider's
         self.interrupted = False
         self._providers: dict[str, _Provider] = {}
         self._workers: list[asyncio.Task[None]] = []
@@ -154,11 +160,11 @@ class Runner:
         removed = remove_leftovers(self.root)
         if removed:
             log.info("removed %d temporary files left by an interrupted run", removed)
-        done, failed = self.ledger.statuses(self.root)
+        done, failed = await self.output.statuses(self.manifest, self.options.selection)
         plan = make_plan(self.manifest, self.options.selection, done, failed)
         totals = plan.totals
         log.info("%d tasks: %d done, %d failed before, %d to run -> %s", totals.total,
-                 totals.done, totals.failed, totals.to_run, self.root)
+                 totals.done, totals.failed, totals.to_run, self.output.location)
         mode = Progress.choose_mode(self.options.progress, sys.stderr)
         self._progress = Progress(totals.to_run, self.counters, mode=mode,
                                   every=self.options.log_every)
@@ -166,12 +172,14 @@ class Runner:
             if totals.to_run:
                 await self._run_tasks(done, failed)
         finally:
+            await self.output.drain()  # uploads under way finish (or fail) before the summary
             self._progress.close()
             self.ledger.flush()
         summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started)
         summary["exit_code"] = exit_code = self._exit_code(summary)
-        write_reports(self.root, self.ledger, summary)
-        return Outcome(exit_code, plan, self.counters, summary, self.root, self._message())
+        await self.output.finish(summary)
+        return Outcome(exit_code, plan, self.counters, summary, self.output.location,
+                       self._message())
 
     def _exit_code(self, summary: dict[str, Any]) -> int:
         if self.interrupted:
@@ -328,17 +336,27 @@ class Runner:
                     return
                 if provider.stopped:
                     continue  # left pending: the provider cannot take it now
-                record = await self._execute(provider, task, saver)
-                if record is not None:
-                    self._count(record, was_failed=task.id in failed)
-                    self.ledger.record(record)
-                    assert self._progress is not None
-                    self._progress.update()
+                kept = await self._execute(provider, task, saver)
+                if kept is not None:
+                    record, sidecar = kept
+                    await self.output.keep(record, sidecar, functools.partial(
+                        self._kept, was_failed=task.id in failed), self._crashed)
         except Exception as exc:  # batcher's own fault (a full disk, a bug): stop, never hang
-            log.debug("worker stopped by an error", exc_info=True)
-            if self.crash is None:
-                self.crash = exc
-            self.stop(f"error: {exc!r}")
+            self._crashed(exc)
+
+    def _kept(self, record: Record, *, was_failed: bool) -> None:
+        """A task's outcome is durable: record it."""
+        self._count(record, was_failed=was_failed)
+        self.ledger.record(record)
+        assert self._progress is not None
+        self._progress.update()
+
+    def _crashed(self, exc: BaseException) -> None:
+        """batcher's own environment failed (a full disk, a store that stays down): stop."""
+        log.debug("stopped by an error", exc_info=exc)
+        if self.crash is None:
+            self.crash = exc
+        self.stop(f"error: {exc}")
 
     def _count(self, record: Record, *, was_failed: bool) -> None:
         ok = record.status == "ok"
@@ -351,8 +369,11 @@ class Runner:
         tally.failed += not ok
         tally.failed_before += was_failed
 
-    async def _execute(self, provider: _Provider, task: Task, saver: Saver) -> Record | None:
-        """Try a task until it is saved or its failure is final; ``None`` leaves it pending."""
+    async def _execute(
+        self, provider: _Provider, task: Task, saver: Saver
+    ) -> tuple[Record, str | None] | None:
+        """Try a task until it is saved or its failure is final: its record and sidecar;
+        ``None`` leaves it pending."""
         started = time.time()
         attempt = 0
         while not provider.stopped:
@@ -363,7 +384,7 @@ class Runner:
                 verdict = classify(error)
                 action = self._react(provider, error, verdict, attempt)
                 if action is Action.FAIL:
-                    return saver.failed(task, error, attempt, started)
+                    return saver.failed(task, error, attempt, started), None
                 if action is not Action.RETRY or self.stopping.is_set():
                     return None  # the run or the provider stopped: the task stays pending
                 self.counters.retries += 1
@@ -374,13 +395,14 @@ class Runner:
                 continue
             if result is None:  # stopped while waiting for a turn: never sent
                 return None
-            answer, files, response = result
-            return saver.succeeded(task, files, answer, response, attempt, started)
+            answer, files, response, request = result
+            record = saver.succeeded(task, files, answer, response, attempt, started)
+            return record, await saver.write_sidecar(record, request)
         return None
 
     async def _attempt(
         self, provider: _Provider, task: Task, saver: Saver, started: float
-    ) -> tuple[Answer, list[FileRecord], dict[str, Any]] | None:
+    ) -> tuple[Answer, list[FileRecord], dict[str, Any], dict[str, Any]] | None:
         """One request and the saving of its answer, counted as in flight throughout."""
         async with provider.pacer.slot():
             if self.stopping.is_set() or provider.stopped:
@@ -391,10 +413,10 @@ class Runner:
             self._in_flight.add(worker)
             try:
                 answer, logged = await saver.request(provider.client, task, self.images)
-                files, response = await saver.save(task, answer, logged, started)
+                files, response = await saver.save(task, answer)
             finally:
                 self._in_flight.discard(worker)
-        return answer, files, response
+        return answer, files, response, logged
 
     def _react(
         self, provider: _Provider, error: ProviderError, verdict: Verdict, attempt: int

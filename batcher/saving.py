@@ -1,17 +1,17 @@
 """From a provider's answer to files on disk and a ledger record.
 
 Images: ``b64_json`` is decoded and checked to be an image; a ``url`` is downloaded at once.
-Each image gets a ``.json`` sidecar (request, seed, sha256, timings). A completion's text goes to
-a ``.txt`` file. Every file is atomic (see :mod:`batcher.storage`).
+A completion's text goes to a ``.txt`` file. Every finished task gets a ``.json`` sidecar carrying
+its ledger record and request. Every file is atomic (see :mod:`batcher.storage`).
 """
 
 from __future__ import annotations
 
 import binascii
-import json
 import time
 from typing import Any
 
+from batcher import fastjson
 from batcher.bodies import InputImages, build_body
 from batcher.download import Downloader
 from batcher.errors import HTTPStatusError, ProviderError, ResponseError
@@ -43,9 +43,7 @@ class Saver:
             return await provider.complete_chat(body), logged
         return await provider.generate_image(body), logged
 
-    async def save(
-        self, task: Task, answer: Answer, request: dict[str, Any], started: float
-    ) -> tuple[list[FileRecord], dict[str, Any]]:
+    async def save(self, task: Task, answer: Answer) -> tuple[list[FileRecord], dict[str, Any]]:
         """Write the answer's files; returns them and the response body to keep in the ledger."""
         if isinstance(answer, ChatAnswer):
             path = self.layout.text_name(task)
@@ -53,11 +51,8 @@ class Saver:
             return [FileRecord(path, size, sha)], dict(answer.body)
         files: list[FileRecord] = []
         count = len(answer.items)
-        answered = time.time()
         for index, item in enumerate(answer.items, start=1):
-            record = await self._save_image(task, item, index, count)
-            files.append(record)
-            await self._write_sidecar(task, record, index, request, started, answered)
+            files.append(await self._save_image(task, item, index, count))
         return files, dict(answer.body)
 
     async def _save_image(self, task: Task, item: Any, index: int, count: int) -> FileRecord:
@@ -78,19 +73,14 @@ class Saver:
         final, size, sha = await downloader.fetch(item.url, self.layout.root / stem)
         return FileRecord(final.relative_to(self.layout.root).as_posix(), size, sha)
 
-    async def _write_sidecar(
-        self, task: Task, file: FileRecord, index: int, request: dict[str, Any], started: float,
-        answered: float,
-    ) -> None:
-        sidecar = {
-            "id": task.id, "job": task.job, "provider": task.provider, "model": task.model,
-            "prompt": task.prompt, "seed": task.seed, "vars": dict(task.vars), "index": index,
-            "file": file.path.rsplit("/", 1)[-1], "size": file.size, "sha256": file.sha256,
-            "request": request,
-            "timings": {"started": started, "answered": answered, "saved": time.time()},
-        }
-        path = (self.layout.root / file.path).with_suffix(".json")
-        await self.files.write(path, json.dumps(sidecar, indent=2, ensure_ascii=False).encode())
+    async def write_sidecar(self, record: Record, request: dict[str, Any]) -> str:
+        """Write the task's ``<stem>.json``: everything its ledger row says, and the request as
+        sent (input images by sha256). A run on another machine adopts a task from it instead
+        of paying for it again. Returns its name."""
+        name = self.layout.sidecar_name(record)
+        sidecar = {**record.as_dict(), "request": request}
+        await self.files.write(self.layout.path(name), fastjson.dumps_bytes(sidecar))
+        return name
 
     def _base(self, task: Task, status: str, attempts: int, started: float) -> Record:
         finished = time.time()

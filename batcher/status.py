@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from batcher.ledger import LEDGER_NAME, Ledger, Record
+from batcher.ledger import FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.report import SUMMARY_NAME
@@ -25,18 +26,27 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _verify(root: Path, record: Record) -> list[dict[str, str]]:
-    problems = []
-    for file in record.files:
-        actual = _sha256(root / file.path)
-        if actual is None:
-            problems.append({"id": record.id, "path": file.path, "problem": "missing"})
-        elif actual != file.sha256:
-            problems.append({"id": record.id, "path": file.path, "problem": "changed"})
-    return problems
+Verify = Callable[[Record], list[dict[str, str]]]
 
 
-def _totals(root: Path, manifest: Manifest | None) -> tuple[dict[tuple[str, str], int] | None,
+def problem(record: Record, file: FileRecord, actual: str | None) -> list[dict[str, str]]:
+    """What ``--verify`` says of a file whose sha256 is ``actual`` (``None``: missing)."""
+    if actual is None:
+        return [{"id": record.id, "path": file.path, "problem": "missing"}]
+    if actual != file.sha256:
+        return [{"id": record.id, "path": file.path, "problem": "changed"}]
+    return []
+
+
+def verify_folder(root: Path) -> Verify:
+    """Re-hash each file of a record under ``root``."""
+    def verify(record: Record) -> list[dict[str, str]]:
+        return [p for file in record.files
+                for p in problem(record, file, _sha256(root / file.path))]
+    return verify
+
+
+def _totals(manifest: Manifest | None) -> tuple[dict[tuple[str, str], int] | None,
                                                            set[str] | None]:
     """Task counts per (job, model) and the manifest's ids, when a manifest is given."""
     if manifest is None:
@@ -49,24 +59,27 @@ def _totals(root: Path, manifest: Manifest | None) -> tuple[dict[tuple[str, str]
     return dict(totals), ids
 
 
-def ledger_status(root: Path, manifest: Manifest | None, *, verify: bool) -> dict[str, Any]:
+def ledger_status(
+    ledger: Ledger, location: str, manifest: Manifest | None, *, verify: Verify | None,
+    summary: dict[str, Any] | None,
+) -> dict[str, Any]:
     """ok / failed / pending per job and model, failures by reason, and (with ``verify``)
-    files that vanished or changed since they were recorded."""
-    totals, ids = _totals(root, manifest)
+    files that vanished or changed since they were recorded. Without a manifest, the last
+    ``summary`` gives the totals."""
+    totals, ids = _totals(manifest)
     groups: dict[tuple[str, str], Counter[str]] = {}
     reasons: Counter[str] = Counter()
     problems: list[dict[str, str]] = []
-    with Ledger(root / LEDGER_NAME, readonly=True) as ledger:
-        for record in ledger.records():
-            if ids is not None and record.id not in ids:
-                continue  # a task the manifest no longer has
-            groups.setdefault((record.job, record.model), Counter())[record.status] += 1
-            if record.status == "failed":
-                reasons[f"{record.reason}: {record.error}"] += 1
-            elif verify:
-                problems.extend(_verify(root, record))
+    for record in ledger.records():
+        if ids is not None and record.id not in ids:
+            continue  # a task the manifest no longer has
+        groups.setdefault((record.job, record.model), Counter())[record.status] += 1
+        if record.status == "failed":
+            reasons[f"{record.reason}: {record.error}"] += 1
+        elif verify is not None:
+            problems.extend(verify(record))
     if totals is None:
-        totals = _summary_totals(root, groups)
+        totals = _summary_totals(summary or {}, groups)
     rows = []
     for key in sorted(set(groups) | set(totals)):
         counts = groups.get(key, Counter())
@@ -75,24 +88,29 @@ def ledger_status(root: Path, manifest: Manifest | None, *, verify: bool) -> dic
                      "failed": counts["failed"],
                      "pending": total - counts["ok"] - counts["failed"]})
     report: dict[str, Any] = {
-        "output": str(root),
+        "output": location,
         **{k: sum(row[k] for row in rows) for k in ("total", "ok", "failed", "pending")},
         "models": rows,
         "failures": [{"reason": reason, "count": count} for reason, count in reasons.most_common()],
     }
-    if verify:
+    if verify is not None:
         report["changed"] = problems
     return report
 
 
-def _summary_totals(
-    root: Path, groups: dict[tuple[str, str], Counter[str]]
-) -> dict[tuple[str, str], int]:
-    """Without a manifest, the last summary gives the totals per job (spread over its models)."""
+def read_summary(root: Path) -> dict[str, Any] | None:
+    """The summary.json of an output folder, if it has a readable one."""
     try:
         summary = json.loads((root / SUMMARY_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _summary_totals(
+    summary: dict[str, Any], groups: dict[tuple[str, str], Counter[str]]
+) -> dict[tuple[str, str], int]:
+    """Without a manifest, the last summary gives the totals per job (spread over its models)."""
     totals: dict[tuple[str, str], int] = {}
     for job, counts in summary.get("jobs", {}).items():
         keys = [key for key in groups if key[0] == job] or [(job, "?")]

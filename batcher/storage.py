@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import aiofiles
 import aiofiles.os
@@ -61,6 +61,21 @@ def short_id(task_id: str) -> str:
     return hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
+class Named(Protocol):
+    """What a task's file names are made of: a Task, or the Record of one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def job(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def seed(self) -> int | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """Where each task's files go under one output folder.
@@ -70,7 +85,7 @@ class Layout:
 
     root: Path
 
-    def task_stem(self, task: Task) -> str:
+    def task_stem(self, task: Named) -> str:
         """``<job>/<model>/<prompt-slug>-s<seed>-<id8>``."""
         # Built as one string: every part is a slug or a hash, so "/" only separates them.
         seed = "" if task.seed is None else f"-s{task.seed}"
@@ -87,6 +102,10 @@ class Layout:
 
     def text_name(self, task: Task) -> str:
         return f"{self.task_stem(task)}.txt"
+
+    def sidecar_name(self, task: Named) -> str:
+        """The task's sidecar: what its ledger row says, beside its files."""
+        return f"{self.task_stem(task)}.json"
 
     def path(self, relative: str) -> str:
         """Where a name made here lives (no check: these names cannot leave the root)."""

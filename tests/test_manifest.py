@@ -93,7 +93,7 @@ def test_valid_manifest_loads_every_field(tmp_path: Path) -> None:
 
     assert manifest.name == "launch-assets"
     # output defaults to output/<name>, relative to the current directory (not the manifest)
-    assert manifest.output == Path("output/launch-assets")
+    assert manifest.output == "output/launch-assets"
 
     studio = manifest.providers["studio"]
     assert studio.base_url == "http://127.0.0.1:8000/v1"
@@ -141,7 +141,7 @@ def test_output_is_kept_as_written(tmp_path: Path) -> None:
         jobs:
           - {name: a, type: image, provider: local, model: m, prompt: p}
     """)
-    assert load_manifest(path).output == Path("out/here")
+    assert load_manifest(path).output == "out/here"
 
 
 # --------------------------------------------------------------------------- broken manifests

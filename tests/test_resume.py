@@ -128,9 +128,8 @@ def test_kill_9_at_random_moments_then_resume_finishes_everything_once(
             data = (out / rel).read_bytes()
             assert len(data) == size and hashlib.sha256(data).hexdigest() == digest, rel
             recorded[out / rel] = digest
-            if kind == "image":
-                sidecar = json.loads((out / rel).with_suffix(".json").read_text())
-                assert sidecar["sha256"] == digest
+            sidecar = json.loads((out / rel).with_suffix(".json").read_text())
+            assert {"path": rel, "size": size, "sha256": digest} in sidecar["files"]
     for file in out.rglob("*"):
         if not file.is_file():
             continue
@@ -139,8 +138,9 @@ def test_kill_9_at_random_moments_then_resume_finishes_everything_once(
             continue
         if file.suffix == ".json":
             sidecar = json.loads(file.read_text())  # whole JSON, or this raises
-            assert file.with_suffix(".png") in recorded, f"sidecar of no recorded image: {file}"
-            assert sidecar["sha256"] == recorded[file.with_suffix(".png")]
+            for item in sidecar["files"]:
+                assert recorded.get(out / item["path"]) == item["sha256"], (
+                    f"sidecar of no recorded result: {file}")
         else:
             # Any other file under a final name is a recorded result (and so whole).
             assert file in recorded, f"a file no ledger row accounts for: {file}"

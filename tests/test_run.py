@@ -61,8 +61,16 @@ def check_summary_adds_up(summary: dict[str, Any]) -> None:
     assert summary["elapsed_s"] >= 0
 
 
+def task_sidecar(out: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar of a task: ``<stem>.json`` beside its files (``<stem>-k.png`` when n > 1)."""
+    first = Path(row["files"][0][0])
+    stem = first.stem.rsplit("-", 1)[0] if len(row["files"]) > 1 else first.stem
+    return json.loads((out / first.parent / f"{stem}.json").read_text())
+
+
 def check_files_match_ledger(out: Path, rows: list[dict[str, Any]]) -> None:
-    """Every ok row's files exist, are whole (size and sha256) and images have a sidecar."""
+    """Every ok row's files exist, are whole (size and sha256), and its sidecar says what the
+    row says."""
     for row in rows:
         if row["status"] != "ok":
             continue
@@ -73,9 +81,9 @@ def check_files_match_ledger(out: Path, rows: list[dict[str, Any]]) -> None:
             assert len(data) == size and hashlib.sha256(data).hexdigest() == digest, rel
             if row["kind"] == "image":
                 assert data.startswith(PNG_MAGIC), rel
-                sidecar = json.loads(path.with_suffix(".json").read_text())
-                assert sidecar["sha256"] == digest and sidecar["size"] == size
-                assert sidecar["id"] == row["id"]
+        sidecar = task_sidecar(out, row)
+        assert sidecar["id"] == row["id"] and sidecar["status"] == "ok"
+        assert [[f["path"], f["size"], f["sha256"]] for f in sidecar["files"]] == row["files"]
 
 
 def image_grid(name: str, *, model: str = "flux.1-schnell", prompts: list[str],

@@ -1,0 +1,45 @@
+"""A run's output in a plain folder: files are final once renamed, so keeping a task is
+recording it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from batcher.ledger import LEDGER_NAME, Ledger, Record
+from batcher.manifest import Manifest
+from batcher.plan import Selection
+from batcher.report import write_reports
+from batcher.storage import lock_folder
+
+
+class FolderOutput:
+    """The output folder itself is the working copy and the place results are kept."""
+
+    def __init__(self, root: Path, ledger: Ledger) -> None:
+        self.root = root
+        self.ledger = ledger
+        self.location = str(root)
+
+    async def statuses(self, manifest: Manifest, selection: Selection) -> tuple[set[str], set[str]]:
+        return self.ledger.statuses(self.root)
+
+    async def keep(
+        self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
+        failed: Callable[[BaseException], None],
+    ) -> None:
+        kept(record)
+
+    async def drain(self) -> None:
+        """Nothing waits: a folder's files are in place before their task is kept."""
+
+    async def finish(self, summary: dict[str, Any]) -> None:
+        write_reports(self.root, self.ledger, summary)
+
+
+@contextlib.asynccontextmanager
+async def open_folder(root: Path) -> AsyncIterator[FolderOutput]:
+    with lock_folder(root), Ledger(root / LEDGER_NAME) as ledger:
+        yield FolderOutput(root, ledger)

@@ -1,0 +1,338 @@
+"""A run's output in an object store, through a local working copy.
+
+The working copy (``$XDG_CACHE_HOME/batcher/...``) holds the run's ledger and the files it
+writes. At the start the ledgers are restored from the store; each finished task's files, then
+its sidecar, are uploaded before the task counts as ok; the run's ledger is published every
+``sync_every`` seconds, at the end and on a signal. A task that finished on a machine that died
+before publishing is found by its sidecar in the store and adopted, not paid for again.
+
+The store's layout is a folder's: ``ledger.sqlite`` (``ledgers/shard-I-of-N.sqlite`` for a
+shard, each with its own lock), ``summary.json``, ``results.jsonl``, ``index.html`` and the files
+with their sidecars. Every run, ``status`` and ``report`` read every ledger there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from batcher import fastjson
+from batcher.errors import StoreError, UsageError
+from batcher.ledger import LEDGER_NAME, Ledger, Record
+from batcher.manifest import Manifest
+from batcher.plan import Selection
+from batcher.report import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME, write_listings
+from batcher.storage import Layout, lock_folder, slugify
+from batcher.store.lock import StoreLock
+from batcher.store.objects import ObjectStore, StoreURL
+
+log = logging.getLogger(__name__)
+
+LEDGERS = "ledgers/"  # shards' ledgers, locks and summaries
+LOCK_NAME = ".batcher.lock"
+DEFAULT_SYNC_EVERY = 30.0
+
+
+def cache_root(url: StoreURL, part: str) -> Path:
+    """The working copy of one store prefix (and shard) on this machine."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "batcher"
+    digest = hashlib.sha256(str(url).encode()).hexdigest()[:8]
+    name = f"{slugify(url.bucket, 40)}-{slugify(url.prefix or 'root', 40)}-{digest}"
+    return (base / url.scheme / name / part).expanduser()
+
+
+def _names(shard: tuple[int, int] | None) -> tuple[str, str, str, str]:
+    """The store names of a run's ledger, lock and summary, and its working copy's folder."""
+    if shard is None:
+        return LEDGER_NAME, LOCK_NAME, SUMMARY_NAME, "all"
+    part = f"shard-{shard[0]}-of-{shard[1]}"
+    return (f"{LEDGERS}{part}.sqlite", f"{LEDGERS}{part}.lock",
+            f"{LEDGERS}{part}.summary.json", part)
+
+
+def _is_ledger(name: str) -> bool:
+    return name == LEDGER_NAME or (name.startswith(LEDGERS) and name.endswith(".sqlite"))
+
+
+async def restore_ledgers(store: ObjectStore, folder: Path, names: list[str]) -> list[Path]:
+    """Download the named ledgers into ``folder``; returns the local paths."""
+    paths = []
+    for name in names:
+        path = folder / name.replace("/", "-")
+        if await store.get_file(name, path):
+            paths.append(path)
+    return paths
+
+
+def merged_view(own: Ledger, others: list[Path], folder: Path) -> Ledger:
+    """One ledger holding the rows of ``own`` and ``others`` (``own`` itself when alone)."""
+    if not others:
+        return own
+    path = folder / "view.sqlite"
+    path.unlink(missing_ok=True)
+    own.snapshot(path)
+    view = Ledger(path)
+    for other in others:
+        view.absorb(other)
+    return view
+
+
+class StoreOutput:
+    """One run's (or shard's) output in an object store."""
+
+    def __init__(self, store: ObjectStore, root: Path, *, shard: tuple[int, int] | None,
+                 sync_every: float, slots: int) -> None:
+        self.store = store
+        self.root = root
+        self.location = str(store.url)
+        self.ledger_name, lock_name, self.summary_name, _ = _names(shard)
+        self.sync_every = sync_every
+        self.lock = StoreLock(store, lock_name, stale_after=3 * sync_every)
+        self.layout = Layout(root)
+        self._ledger: Ledger | None = None
+        self._slots = asyncio.Semaphore(max(slots, 1))
+        self._uploads: set[asyncio.Task[None]] = set()
+        self._publishing = asyncio.Lock()
+        self._publisher: asyncio.Task[None] | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        assert self._ledger is not None, "open() first"
+        return self._ledger
+
+    # ------------------------------------------------------------------ start
+
+    async def open(self) -> None:
+        """Take the lock, restore this run's ledger, start publishing it."""
+        try:
+            await self.lock.acquire()
+        except StoreError as exc:  # nothing was sent yet: the store or its credentials are off
+            raise UsageError(str(exc)) from None
+        except FileNotFoundError:
+            raise UsageError(f"{self.store.url}: no such bucket or container") from None
+        path = self.root / LEDGER_NAME
+        for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            stale.unlink(missing_ok=True)  # the store's copy is the truth
+        await self.store.get_file(self.ledger_name, path)
+        self._ledger = Ledger(path)
+        self._publisher = asyncio.create_task(self._publish_every())
+
+    async def statuses(self, manifest: Manifest, selection: Selection) -> tuple[set[str], set[str]]:
+        """Done and failed over every ledger in the store, files checked against the store's
+        listing; finished tasks that only a sidecar tells of are adopted into this ledger."""
+        listing = await self.store.sizes()
+        others = [name for name in listing if _is_ledger(name) and name != self.ledger_name]
+        view = merged_view(self.ledger, await restore_ledgers(
+            self.store, self.root / "others", others), self.root)
+        try:
+            done, failed = view.statuses(lambda path, size: listing.get(path) == size)
+        finally:
+            if view is not self.ledger:
+                view.close()
+        adopted = await self._adopt(manifest, selection, listing, done, failed)
+        if adopted:
+            log.info("adopted %d finished tasks from their sidecars in %s", adopted,
+                     self.store.url)
+        return done, failed
+
+    async def _adopt(self, manifest: Manifest, selection: Selection, listing: dict[str, int],
+                     done: set[str], failed: set[str]) -> int:
+        adopted = 0
+        for task, sends in list(selection.walk(manifest, done, failed)):
+            name = self.layout.sidecar_name(task)
+            if not sends or name not in listing:
+                continue
+            record = await self._read_sidecar(name, task.id, listing)
+            if record is None:
+                continue
+            self.ledger.record(record)
+            done.add(task.id)
+            failed.discard(task.id)
+            adopted += 1
+        self.ledger.flush()
+        return adopted
+
+    async def _read_sidecar(self, name: str, task_id: str,
+                            listing: dict[str, int]) -> Record | None:
+        got = await self.store.get_bytes(name)
+        if got is None:
+            return None
+        try:
+            record = Record.from_dict(fastjson.loads(got[0]))
+        except ValueError:
+            log.warning("%s: %s is not a task sidecar; the task runs again", self.store.url, name)
+            return None
+        if record.id != task_id or record.status != "ok" or not all(
+                listing.get(f.path) == f.size for f in record.files):
+            return None  # a different task's, or its files did not all arrive
+        return record
+
+    # ------------------------------------------------------------------ per task
+
+    async def keep(
+        self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
+        failed: Callable[[BaseException], None],
+    ) -> None:
+        """Upload an ok task's files, then its sidecar, then call ``kept``; a failure has no
+        files and is kept at once. Waits only while every upload slot is taken."""
+        if record.status != "ok":
+            kept(record)
+            return
+        await self._slots.acquire()
+        upload = asyncio.create_task(self._upload(record, sidecar, kept, failed))
+        self._uploads.add(upload)
+        upload.add_done_callback(self._uploads.discard)
+
+    async def _upload(self, record: Record, sidecar: str | None,
+                      kept: Callable[[Record], None],
+                      failed: Callable[[BaseException], None]) -> None:
+        try:
+            for file in record.files:
+                await self.store.put_file(file.path, self.root / file.path)
+            if sidecar is not None:  # last: its presence says every file arrived
+                await self.store.put_file(sidecar, self.root / sidecar)
+        except StoreError as exc:
+            failed(exc)
+        else:
+            kept(record)
+        finally:
+            self._slots.release()
+
+    async def drain(self) -> None:
+        """Wait for the uploads under way (each bounded by the store's retry deadline)."""
+        while self._uploads:
+            await asyncio.gather(*list(self._uploads), return_exceptions=True)
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self) -> None:
+        """Put a consistent copy of this run's ledger in the store and refresh the lock."""
+        async with self._publishing:
+            snapshot = self.root / ".ledger-publish.sqlite"
+            snapshot.unlink(missing_ok=True)
+            self.ledger.snapshot(snapshot)
+            await self.store.put_file(self.ledger_name, snapshot)
+            await self.lock.refresh()
+
+    async def _publish_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.sync_every)
+            try:
+                await self.publish()
+            except StoreError as exc:
+                log.warning("publishing the ledger failed: %s; trying again in %.0f s", exc,
+                            self.sync_every)
+
+    async def finish(self, summary: dict[str, Any]) -> None:
+        """Publish the ledger and summary, then the listings of every ledger in the store."""
+        await self.drain()
+        await self.publish()
+        data = fastjson.dumps_bytes(summary)
+        await self.store.put_bytes(self.summary_name, data)
+        (self.root / SUMMARY_NAME).write_bytes(data)
+        await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
+
+    async def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+        if self._ledger is not None:
+            with contextlib.suppress(StoreError):
+                await self.drain()
+                await self.publish()  # a crash or a signal: keep what finished
+            self._ledger.close()
+        with contextlib.suppress(StoreError):
+            await self.lock.release()
+
+
+async def write_store_listings(store: ObjectStore, root: Path, own: Ledger,
+                               own_name: str) -> None:
+    """results.jsonl and index.html over every ledger in the store, written and uploaded."""
+    names = [name for name in await store.sizes(LEDGERS.rstrip("/")) if _is_ledger(name)]
+    names.append(LEDGER_NAME)
+    others = await restore_ledgers(store, root / "others",
+                                   [name for name in names if name != own_name])
+    view = merged_view(own, others, root)
+    try:
+        await upload_listings(store, root, view)
+    finally:
+        if view is not own:
+            view.close()
+
+
+async def upload_listings(store: ObjectStore, root: Path, ledger: Ledger) -> None:
+    """Write results.jsonl and index.html from ``ledger`` under ``root``, then upload them."""
+    write_listings(root, ledger)
+    for name in (RESULTS_NAME, INDEX_NAME):
+        await store.put_file(name, root / name)
+
+
+async def verify_store(store: ObjectStore, ledger: Ledger) -> dict[str, list[dict[str, str]]]:
+    """Re-hash every ok task's files in the store (streamed); the problems found, by task."""
+    from batcher.status import problem
+
+    found: dict[str, list[dict[str, str]]] = {}
+    for record in ledger.records():
+        for file in record.files if record.status == "ok" else ():
+            digest: str | None = None
+            try:
+                hasher = hashlib.sha256()
+                async for chunk in store.chunks(file.path):
+                    hasher.update(chunk)
+                digest = hasher.hexdigest()
+            except FileNotFoundError:
+                pass
+            found.setdefault(record.id, []).extend(problem(record, file, digest))
+    return found
+
+
+@contextlib.asynccontextmanager
+async def read_store(
+    url: StoreURL, *, required: bool = True
+) -> AsyncIterator[tuple[ObjectStore, Ledger, dict[str, int], Path]]:
+    """Every ledger in the store merged into one, read-only, with the store's listing and a
+    scratch folder (for ``plan``, ``status`` and ``report``: no lock is taken). A store with no
+    ledger is an error when ``required``, else reads as an empty ledger."""
+    store = ObjectStore(url)
+    root = cache_root(url, f"read-{os.getpid()}")
+    try:
+        listing = await store.sizes()
+    except FileNotFoundError:
+        raise UsageError(f"{url}: no such bucket or container") from None
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    paths = await restore_ledgers(store, root, sorted(n for n in listing if _is_ledger(n)))
+    if not paths and required:
+        shutil.rmtree(root, ignore_errors=True)
+        raise UsageError(f"{url}: no ledger here (nothing has run into it yet)")
+    first = Ledger(paths[0] if paths else root / LEDGER_NAME)
+    view = merged_view(first, paths[1:], root)
+    try:
+        yield store, view, listing, root
+    finally:
+        view.close()
+        if view is not first:
+            first.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def open_store_output(url: StoreURL, *, shard: tuple[int, int] | None, sync_every: float,
+                            store_timeout: float, slots: int) -> AsyncIterator[StoreOutput]:
+    store = ObjectStore(url, timeout=store_timeout)
+    root = cache_root(url, _names(shard)[3])
+    with lock_folder(root):  # two runs of one shard on this machine share a working copy
+        output = StoreOutput(store, root, shard=shard, sync_every=sync_every, slots=slots)
+        try:
+            await output.open()
+            yield output
+        finally:
+            await output.close()
