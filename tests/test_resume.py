@@ -123,7 +123,7 @@ def test_kill_9_at_random_moments_then_resume_finishes_everything_once(
     assert all(row[1] == "ok" for row in rows)
 
     recorded: dict[Path, str] = {}
-    for _id, _status, kind, files in rows:
+    for _id, _status, _kind, files in rows:
         for rel, size, digest in json.loads(files):
             data = (out / rel).read_bytes()
             assert len(data) == size and hashlib.sha256(data).hexdigest() == digest, rel

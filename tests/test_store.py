@@ -101,7 +101,8 @@ def test_run_into_s3_then_a_fresh_machine_sends_nothing(
     assert len(results) == 12
     assert b"<img" in s3.get(bucket, "assets/v1/index.html")
     for row in rows:  # every task, chat included, has a sidecar carrying its record
-        sidecar = json.loads(s3.get(bucket, f"assets/v1/{Path(row['files'][0][0]).with_suffix('.json')}"))
+        name = Path(row["files"][0][0]).with_suffix(".json")
+        sidecar = json.loads(s3.get(bucket, f"assets/v1/{name}"))
         assert sidecar["id"] == row["id"] and sidecar["status"] == "ok"
     assert "testing" not in s3.get(bucket, "assets/v1/results.jsonl").decode()
 
