@@ -81,12 +81,12 @@ def _listings_stale(root: Path, ledger: Ledger) -> bool:
     return ledger.last_finished() >= written
 
 
-def write_listings(root: Path, ledger: Ledger) -> None:
+def write_listings(root: Path, ledger: Ledger, title: str | None = None) -> None:
     """results.jsonl and index.html from the ledger alone, in one read of it."""
     sheet = ContactSheet()
     records = (sheet.add(record) for record in ledger.records())
     write_text_atomic(root / RESULTS_NAME, _result_lines(records))
-    write_text_atomic(root / INDEX_NAME, sheet.render(root))
+    write_text_atomic(root / INDEX_NAME, sheet.render(root, title))
 
 
 def result_line(record: Record) -> dict[str, Any]:

@@ -53,11 +53,13 @@ class ContactSheet:
             job.shown.append(record)
         return record
 
-    def render(self, root: Path) -> Iterator[str]:
-        """The page, in pieces; ``root`` is where it lives (its links are relative to it)."""
+    def render(self, root: Path, title: str | None = None) -> Iterator[str]:
+        """The page, in pieces; ``root`` is where it lives (its links are relative to it);
+        ``title`` names the output (default: the folder's name)."""
+        title = title or root.name
         yield ("<!doctype html><html><head><meta charset='utf-8'>"
-               f"<title>batcher: {html.escape(root.name)}</title><style>{_STYLE}</style>"
-               f"</head><body><h1>{html.escape(root.name)}</h1>")
+               f"<title>batcher: {html.escape(title)}</title><style>{_STYLE}</style>"
+               f"</head><body><h1>{html.escape(title)}</h1>")
         if not self._jobs:
             yield "<p class='muted'>Nothing has finished yet.</p>"
         for name, job in self._jobs.items():

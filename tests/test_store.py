@@ -3,10 +3,13 @@ it, every request counted at the provider. A fresh XDG_CACHE_HOME stands for a f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import random
+import shutil
 import signal
 import sqlite3
 import textwrap
@@ -14,8 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import provider_block, run_cli, start_cli, write_manifest
+import pytest
+from conftest import REPO, provider_block, run_cli, start_cli, write_manifest
 from s3server import FaultProxy, S3Server, fault_proxy, s3, store_env
+from test_sheet import CHROMIUM
+from test_sheet import _browser as browser
 
 __all__ = ["fault_proxy", "s3"]  # fixtures, used by name
 
@@ -343,3 +349,45 @@ def test_a_missing_bucket_is_a_usage_error_before_anything_is_sent(
     assert result.returncode == 2, result.stderr
     assert "no-such-bucket-here" in result.stderr and "Traceback" not in result.stderr
     assert paid(server) == 0
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_contact_sheet_opens_from_the_bucket_with_every_image_decoded(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    assert CHROMIUM is not None, "CI must install chromium for this test"
+    bucket = s3.bucket()
+    # How a team publishes a sheet: the bucket lets anyone read its objects.
+    s3.client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+            "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+    for name in ("demo.yaml", "ref-a.png", "ref-b.png"):
+        shutil.copy(REPO / "jobs" / name, tmp_path / name)
+    result = run_cli("run", "demo.yaml", "--no-progress", "--output", f"s3://{bucket}/demo",
+                     cwd=tmp_path, env=store_env(s3.url, str(tmp_path / "cache")))
+    assert result.returncode == 0, result.stderr
+
+    async def look() -> dict[str, Any]:
+        async with browser(tmp_path / "profile") as tools:
+            await tools.call("Page.enable")
+            await tools.call("Page.navigate", url=f"{s3.url}/{bucket}/demo/index.html")
+            answer = await tools.call(
+                "Runtime.evaluate", awaitPromise=True, returnByValue=True,
+                expression="""(async () => {
+                    await new Promise(r => document.readyState === 'complete'
+                        ? r() : addEventListener('load', r));
+                    const images = Array.from(document.images);
+                    images.forEach(i => { i.loading = 'eager'; });
+                    const loaded = await Promise.all(images.map(
+                        i => i.decode().then(() => i.naturalWidth > 0, () => false)));
+                    return {count: images.length, loaded: loaded.filter(Boolean).length,
+                            title: document.title};
+                })()""")
+            return dict(answer["result"]["value"])
+
+    state = asyncio.run(look())
+    assert state["count"] == 13  # the demo's images, each by a relative link into the bucket
+    assert state["loaded"] == 13, state
+    assert "demo" in state["title"]

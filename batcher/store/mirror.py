@@ -270,7 +270,7 @@ async def write_store_listings(store: ObjectStore, root: Path, own: Ledger,
 
 async def upload_listings(store: ObjectStore, root: Path, ledger: Ledger) -> None:
     """Write results.jsonl and index.html from ``ledger`` under ``root``, then upload them."""
-    write_listings(root, ledger)
+    write_listings(root, ledger, title=store.url.title)
     for name in (RESULTS_NAME, INDEX_NAME):
         await store.put_file(name, root / name)
 

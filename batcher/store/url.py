@@ -21,9 +21,10 @@ class StoreURL:
     def __str__(self) -> str:
         return f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
 
-    def key(self, name: str) -> str:
-        """The full object key of ``name`` (for messages; calls take names under the prefix)."""
-        return f"{self.prefix}/{name}" if self.prefix else name
+    @property
+    def title(self) -> str:
+        """What a contact sheet calls this output: the prefix's last part, else the bucket."""
+        return self.prefix.rsplit("/", 1)[-1] or self.bucket
 
 
 def parse_store_url(text: str) -> StoreURL | None:
