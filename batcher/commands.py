@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +21,8 @@ from batcher.providers import OpenAICompatible, builtin_providers, open_clients,
 from batcher.retry import Action, classify
 from batcher.runner import RunOptions, effective_configs, used_providers
 from batcher.runner import run as run_manifest
-from batcher.status import ledger_status, print_status
+from batcher.status import ledger_status, print_status, run_failures
+from batcher.wording import plural
 
 
 def validate(path: Path, provider: str | None) -> int:
@@ -32,6 +34,7 @@ def validate(path: Path, provider: str | None) -> int:
 
 async def run(path: Path, provider: str | None, options: RunOptions) -> int:
     manifest = load_manifest(path, provider=provider)
+    started = time.time()
     outcome = await run_manifest(manifest, options)
     summary = outcome.summary
     print(
@@ -45,7 +48,25 @@ async def run(path: Path, provider: str | None, options: RunOptions) -> int:
         print(f"batcher: {outcome.message}", file=sys.stderr)
     if outcome.exit_code == Interrupted.exit_code:
         print("batcher: interrupted; run the same command to finish", file=sys.stderr)
+    if outcome.counters.failed:
+        _print_failures(outcome.output, started)
     return outcome.exit_code
+
+
+EXAMPLE_CHARS = 200  # an example message is a hint, not the whole provider answer
+
+
+def _print_failures(root: Path, started: float) -> None:
+    """The commonest reasons this run's tasks failed, one example message each."""
+    reasons, more = run_failures(root, started)
+    print("batcher: failed tasks by reason:", file=sys.stderr)
+    for item in reasons:
+        example = " ".join(item.example.split())
+        if len(example) > EXAMPLE_CHARS:
+            example = example[:EXAMPLE_CHARS - 3] + "..."
+        print(f"  {item.count:>6}  {item.reason}: {example}", file=sys.stderr)
+    if more:
+        print(f"  and {plural(more, 'more reason')}: batcher status {root}", file=sys.stderr)
 
 
 def _done_and_failed(root: Path) -> tuple[set[str], set[str]]:

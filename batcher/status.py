@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,32 @@ def _summary_totals(
             totals[key] = groups.get(key, Counter()).total()
         totals[keys[0]] += missing
     return totals
+
+
+@dataclass(frozen=True, slots=True)
+class FailureReason:
+    """One reason tasks failed for: how many, and the message of one of them."""
+
+    reason: str
+    count: int
+    example: str
+
+
+def run_failures(root: Path, since: float, *, top: int = 5) -> tuple[list[FailureReason], int]:
+    """The ``top`` commonest reasons among tasks that failed from ``since`` on (a run's start),
+    with one example message each, and how many further reasons there were."""
+    counts: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    with Ledger(root / LEDGER_NAME, readonly=True) as ledger:
+        for record in ledger.records():
+            if record.status != "failed" or (record.started or 0.0) < since:
+                continue
+            reason = record.reason or "unknown"
+            counts[reason] += 1
+            examples.setdefault(reason, record.error or "(no message)")
+    reasons = [FailureReason(reason, count, examples[reason])
+               for reason, count in counts.most_common(top)]
+    return reasons, max(len(counts) - top, 0)
 
 
 def print_status(report: dict[str, Any]) -> None:
