@@ -187,7 +187,8 @@ def status(target: Path, output: Path | None, *, as_json: bool, verify: bool) ->
         print(json.dumps(report, indent=2))
     else:
         print_status(report)
-    return 1 if report["failed"] or report.get("changed") else 0
+    # 0 only when every task is ok: a CI step can gate on `batcher status`.
+    return 1 if report["failed"] or report["pending"] or report.get("changed") else 0
 
 
 def merge(inputs: list[Path], output: Path) -> int:

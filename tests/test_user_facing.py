@@ -8,8 +8,7 @@ from typing import Any
 
 from conftest import provider_block, run_cli, write_manifest
 
-FAILING_JOBS = """\
-jobs:
+REFUSED_JOB = """\
   - name: refused
     type: image
     provider: test
@@ -17,6 +16,8 @@ jobs:
     prompt: A size the server refuses
     seeds: 2
     params: {size: 999x999, response_format: b64_json}
+"""
+BROKEN_JOB = """\
   - name: broken
     type: chat
     provider: test
@@ -24,6 +25,7 @@ jobs:
     prompt: The server fails this every time
     seeds: 3
 """
+FAILING_JOBS = "jobs:\n" + REFUSED_JOB + BROKEN_JOB
 
 
 def _failure_lines(stderr: str) -> list[str]:
@@ -66,3 +68,52 @@ def test_run_lists_only_this_runs_failures(tmp_path: Path, thread_server: Any) -
     third = run_cli("run", str(path), "--no-progress", "--only", "refused")
     reasons = _failure_lines(third.stderr)
     assert [line.split()[:2] for line in reasons] == [["2", "http_400:"]], third.stderr
+
+
+TWO_JOBS = """\
+jobs:
+  - name: posters
+    type: image
+    provider: test
+    model: flux.1-schnell
+    prompt: A poster
+    seeds: 2
+    params: {size: 256x256, response_format: b64_json}
+  - name: captions
+    type: chat
+    provider: test
+    model: llama-3.1-8b-instruct
+    prompt: A caption
+"""
+
+
+def test_status_exits_0_only_when_every_task_is_ok(tmp_path: Path, thread_server: Any) -> None:
+    path = write_manifest(tmp_path, "name: gate\noutput: out\n" + provider_block(thread_server())
+                          + TWO_JOBS)
+    assert run_cli("run", str(path), "--no-progress", "--only", "captions").returncode == 0
+
+    pending = run_cli("status", str(path))
+    assert pending.returncode == 1, pending.stdout + pending.stderr
+    assert "1 ok, 0 failed, 2 pending of 3" in pending.stdout
+    assert run_cli("status", str(path), "--json").returncode == 1
+
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    for args in ((), ("--json",), ("--verify",)):
+        done = run_cli("status", str(path), *args)
+        assert done.returncode == 0, (args, done.stdout + done.stderr)
+    assert run_cli("status", "out").returncode == 0
+
+    # A file gone from the folder: --verify finds it; plain status reads only the ledger.
+    next((tmp_path / "out" / "posters").rglob("*.png")).unlink()
+    assert run_cli("status", str(path), "--verify").returncode == 1
+
+
+def test_status_exits_1_when_a_task_failed(tmp_path: Path, thread_server: Any) -> None:
+    path = write_manifest(tmp_path, "name: failing\noutput: out\n"
+                          + provider_block(thread_server()) + "jobs:\n" + REFUSED_JOB)
+    assert run_cli("run", str(path), "--no-progress").returncode == 1
+
+    done = run_cli("status", str(path))
+
+    assert done.returncode == 1
+    assert "0 ok, 2 failed, 0 pending of 2" in done.stdout
