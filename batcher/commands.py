@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import sys
 import time
@@ -164,13 +165,23 @@ def serve(args: argparse.Namespace) -> int:
             rate_limit=(args.rate_limit.count, args.rate_limit.period) if args.rate_limit else None,
             api_key=args.api_key, fault_rate=args.fault_rate,
             fault_kinds=tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip()),
-            fail_rate=args.fail_rate,
+            fail_rate=args.fail_rate, log_requests=True,
         )
     except ValueError as exc:
         raise UsageError(f"serve: {exc}") from None
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(options))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_forever(options, announce=lambda text: print(text, flush=True)))
+    except OSError as exc:  # binding failed: a port in use, an address not of this machine
+        raise UsageError(_cannot_listen(args.host, args.port, exc)) from None
     return 0
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"serve: port {port} on {host} is in use; choose another with --port "
+                "(0 picks a free one)")
+    return f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})"
 
 
 def status(target: Path, output: Path | None, *, as_json: bool, verify: bool) -> int:

@@ -3,10 +3,22 @@ codes of status, the help of every option, and messages that name the right thin
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
+import json
+import re
+import signal
+import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from conftest import provider_block, run_cli, write_manifest
+import pytest
+from conftest import provider_block, run_cli, start_cli, write_manifest
+
+from batcher.cli import build_parser
+from batcher.server import FAULT_KINDS, ServerOptions
 
 REFUSED_JOB = """\
   - name: refused
@@ -117,3 +129,118 @@ def test_status_exits_1_when_a_task_failed(tmp_path: Path, thread_server: Any) -
 
     assert done.returncode == 1
     assert "0 ok, 2 failed, 0 pending of 2" in done.stdout
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {"batcher": parser, **sub.choices}
+
+
+def _shown(default: object) -> str:
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def test_every_option_has_help_with_its_default() -> None:
+    for name, parser in _commands().items():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            what = f"{name} {action.option_strings or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, what
+            default = action.default
+            if default not in (None, False, argparse.SUPPRESS):
+                assert f"default: {_shown(default)}" in action.help, what
+            elif default is None and action.option_strings and not action.required:
+                assert "default: " in action.help, what  # what leaving it out means
+
+
+def test_every_help_ends_with_exit_codes_and_an_example() -> None:
+    for name, parser in _commands().items():
+        done = run_cli(*([] if name == "batcher" else [name]), "--help")
+        assert done.returncode == 0, done.stderr
+        assert "exit codes:" in done.stdout and "\n  0 " in done.stdout, name
+        example = done.stdout.split("example:\n", 1)[1].split()
+        assert example[0] == "batcher", name
+        assert name == "batcher" or example[1] == name, name
+        for action in parser._actions:  # every option is in the rendered help
+            for option in action.option_strings:
+                assert option in done.stdout, (name, option)
+
+
+def test_run_options_that_override_every_provider_say_so() -> None:
+    run = _commands()["run"]
+    for action in run._actions:
+        if action.dest in {"rate", "concurrency"}:
+            assert "overrides every provider" in (action.help or ""), action.dest
+
+
+def test_serve_fault_kinds_help_names_every_kind() -> None:
+    [action] = [a for a in _commands()["serve"]._actions if a.dest == "fault_kinds"]
+    listed = action.help.split("from: ", 1)[1].split(" (default")[0]  # type: ignore[union-attr]
+
+    assert listed.split(", ") == list(FAULT_KINDS)
+    assert action.default == ",".join(ServerOptions().fault_kinds)
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+
+    assert done.returncode == 0
+    assert done.stdout == f"batcher {importlib.metadata.version('batcher')}\n"
+
+
+def test_verbose_works_before_and_after_the_command(tmp_path: Path, thread_server: Any) -> None:
+    path = write_manifest(tmp_path, "name: loud\noutput: out\n" + provider_block(thread_server())
+                          + TWO_JOBS)
+
+    quiet = run_cli("run", str(path), "--no-progress")
+    after = run_cli("run", str(path), "--no-progress", "-v")
+    before = run_cli("-v", "run", str(path), "--no-progress")
+
+    # Debug logs name their logger: batcher's own format with -v.
+    assert quiet.returncode == 0 and "INFO batcher.runner: " not in quiet.stderr
+    for done in (after, before):
+        assert done.returncode == 0, done.stderr
+        assert "INFO batcher.runner: 3 tasks: " in done.stderr, done.stderr
+
+
+def test_serve_logs_each_request_with_its_injected_fault() -> None:
+    process = start_cli("serve", "--port", "0", "--fault-rate", "1", "--fault-kinds", "503")
+    try:
+        assert process.stdout is not None
+        api = re.search(r"API at (\S+)", process.stdout.readline())[1]  # type: ignore[index]
+        with urllib.request.urlopen(f"{api}/models", timeout=10) as answer:
+            assert answer.status == 200
+        body = json.dumps({"model": "llama-3.1-8b-instruct",
+                           "messages": [{"role": "user", "content": "Hi"}]}).encode()
+        request = urllib.request.Request(f"{api}/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 503
+    finally:
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=30)
+
+    assert process.returncode == 0, err
+    lines = err.splitlines()
+    assert "GET /v1/models -> 200" in lines, err
+    assert "POST /v1/chat/completions -> 503 (injected fault: 503)" in lines, err
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        done = run_cli("serve", "--port", str(port), timeout=30)
+
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"batcher: serve: port {port} on 127.0.0.1 is in use; choose another with --port "
+        "(0 picks a free one)"]
