@@ -29,7 +29,7 @@ from batcher.wording import plural
 def validate(path: Path, provider: str | None) -> int:
     manifest = load_manifest(path, provider=provider)
     jobs = ", ".join(job.name for job in manifest.jobs)
-    print(f"{path}: ok ({len(manifest.jobs)} jobs: {jobs})")
+    print(f"{path}: ok ({plural(len(manifest.jobs), 'job')}: {jobs})")
     return 0
 
 
@@ -41,7 +41,7 @@ async def run(path: Path, provider: str | None, options: RunOptions) -> int:
     print(
         f"batcher: {summary['ok']} ok, {summary['failed']} failed, {summary['pending']} pending "
         f"of {summary['total']} ({summary['skipped']} already done, {summary['ran']} ran, "
-        f"{summary['retries']} retries, {summary['rate_limited']} rate-limited) in "
+        f"{plural(summary['retries'], 'retry')}, {summary['rate_limited']} rate-limited) in "
         f"{summary['elapsed_s']:.1f} s -> {outcome.output}",
         file=sys.stderr,
     )
@@ -127,7 +127,7 @@ async def _check_models(manifest: Manifest, options: RunOptions) -> int:
             for model in sorted(wanted.get(name, set()) - served):
                 missing += 1
                 print(f"check: provider {name} does not serve model {model!r}")
-    print(f"check: {missing} model names not served" if missing else
+    print(f"check: {plural(missing, 'model name')} not served" if missing else
           "check: every model is served")
     return 2 if missing else 0
 
@@ -206,7 +206,7 @@ def merge(inputs: list[Path], output: Path) -> int:
     from batcher.merge import merge_outputs
 
     count = merge_outputs(inputs, output)
-    print(f"merged {count} tasks from {len(inputs)} outputs into {output}")
+    print(f"merged {plural(count, 'task')} from {plural(len(inputs), 'output')} into {output}")
     return 0
 
 

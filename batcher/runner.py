@@ -42,6 +42,7 @@ from batcher.retry import Action, Verdict, backoff, classify
 from batcher.saving import Answer, Saver
 from batcher.storage import FileWriter, Layout, lock_folder, remove_leftovers
 from batcher.tasks import Task
+from batcher.wording import plural
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,11 @@ class Runner:
         started = time.time()
         removed = remove_leftovers(self.root)
         if removed:
-            log.info("removed %d temporary files left by an interrupted run", removed)
+            log.info("removed %s left by an interrupted run", plural(removed, "temporary file"))
         done, failed = self.ledger.statuses(self.root)
         plan = make_plan(self.manifest, self.options.selection, done, failed)
         totals = plan.totals
-        log.info("%d tasks: %d done, %d failed before, %d to run -> %s", totals.total,
+        log.info("%s: %d done, %d failed before, %d to run -> %s", plural(totals.total, "task"),
                  totals.done, totals.failed, totals.to_run, self.root)
         mode = Progress.choose_mode(self.options.progress, sys.stderr)
         self._progress = Progress(totals.to_run, self.counters, mode=mode,

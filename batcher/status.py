@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from collections import Counter
@@ -13,6 +14,7 @@ from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.report import SUMMARY_NAME
+from batcher.storage import LOCK_NAME
 
 
 def _sha256(path: Path) -> str | None:
@@ -24,6 +26,27 @@ def _sha256(path: Path) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
+
+
+def run_in_progress(root: Path) -> bool:
+    """Whether a run holds the folder's lock now (see ``storage.lock_folder``).
+
+    The probe takes a shared lock for an instant and gives it back; a run starting in that
+    instant would stop as if another run held the folder, a risk worth a true answer here.
+    """
+    try:
+        handle = open(root / LOCK_NAME, "rb")  # noqa: SIM115 - closed below
+    except OSError:  # no lock file: no run has held this folder, or it was cleaned up
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without locks: nothing to tell
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def _verify(root: Path, record: Record) -> list[dict[str, str]]:
@@ -69,7 +92,7 @@ def ledger_status(root: Path, manifest: Manifest | None, *, verify: bool) -> dic
     if totals is None:
         totals = _summary_totals(root, groups)
     rows = []
-    for key in sorted(set(groups) | set(totals)):
+    for key in _in_order(totals, groups):
         counts = groups.get(key, Counter())
         total = max(totals.get(key, 0), counts["ok"] + counts["failed"])
         rows.append({"job": key[0], "model": key[1], "total": total, "ok": counts["ok"],
@@ -77,6 +100,7 @@ def ledger_status(root: Path, manifest: Manifest | None, *, verify: bool) -> dic
                      "pending": total - counts["ok"] - counts["failed"]})
     report: dict[str, Any] = {
         "output": str(root),
+        "running": run_in_progress(root),
         **{k: sum(row[k] for row in rows) for k in ("total", "ok", "failed", "pending")},
         "models": rows,
         "failures": [{"reason": reason, "count": count} for reason, count in reasons.most_common()],
@@ -84,6 +108,18 @@ def ledger_status(root: Path, manifest: Manifest | None, *, verify: bool) -> dic
     if verify:
         report["changed"] = problems
     return report
+
+
+def _in_order(
+    totals: dict[tuple[str, str], int], groups: dict[tuple[str, str], Counter[str]]
+) -> list[tuple[str, str]]:
+    """(job, model) keys in the order `plan` lists them: the manifest's order when there is
+    one (``totals`` follows it), then the ledger's; each job's models together."""
+    keys = list(totals) + [key for key in groups if key not in totals]
+    first: dict[str, int] = {}
+    for key in keys:
+        first.setdefault(key[0], len(first))
+    return sorted(keys, key=lambda key: first[key[0]])  # stable: models keep their order
 
 
 def _summary_totals(
@@ -134,6 +170,8 @@ def run_failures(root: Path, since: float, *, top: int = 5) -> tuple[list[Failur
 def print_status(report: dict[str, Any]) -> None:
     print(f"{report['output']}: {report['ok']} ok, {report['failed']} failed, "
           f"{report['pending']} pending of {report['total']}")
+    if report["running"]:
+        print("note: a batcher run is writing to this folder now; these counts are changing")
     print(f"{'job':<24} {'model':<40} {'ok':>8} {'failed':>8} {'pending':>8}")
     for row in report["models"]:
         print(f"{row['job']:<24} {row['model']:<40} {row['ok']:>8} {row['failed']:>8} "

@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -244,3 +245,148 @@ def test_serve_on_a_port_in_use_is_one_line_and_exit_2() -> None:
     assert done.stderr.splitlines() == [
         f"batcher: serve: port {port} on 127.0.0.1 is in use; choose another with --port "
         "(0 picks a free one)"]
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _validate(tmp_path: Path, text: str, *args: str, name: str = "jobs.yaml") -> str:
+    """Validate a manifest that must be refused; returns its one line on stderr."""
+    (tmp_path / name).write_text(text)
+    done = run_cli("validate", name, *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    return line
+
+
+JOB = "  - {name: a, type: image, provider: local, model: flux.1-schnell, prompt: hi}\n"
+
+
+def test_a_fractional_concurrency_asks_for_a_whole_number(tmp_path: Path) -> None:
+    line = _validate(tmp_path, "name: x\nproviders:\n  local:\n    concurrency: 2.5\njobs:\n" + JOB)
+
+    assert line == ("batcher: jobs.yaml:4: providers.local.concurrency: must be a whole number, "
+                    "not 2.5")
+
+
+def test_a_bad_name_says_which_characters_are_allowed(tmp_path: Path) -> None:
+    bad = _validate(tmp_path, "name: bad one!\njobs:\n" + JOB)
+    missing = _validate(tmp_path, "jobs:\n" + JOB)
+
+    assert bad == ("batcher: jobs.yaml:1: name: 'bad one!': a name takes only letters, digits, "
+                   "'.', '_' and '-' (no spaces)")
+    assert missing.startswith("batcher: jobs.yaml:1: name: required")
+
+
+def test_a_typo_in_defaults_is_reported_where_it_was_written(tmp_path: Path) -> None:
+    text = ("name: x\ndefaults:\n  type: image\n  provider: vulture\n  params: {prompt: p}\n"
+            "jobs:\n  - {name: a, model: flux.1-schnell, prompt: hi}\n")
+    line = _validate(tmp_path, text)
+    assert line.startswith("batcher: jobs.yaml:4: defaults.provider: unknown provider 'vulture'")
+
+    fixed = text.replace("vulture", "local")
+    assert _validate(tmp_path, fixed).startswith("batcher: jobs.yaml:5: defaults.params.prompt: ")
+
+
+def test_a_duplicate_jsonl_id_names_the_field_and_the_first_line(tmp_path: Path) -> None:
+    def batch(custom_id: str, text: str) -> str:
+        body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": text}]}
+        return json.dumps({"custom_id": custom_id, "method": "POST",
+                           "url": "/v1/chat/completions", "body": body}) + "\n"
+
+    lines = batch("a", "one") + "\n" + batch("b", "two") + batch("a", "three")
+    assert _validate(tmp_path, lines, "--provider", "local", name="tasks.jsonl") == (
+        "batcher: tasks.jsonl:4: custom_id: 'a' is already the id of line 1")
+
+    own = ('{"id": "x", "model": "flux.1-schnell", "prompt": "one"}\n'
+           '{"id": "x", "model": "flux.1-schnell", "prompt": "two"}\n')
+    assert _validate(tmp_path, own, "--provider", "local", name="tasks.jsonl") == (
+        "batcher: tasks.jsonl:2: id: 'x' is already the id of line 1")
+
+
+def test_a_yaml_error_gives_the_column(tmp_path: Path) -> None:
+    line = _validate(tmp_path, "name: x\njobs:\n  - name: a\n    seeds: a: b\n")
+
+    assert line.startswith("batcher: jobs.yaml:4: "), line
+    assert line.endswith("(column 13)"), line  # the second colon
+
+
+def test_counts_of_one_are_singular(tmp_path: Path, thread_server: Any) -> None:
+    one = tmp_path / "one.yaml"
+    one.write_text("name: x\njobs:\n" + JOB)
+    assert run_cli("validate", str(one)).stdout.strip() == f"{one}: ok (1 job: a)"
+
+    # The one task faults once and is retried once.
+    server = thread_server(fault_rate=1.0, fault_kinds=("500",))
+    path = write_manifest(tmp_path, "name: once\noutput: out\n" + provider_block(server)
+                          + "jobs:\n" + JOB.replace("local", "test"))
+    done = run_cli("run", str(path), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "1 ran, 1 retry, 0 rate-limited" in done.stderr, done.stderr
+
+
+def test_status_lists_jobs_and_models_in_manifest_order(tmp_path: Path,
+                                                        thread_server: Any) -> None:
+    jobs = """\
+jobs:
+  - name: zeta
+    type: image
+    provider: test
+    models: [stable-diffusion-3.5-medium, flux.1-schnell]
+    prompt: A poster
+    params: {size: 256x256, response_format: b64_json}
+  - name: alpha
+    type: chat
+    provider: test
+    model: llama-3.1-8b-instruct
+    prompt: A caption
+"""
+    path = write_manifest(tmp_path, "name: order\noutput: out\n"
+                          + provider_block(thread_server()) + jobs)
+    plan = run_cli("plan", str(path)).stdout.splitlines()[1:4]
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    expected = [("zeta", "stable-diffusion-3.5-medium"), ("zeta", "flux.1-schnell"),
+                ("alpha", "llama-3.1-8b-instruct")]
+
+    assert [tuple(row.split()[:2]) for row in plan] == expected
+    for target in (str(path), "out"):
+        report = json.loads(run_cli("status", target, "--json").stdout)
+        assert [(row["job"], row["model"]) for row in report["models"]] == expected, target
+        table = run_cli("status", target).stdout.splitlines()[2:5]
+        assert [tuple(row.split()[:2]) for row in table] == expected, target
+
+
+def test_rates_print_as_written(tmp_path: Path, thread_server: Any) -> None:
+    path = write_manifest(tmp_path, "name: rates\n" + provider_block(thread_server(), rate="20/10s")
+                          + "jobs:\n" + JOB.replace("local", "test")
+                          + JOB.replace("local", "vultr").replace("name: a", "name: b"))
+
+    done = run_cli("plan", str(path))
+    flag = run_cli("plan", str(path), "--rate", "600/min")
+
+    assert "rate limits: test 20/10s, vultr 60/min\n" in done.stdout, done.stdout
+    assert "rate limits: test 600/min, vultr 600/min\n" in flag.stdout, flag.stdout
+
+
+def test_status_says_when_a_run_is_writing_the_folder(tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server(latency=1.0)
+    path = write_manifest(tmp_path, "name: busy\noutput: out\n"
+                          + provider_block(server, concurrency=1) + TWO_JOBS)
+    run = start_cli("run", str(path), "--no-progress", cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "out" / "ledger.sqlite").exists():  # the run holds the lock first
+            assert time.monotonic() < deadline and run.poll() is None, "the run did not start"
+            time.sleep(0.05)
+        busy = run_cli("status", str(path))
+        busy_json = json.loads(run_cli("status", str(path), "--json").stdout)
+    finally:
+        run.communicate(timeout=60)
+
+    assert busy.returncode == 1, busy.stdout + busy.stderr
+    assert "note: a batcher run is writing to this folder now" in busy.stdout, busy.stdout
+    assert busy_json["running"] is True
+    after = run_cli("status", str(path))
+    assert after.returncode == 0 and "note:" not in after.stdout, after.stdout
+    assert json.loads(run_cli("status", str(path), "--json").stdout)["running"] is False
