@@ -137,8 +137,9 @@ def _load_yaml(path: Path) -> Any:
         raise ManifestError(_yaml_problem(exc, line, column), file=str(path),
                             line=line) from None
     except yaml.reader.ReaderError as exc:  # a control character, say
-        raise ManifestError(f"unacceptable character #x{exc.character:04x} ({exc.reason})",
-                            file=str(path), line=_reader_line(text, exc.position)) from None
+        line, column = _reader_place(text, exc.position)
+        raise ManifestError(f"unacceptable character #x{exc.character:04x} ({exc.reason}; "
+                            f"column {column})", file=str(path), line=line) from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"invalid YAML: {exc}", file=str(path)) from None
     except RecursionError:
@@ -164,11 +165,14 @@ def _check_depth(text: str, path: Path) -> None:
             depth -= 1
 
 
-def _reader_line(text: str, position: int) -> int:
-    """The line of a character the reader refused; libyaml counts its position in bytes."""
-    if _SafeLoader is yaml.SafeLoader:
-        return text.count("\n", 0, position) + 1
-    return text.encode("utf-8", "surrogatepass")[:position].count(b"\n") + 1
+def _reader_place(text: str, position: int) -> tuple[int, int]:
+    """The line and column of a character the reader refused; libyaml counts its position
+    in bytes, PyYAML in characters."""
+    if _SafeLoader is not yaml.SafeLoader:
+        head = text.encode("utf-8", "surrogatepass")[:position]
+        text, position = head.decode("utf-8", "replace"), len(head.decode("utf-8", "replace"))
+    line_start = text.rfind("\n", 0, position) + 1
+    return text.count("\n", 0, position) + 1, position - line_start + 1
 
 
 def _yaml_mark(exc: yaml.MarkedYAMLError, length: int) -> Any:

@@ -311,6 +311,11 @@ def test_a_yaml_error_gives_the_column(tmp_path: Path) -> None:
     assert line.startswith("batcher: jobs.yaml:4: "), line
     assert line.endswith("(column 13)"), line  # the second colon
 
+    # A character the YAML reader refuses: columns count characters, not bytes.
+    (tmp_path / "bell.yaml").write_bytes('name: x\njobs:\n  - name: "\u00e9t\a"\n'.encode())
+    bell = run_cli("validate", "bell.yaml", cwd=tmp_path).stderr.strip()
+    assert bell.startswith("batcher: bell.yaml:3: ") and bell.endswith("column 14)"), bell
+
 
 def test_counts_of_one_are_singular(tmp_path: Path, thread_server: Any) -> None:
     one = tmp_path / "one.yaml"
@@ -370,10 +375,11 @@ def test_rates_print_as_written(tmp_path: Path, thread_server: Any) -> None:
 
 
 def test_status_says_when_a_run_is_writing_the_folder(tmp_path: Path, thread_server: Any) -> None:
-    server = thread_server(latency=1.0)
+    server = thread_server(latency=1.0)  # ten tasks one at a time: a run of ten seconds
     path = write_manifest(tmp_path, "name: busy\noutput: out\n"
-                          + provider_block(server, concurrency=1) + TWO_JOBS)
-    run = start_cli("run", str(path), "--no-progress", cwd=tmp_path)
+                          + provider_block(server, concurrency=1) + "jobs:\n"
+                          + JOB.replace("local", "test").replace("hi}", "hi, seeds: 10}"))
+    run = start_cli("run", str(path), "--no-progress", "--grace", "5", cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "out" / "ledger.sqlite").exists():  # the run holds the lock first
@@ -381,12 +387,14 @@ def test_status_says_when_a_run_is_writing_the_folder(tmp_path: Path, thread_ser
             time.sleep(0.05)
         busy = run_cli("status", str(path))
         busy_json = json.loads(run_cli("status", str(path), "--json").stdout)
+        assert run.poll() is None, "the run ended before status looked"
     finally:
+        run.send_signal(signal.SIGINT)
         run.communicate(timeout=60)
 
     assert busy.returncode == 1, busy.stdout + busy.stderr
     assert "note: a batcher run is writing to this folder now" in busy.stdout, busy.stdout
     assert busy_json["running"] is True
     after = run_cli("status", str(path))
-    assert after.returncode == 0 and "note:" not in after.stdout, after.stdout
+    assert after.returncode == 1 and "note:" not in after.stdout, after.stdout
     assert json.loads(run_cli("status", str(path), "--json").stdout)["running"] is False
