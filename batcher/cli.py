@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import math
 import os
@@ -81,78 +82,179 @@ _fraction = _bounded(float, 0, 1)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", type=Path, help="a YAML manifest or a JSONL task file")
+    parser.add_argument("manifest", type=Path,
+                        help="a YAML manifest, or a JSONL task file (one task per line)")
     parser.add_argument("--output", type=_target, metavar="DIR|URL",
-                        help="output folder, or a store URL s3://BUCKET/PREFIX, gs://..., "
-                             "az://... (default: the manifest's output)")
-    parser.add_argument("--provider", help="provider for a JSONL task file (default: vultr)")
-    parser.add_argument("--concurrency", type=_positive, help="most requests in flight")
-    parser.add_argument("--rate", type=_rate, help="rate limit, such as 60/min or 20/10s")
-    parser.add_argument("--only", metavar="JOB", help="run only this job")
-    parser.add_argument("--limit", type=_positive, help="run at most N new tasks")
-    parser.add_argument("--skip-failed", action="store_true", help="leave failed tasks alone")
-    parser.add_argument("--shard", type=_shard, metavar="I/N", help="run only shard I of N")
+                        help="output folder, or an object-store URL s3://BUCKET/PREFIX, "
+                             "gs://..., az://... (default: the manifest's output, else "
+                             "output/NAME)")
+    parser.add_argument("--provider", metavar="NAME",
+                        help="provider for a JSONL task file (default: vultr)")
+    parser.add_argument("--concurrency", type=_positive, metavar="N",
+                        help="most requests in flight, a whole number; overrides every "
+                             "provider's concurrency (default: each provider's own)")
+    parser.add_argument("--rate", type=_rate, metavar="N/PERIOD",
+                        help="rate limit N/s, N/min, N/h or N/<number><unit> such as 20/10s; "
+                             "overrides every provider's rate_limit (default: each provider's own)")
+    parser.add_argument("--only", metavar="JOB", help="run only the job of this name "
+                        "(default: every job)")
+    parser.add_argument("--limit", type=_positive, metavar="N",
+                        help="run at most N new tasks, first in manifest order (default: no limit)")
+    parser.add_argument("--skip-failed", action="store_true",
+                        help="leave tasks that failed in an earlier run alone "
+                             "(default: retry them)")
+    parser.add_argument("--shard", type=_shard, metavar="I/N",
+                        help="run only shard I of N, I from 1 to N, such as 2/4 (default: all)")
+
+
+# Written out rather than imported: importing the server costs every command a tenth of its
+# start-up. A test keeps these equal to batcher.server's FAULT_KINDS and ServerOptions.
+SERVER_FAULT_KINDS = ("500, 502, 503, 429, reset, truncated, garbage, empty_data, bad_b64, "
+                      "url_404, not_image, slow")
+DEFAULT_FAULT_KINDS = "500,502,503,reset,truncated"
+
+_RUN_CODES = """\
+exit codes:
+  0    every task ok
+  1    some tasks failed or stayed pending (a provider stopped, the store went away);
+       the rest are saved
+  2    the manifest or the command line is wrong, a key is missing, or the output (a
+       folder or a store) is in use or cannot be opened; nothing was sent
+  3    the provider refused the key or the config (401/403); the run stopped early
+  130  interrupted (Ctrl-C, SIGTERM); the same command resumes
+"""
+
+# Each command's help ends with its exit codes and one example.
+_EPILOGS = {
+    "batcher": _RUN_CODES + "\nexample:\n  batcher run jobs/demo.yaml\n\n"
+               "`batcher COMMAND --help` tells more about each command.",
+    "run": _RUN_CODES + "\nexample:\n  batcher run jobs/demo.yaml --concurrency 4 --rate 30/min",
+    "plan": "exit codes:\n  0    planned\n  2    the manifest or the command line is wrong, or "
+            "--check found a model a provider does not serve\n"
+            "\nexample:\n  batcher plan jobs/demo.yaml --rate 30/min",
+    "validate": "exit codes:\n  0    the manifest can be run\n  2    it cannot: the problem "
+                "as file:line: field: what is wrong\n\nexample:\n  batcher validate jobs/demo.yaml",
+    "status": "exit codes:\n  0    every task ok\n  1    some tasks failed or are pending, or "
+              "--verify found a file missing or changed\n  2    no ledger there, or the "
+              "manifest is wrong\n\nexample:\n  batcher status jobs/demo.yaml --verify",
+    "models": "exit codes:\n  0    listed\n  1    the provider could not be reached\n"
+              "  2    unknown provider or missing key\n  3    the provider refused the key\n"
+              "\nexample:\n  batcher models local",
+    "serve": "exit codes:\n  0    stopped with Ctrl-C\n  2    a bad option, or the port is in "
+             "use\n\nexample:\n  batcher serve --port 8000 --fault-rate 0.2 "
+             "--fault-kinds 500,reset",
+    "merge": "exit codes:\n  0    merged\n  2    a folder is not a batcher output, or its "
+             "files do not match its ledger\n\nexample:\n"
+             "  batcher merge out/shard-1 out/shard-2 --output out/all",
+    "report": "exit codes:\n  0    written\n  2    no ledger in the folder\n\nexample:\n"
+              "  batcher report output/demo",
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("batcher")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
+) -> argparse.ArgumentParser:
+    description = summary[:1].upper() + summary[1:] + "."
+    parser = sub.add_parser(name, help=summary, description=description,
+                            epilog=_EPILOGS[name], formatter_class=_Formatter)
+    # -v after the command too; SUPPRESS keeps the value given before the command.
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show debug logs")
+    return parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's lines (exit codes, examples) as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="batcher", description="Run manifests of image and chat jobs, paced and resumable."
+        prog="batcher", description="Run manifests of image and chat jobs, paced and resumable.",
+        epilog=_EPILOGS["batcher"], formatter_class=_Formatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    parser.add_argument("--version", action="version", version=f"batcher {_version()}",
+                        help="print the version and exit")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show debug logs (also after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run what is not done yet")
+    run = _command(sub, "run", "run what is not done yet")
     _add_run_options(run)
     run.add_argument("--dry-run", action="store_true", help="plan only; send nothing")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar or lines (default: a bar on a terminal, "
+                          "plain lines elsewhere)")
     run.add_argument("--log-every", type=_seconds, default=10.0, metavar="S",
-                     help="seconds between progress lines when not on a terminal")
+                     help="seconds between progress lines when there is no bar (default: 10)")
     run.add_argument("--grace", type=_seconds, default=10.0, metavar="S",
-                     help="seconds in-flight requests get to finish after Ctrl-C")
+                     help="seconds in-flight requests get to finish after Ctrl-C (default: 10)")
     run.add_argument("--sync-every", type=_seconds, default=30.0, metavar="S",
-                     help="with a store output: seconds between ledger uploads (default 30)")
+                     help="with a store output: seconds between ledger uploads (default: 30)")
     run.add_argument("--store-timeout", type=_seconds, default=300.0, metavar="S",
                      help="with a store output: seconds a failing store is retried before the "
-                          "run stops, tasks pending (default 300)")
+                          "run stops with its tasks pending (default: 300)")
 
-    plan = sub.add_parser("plan", help="count what a run would do; send nothing")
+    plan = _command(sub, "plan", "count what a run would do; send nothing")
     _add_run_options(plan)
     plan.add_argument("--check", action="store_true",
                       help="ask each provider's /models and flag unknown model names")
 
-    validate = sub.add_parser("validate", help="check a manifest (exit 0 or 2)")
-    validate.add_argument("manifest", type=Path)
-    validate.add_argument("--provider")
+    validate = _command(sub, "validate", "check a manifest (exit 0 or 2)")
+    validate.add_argument("manifest", type=Path, help="a YAML manifest or a JSONL task file")
+    validate.add_argument("--provider", metavar="NAME",
+                          help="provider for a JSONL task file (default: vultr)")
 
-    status = sub.add_parser("status", help="what the ledger says")
+    status = _command(sub, "status", "what the ledger says: ok, failed, pending, why")
     status.add_argument("target", help="a manifest, an output folder or a store URL")
     status.add_argument("--output", type=_target, metavar="DIR|URL",
-                        help="the output to read (default: the manifest's)")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--verify", action="store_true", help="re-hash every file")
+                        help="the output of the manifest (default: the manifest's)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--verify", action="store_true",
+                        help="re-hash every file against the sha256 in the ledger")
 
-    models = sub.add_parser("models", help="list a provider's models")
-    models.add_argument("provider")
-    models.add_argument("--manifest", type=Path, help="a manifest that defines the provider")
+    models = _command(sub, "models", "list a provider's models")
+    models.add_argument("provider", help="a built-in provider (vultr, modelverse, openai, "
+                        "local) or one the --manifest defines")
+    models.add_argument("--manifest", type=Path, metavar="FILE",
+                        help="a manifest that defines or overrides the provider "
+                             "(default: the built-in providers only)")
 
-    serve = sub.add_parser("serve", help="the built-in OpenAI-compatible server")
-    serve.add_argument("--port", type=_port, default=8000)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--latency", type=_latency, default=0.0, metavar="S")
+    serve = _command(sub, "serve", "the built-in OpenAI-compatible server")
+    serve.add_argument("--port", type=_port, default=8000,
+                       help="port of the API; 0 picks a free one (default: 8000)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--latency", type=_latency, default=0.0, metavar="S",
+                       help="seconds added before each generation answer (default: 0)")
     serve.add_argument("--rate-limit", type=_rate, metavar="N/PERIOD",
-                       help="answer 429 past this many requests in a rolling window")
-    serve.add_argument("--api-key", help="require this bearer key (401 otherwise)")
-    serve.add_argument("--fault-rate", type=_fraction, default=0.0,
-                       help="fraction of distinct requests that fail on their first try")
-    serve.add_argument("--fault-kinds", default="500,502,503,reset,truncated")
-    serve.add_argument("--fail-rate", type=_fraction, default=0.0,
-                       help="fraction of distinct requests that always fail")
+                       help="answer 429 past N requests in a rolling window, such as 60/min "
+                            "(default: no limit)")
+    serve.add_argument("--api-key", metavar="KEY",
+                       help="require this bearer key, 401 otherwise (default: no key)")
+    serve.add_argument("--fault-rate", type=_fraction, default=0.0, metavar="F",
+                       help="fraction from 0 to 1 of distinct requests that fail on their "
+                            "first try (default: 0)")
+    serve.add_argument("--fault-kinds", default=DEFAULT_FAULT_KINDS, metavar="K,K,...",
+                       help=f"comma-separated faults to inject, from: {SERVER_FAULT_KINDS} "
+                            f"(default: {DEFAULT_FAULT_KINDS})")
+    serve.add_argument("--fail-rate", type=_fraction, default=0.0, metavar="F",
+                       help="fraction from 0 to 1 of distinct requests that always fail with "
+                            "500 (default: 0)")
 
-    merge = sub.add_parser("merge", help="combine shard outputs into one")
-    merge.add_argument("inputs", nargs="+", type=Path)
-    merge.add_argument("--output", type=Path, required=True)
+    merge = _command(sub, "merge", "combine shard outputs into one")
+    merge.add_argument("inputs", nargs="+", type=Path, metavar="OUT",
+                       help="output folders of the shards")
+    merge.add_argument("--output", type=Path, required=True, metavar="DIR",
+                       help="the folder to merge into (required)")
 
-    report = sub.add_parser("report", help="write results.jsonl and index.html again")
+    report = _command(sub, "report", "write results.jsonl and index.html again")
     report.add_argument("output", type=_target, metavar="DIR|URL",
                         help="an output folder or a store URL")
     return parser

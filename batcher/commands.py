@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +24,34 @@ from batcher.report import SUMMARY_NAME
 from batcher.retry import Action, classify
 from batcher.runner import RunOptions, effective_configs, used_providers
 from batcher.runner import run as run_manifest
-from batcher.status import ledger_status, print_status, read_summary, verify_folder
+from batcher.status import (
+    ledger_status,
+    print_status,
+    read_summary,
+    run_failures,
+    run_in_progress,
+    verify_folder,
+)
 from batcher.store import StoreURL, output_target
+from batcher.wording import plural
 
 
 def validate(path: Path, provider: str | None) -> int:
     manifest = load_manifest(path, provider=provider)
     jobs = ", ".join(job.name for job in manifest.jobs)
-    print(f"{path}: ok ({len(manifest.jobs)} jobs: {jobs})")
+    print(f"{path}: ok ({plural(len(manifest.jobs), 'job')}: {jobs})")
     return 0
 
 
 async def run(path: Path, provider: str | None, options: RunOptions) -> int:
     manifest = load_manifest(path, provider=provider)
+    started = time.time()
     outcome = await run_manifest(manifest, options)
     summary = outcome.summary
     print(
         f"batcher: {summary['ok']} ok, {summary['failed']} failed, {summary['pending']} pending "
         f"of {summary['total']} ({summary['skipped']} already done, {summary['ran']} ran, "
-        f"{summary['retries']} retries, {summary['rate_limited']} rate-limited) in "
+        f"{plural(summary['retries'], 'retry')}, {summary['rate_limited']} rate-limited) in "
         f"{summary['elapsed_s']:.1f} s -> {outcome.output}",
         file=sys.stderr,
     )
@@ -48,7 +59,26 @@ async def run(path: Path, provider: str | None, options: RunOptions) -> int:
         print(f"batcher: {outcome.message}", file=sys.stderr)
     if outcome.exit_code == Interrupted.exit_code:
         print("batcher: interrupted; run the same command to finish", file=sys.stderr)
+    if outcome.counters.failed:
+        _print_failures(outcome.root, started, outcome.output)
     return outcome.exit_code
+
+
+EXAMPLE_CHARS = 200  # an example message is a hint, not the whole provider answer
+
+
+def _print_failures(root: Path, started: float, location: str) -> None:
+    """The commonest reasons this run's tasks failed, one example message each."""
+    reasons, more = run_failures(root, started)
+    print("batcher: failed tasks by reason:", file=sys.stderr)
+    for item in reasons:
+        example = " ".join(item.example.split())
+        if len(example) > EXAMPLE_CHARS:
+            example = example[:EXAMPLE_CHARS - 3] + "..."
+        print(f"  {item.count:>6}  {item.reason}: {example}", file=sys.stderr)
+    if more:
+        print(f"  and {plural(more, 'more reason')}: batcher status {location}",
+              file=sys.stderr)
 
 
 def _done_and_failed(target: Path | StoreURL) -> tuple[set[str], set[str]]:
@@ -117,7 +147,7 @@ async def _check_models(manifest: Manifest, options: RunOptions) -> int:
             for model in sorted(wanted.get(name, set()) - served):
                 missing += 1
                 print(f"check: provider {name} does not serve model {model!r}")
-    print(f"check: {missing} model names not served" if missing else
+    print(f"check: {plural(missing, 'model name')} not served" if missing else
           "check: every model is served")
     return 2 if missing else 0
 
@@ -155,13 +185,23 @@ def serve(args: argparse.Namespace) -> int:
             rate_limit=(args.rate_limit.count, args.rate_limit.period) if args.rate_limit else None,
             api_key=args.api_key, fault_rate=args.fault_rate,
             fault_kinds=tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip()),
-            fail_rate=args.fail_rate,
+            fail_rate=args.fail_rate, log_requests=True,
         )
     except ValueError as exc:
         raise UsageError(f"serve: {exc}") from None
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(options))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_forever(options, announce=lambda text: print(text, flush=True)))
+    except OSError as exc:  # binding failed: a port in use, an address not of this machine
+        raise UsageError(_cannot_listen(args.host, args.port, exc)) from None
     return 0
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"serve: port {port} on {host} is in use; choose another with --port "
+                "(0 picks a free one)")
+    return f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})"
 
 
 def status(target: str, output: str | None, *, as_json: bool, verify: bool) -> int:
@@ -179,12 +219,13 @@ def status(target: str, output: str | None, *, as_json: bool, verify: bool) -> i
         with Ledger(root / LEDGER_NAME, readonly=True) as ledger:
             report = ledger_status(ledger, str(root), manifest,
                                    verify=verify_folder(root) if verify else None,
-                                   summary=read_summary(root))
+                                   summary=read_summary(root), running=run_in_progress(root))
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print_status(report)
-    return 1 if report["failed"] or report.get("changed") else 0
+    # 0 only when every task is ok: a CI step can gate on `batcher status`.
+    return 1 if report["failed"] or report["pending"] or report.get("changed") else 0
 
 
 async def _store_status(url: StoreURL, manifest: Manifest | None, *,
@@ -206,7 +247,7 @@ def merge(inputs: list[Path], output: Path) -> int:
     from batcher.merge import merge_outputs
 
     count = merge_outputs(inputs, output)
-    print(f"merged {count} tasks from {len(inputs)} outputs into {output}")
+    print(f"merged {plural(count, 'task')} from {plural(len(inputs), 'output')} into {output}")
     return 0
 
 

@@ -38,6 +38,7 @@ class JsonlTask:
     params: Mapping[str, Any]
     images: tuple[str, ...]
     system: str | None
+    id_field: str = "id"  # "custom_id" in the OpenAI Batch form: errors name it as written
 
 
 _BATCH_URLS = {"/v1/chat/completions": "chat", "/v1/images/generations": "image",
@@ -82,15 +83,15 @@ def check_jsonl(path: Path) -> int:
 
     Two lines asking for the same result without ids would be one task twice over: an error.
     """
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # id -> the line that first used it
     same: dict[bytes, int] = {}  # digest of what shapes a line's result -> its line
     count = 0
     for task in iter_jsonl(path):
         if task.id is not None:
             if task.id in seen:
-                raise ManifestError(f"id {task.id!r} is used by an earlier line",
-                                    file=str(path), line=task.line, field="id")
-            seen.add(task.id)
+                raise ManifestError(f"{task.id!r} is already the id of line {seen[task.id]}",
+                                    file=str(path), line=task.line, field=task.id_field)
+            seen[task.id] = task.line
         else:
             digest = _shape_digest(task)
             if digest in same:
@@ -221,4 +222,5 @@ def _batch_line(data: dict[str, Any], number: int) -> JsonlTask:
     return JsonlTask(
         line=number, id=custom_id, type=kind, model=model or "", prompt=prompt,
         messages=messages, seed=_seed(body), params=params, images=images, system=None,
+        id_field="custom_id",
     )

@@ -11,9 +11,10 @@ import re
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
+_UNIT_NAMES = {1.0: "s", 60.0: "min", 3600.0: "h"}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
 
 # Requests are spaced so that N+1 consecutive starts span the period plus this much: the
@@ -27,6 +28,7 @@ class Rate:
 
     count: float
     period: float
+    text: str = field(default="", compare=False)  # as the user wrote it, for messages
 
     @property
     def per_second(self) -> float:
@@ -39,8 +41,11 @@ class Rate:
         return self.period / self.count + margin
 
     def __str__(self) -> str:
+        if self.text:
+            return self.text
         count = int(self.count) if self.count == int(self.count) else self.count
-        return f"{count}/{self.period:g}s"
+        unit = _UNIT_NAMES.get(self.period, f"{self.period:g}s")
+        return f"{count}/{unit}"
 
 
 def parse_rate(text: str) -> Rate:
@@ -55,7 +60,7 @@ def parse_rate(text: str) -> Rate:
     period = float(match.group(2) or 1) * _UNITS[match.group(3)]
     if count <= 0 or period <= 0:
         raise ValueError(f"{text!r}: the count and the period must be positive")
-    return Rate(count, period)
+    return Rate(count, period, "".join(str(text).split()))
 
 
 class Pacer:

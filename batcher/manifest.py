@@ -72,6 +72,7 @@ class _Mapping(dict[str, Any]):
 
     line: int | None = None
     lines: dict[str, int]
+    inherited: frozenset[str] = frozenset()  # a job's keys that came from defaults
 
 
 # libyaml's parser when PyYAML was built with it (ten times faster on a long list of values);
@@ -131,11 +132,15 @@ def _load_yaml(path: Path) -> Any:
         loader.name = str(path)
         return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
-        line = _yaml_line(exc, len(text))
-        raise ManifestError(_yaml_problem(exc, line), file=str(path), line=line) from None
+        mark = _yaml_mark(exc, len(text))
+        line = mark.line + 1 if mark else None
+        column = mark.column + 1 if mark else None
+        raise ManifestError(_yaml_problem(exc, line, column), file=str(path),
+                            line=line) from None
     except yaml.reader.ReaderError as exc:  # a control character, say
-        raise ManifestError(f"unacceptable character #x{exc.character:04x} ({exc.reason})",
-                            file=str(path), line=_reader_line(text, exc.position)) from None
+        line, column = _reader_place(text, exc.position)
+        raise ManifestError(f"unacceptable character #x{exc.character:04x} ({exc.reason}; "
+                            f"column {column})", file=str(path), line=line) from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"invalid YAML: {exc}", file=str(path)) from None
     except RecursionError:
@@ -161,32 +166,35 @@ def _check_depth(text: str, path: Path) -> None:
             depth -= 1
 
 
-def _reader_line(text: str, position: int) -> int:
-    """The line of a character the reader refused; libyaml counts its position in bytes."""
-    if _SafeLoader is yaml.SafeLoader:
-        return text.count("\n", 0, position) + 1
-    return text.encode("utf-8", "surrogatepass")[:position].count(b"\n") + 1
+def _reader_place(text: str, position: int) -> tuple[int, int]:
+    """The line and column of a character the reader refused; libyaml counts its position
+    in bytes, PyYAML in characters."""
+    if _SafeLoader is not yaml.SafeLoader:
+        head = text.encode("utf-8", "surrogatepass")[:position]
+        text, position = head.decode("utf-8", "replace"), len(head.decode("utf-8", "replace"))
+    line_start = text.rfind("\n", 0, position) + 1
+    return text.count("\n", 0, position) + 1, position - line_start + 1
 
 
-def _yaml_line(exc: yaml.MarkedYAMLError, length: int) -> int | None:
+def _yaml_mark(exc: yaml.MarkedYAMLError, length: int) -> Any:
     # At the end of the file the problem's own place says little: an unclosed quote or bracket
     # is found where the file ends; the context names where it was opened.
     mark = exc.problem_mark
     if exc.context_mark is not None and (mark is None or mark.index >= length - 1):
         mark = exc.context_mark
-    return mark.line + 1 if mark else None
+    return mark
 
 
-def _yaml_problem(exc: yaml.MarkedYAMLError, line: int | None) -> str:
+def _yaml_problem(exc: yaml.MarkedYAMLError, line: int | None, column: int | None) -> str:
+    """What is wrong, then where on the line (the line itself goes before, as file:line:)."""
     problem = exc.problem or "invalid YAML"
     if "could not determine a constructor" in problem:
-        return "this tag is not allowed (batcher loads YAML safely: plain data only)"
-    if not exc.context:
-        return problem
-    opened = exc.context_mark.line + 1 if exc.context_mark is not None else line
-    if opened != line:
-        return f"{problem} ({exc.context} begun on line {opened})"
-    return f"{problem} ({exc.context})"
+        problem = "this tag is not allowed (batcher loads YAML safely: plain data only)"
+    notes = [f"column {column}"] if column is not None else []
+    if exc.context:
+        opened = exc.context_mark.line + 1 if exc.context_mark is not None else line
+        notes.append(f"{exc.context} begun on line {opened}" if opened != line else exc.context)
+    return f"{problem} ({'; '.join(notes)})" if notes else problem
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -211,13 +219,20 @@ class _Where:
             return self.mapping.line
         return None
 
+    def field(self, key: str) -> str:
+        """The field as the user wrote it: a job's value taken from defaults is named there."""
+        top = re.split(r"[.\[]", key, maxsplit=1)[0]
+        if isinstance(self.mapping, _Mapping) and top in self.mapping.inherited:
+            return f"defaults.{key}"
+        return f"{self.prefix}{key}"
+
     def error(self, key: str | None, message: str) -> ManifestError:
-        name = f"{self.prefix}{key}" if key else (self.prefix.rstrip(".") or None)
+        name = self.field(key) if key else (self.prefix.rstrip(".") or None)
         return ManifestError(message, file=self.file, line=self.line(key), field=name)
 
     def child(self, key: str, mapping: Any) -> _Where:
         sub = mapping if isinstance(mapping, Mapping) else None
-        where = _Where(self.file, sub, f"{self.prefix}{key}.")
+        where = _Where(self.file, sub, f"{self.field(key)}.")
         if sub is None or not isinstance(sub, _Mapping):
             # Point at the parent key when the child carries no lines of its own.
             where.mapping = _Mapping()
@@ -245,9 +260,18 @@ def _kind(value: Any) -> str:
     }.get(type(value), "a mapping" if isinstance(value, Mapping) else type(value).__name__)
 
 
+_NAME_CHARS = "letters, digits, '.', '_' and '-'"
+
+
 def _name(value: Any, where: _Where, key: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or value in {".", ".."}:
-        raise where.error(key, "required; letters, digits, '.', '_' and '-' only")
+    if value is None:
+        raise where.error(key, f"required; {_NAME_CHARS} only")
+    if not isinstance(value, str):
+        raise where.error(key, f"must be a name of {_NAME_CHARS}, not {_kind(value)}")
+    if value in {".", ".."}:
+        raise where.error(key, f"{value!r} names a folder; use {_NAME_CHARS}")
+    if not NAME_RE.match(value):
+        raise where.error(key, f"{value!r}: a name takes only {_NAME_CHARS} (no spaces)")
     return value
 
 
@@ -469,6 +493,7 @@ def _with_defaults(
     merged.line = getattr(job, "line", None)
     merged.lines = {k: defaults_where.line(k) or 0 for k in merged if k not in job}
     merged.lines.update(getattr(job, "lines", {}))
+    merged.inherited = frozenset(k for k in merged if k not in job)
     return merged
 
 

@@ -6,6 +6,7 @@ Log records are routed around the bar (through ``tqdm.write``) so they never tea
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +25,19 @@ class Counters:
     requests: int = 0
     retries: int = 0
     rate_limited: int = 0
+
+
+# Narrower than this, tqdm trims the line (counts first, then everything: CI pseudo-terminals
+# and `script` often report 0 columns), so plain lines say more.
+MIN_BAR_COLUMNS = 40
+
+
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal behind ``stream``; 0 when it does not say."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 class _TqdmHandler(logging.Handler):
@@ -63,9 +77,10 @@ class Progress:
 
     @staticmethod
     def choose_mode(requested: bool | None, stream: TextIO) -> str:
+        """"off" when asked, a bar on a terminal that can draw one, plain lines otherwise."""
         if requested is False:
             return "off"
-        return "bar" if stream.isatty() else "lines"
+        return "bar" if stream.isatty() and _columns(stream) >= MIN_BAR_COLUMNS else "lines"
 
     def _postfix(self) -> str:
         c = self.counters

@@ -44,6 +44,7 @@ from batcher.saving import Answer, Saver
 from batcher.storage import FileWriter, Layout, remove_leftovers
 from batcher.store.output import Output, open_output
 from batcher.tasks import Task
+from batcher.wording import plural
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ class Outcome:
     plan: Plan
     counters: Counters
     summary: dict[str, Any]
-    output: str
+    output: str  # the folder or the store URL
+    root: Path  # where the ledger and files are on this machine (a store's working copy)
     message: str | None = None
 
 
@@ -160,11 +162,11 @@ class Runner:
         started = time.time()
         removed = remove_leftovers(self.root)
         if removed:
-            log.info("removed %d temporary files left by an interrupted run", removed)
+            log.info("removed %s left by an interrupted run", plural(removed, "temporary file"))
         done, failed = await self.output.statuses(self.manifest, self.options.selection)
         plan = make_plan(self.manifest, self.options.selection, done, failed)
         totals = plan.totals
-        log.info("%d tasks: %d done, %d failed before, %d to run -> %s", totals.total,
+        log.info("%s: %d done, %d failed before, %d to run -> %s", plural(totals.total, "task"),
                  totals.done, totals.failed, totals.to_run, self.output.location)
         mode = Progress.choose_mode(self.options.progress, sys.stderr)
         self._progress = Progress(totals.to_run, self.counters, mode=mode,
@@ -180,7 +182,7 @@ class Runner:
         summary["exit_code"] = exit_code = self._exit_code(summary)
         await self.output.finish(summary)
         return Outcome(exit_code, plan, self.counters, summary, self.output.location,
-                       self._message())
+                       self.root, self._message())
 
     def _exit_code(self, summary: dict[str, Any]) -> int:
         if self.interrupted:

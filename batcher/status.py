@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batcher.ledger import FileRecord, Ledger, Record
+from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.report import SUMMARY_NAME
+from batcher.storage import LOCK_NAME
 
 
 def _sha256(path: Path) -> str | None:
@@ -27,6 +30,27 @@ def _sha256(path: Path) -> str | None:
 
 
 Verify = Callable[[Record], list[dict[str, str]]]
+
+
+def run_in_progress(root: Path) -> bool:
+    """Whether a run holds the folder's lock now (see ``storage.lock_folder``).
+
+    The probe takes a shared lock for an instant and gives it back; a run starting in that
+    instant would stop as if another run held the folder, a risk worth a true answer here.
+    """
+    try:
+        handle = open(root / LOCK_NAME, "rb")  # noqa: SIM115 - closed below
+    except OSError:  # no lock file: no run has held this folder, or it was cleaned up
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without locks: nothing to tell
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def problem(record: Record, file: FileRecord, actual: str | None) -> list[dict[str, str]]:
@@ -61,11 +85,11 @@ def _totals(manifest: Manifest | None) -> tuple[dict[tuple[str, str], int] | Non
 
 def ledger_status(
     ledger: Ledger, location: str, manifest: Manifest | None, *, verify: Verify | None,
-    summary: dict[str, Any] | None,
+    summary: dict[str, Any] | None, running: bool = False,
 ) -> dict[str, Any]:
     """ok / failed / pending per job and model, failures by reason, and (with ``verify``)
     files that vanished or changed since they were recorded. Without a manifest, the last
-    ``summary`` gives the totals."""
+    ``summary`` gives the totals; ``running`` says a run is writing the output now."""
     totals, ids = _totals(manifest)
     groups: dict[tuple[str, str], Counter[str]] = {}
     reasons: Counter[str] = Counter()
@@ -81,7 +105,7 @@ def ledger_status(
     if totals is None:
         totals = _summary_totals(summary or {}, groups)
     rows = []
-    for key in sorted(set(groups) | set(totals)):
+    for key in _in_order(totals, groups):
         counts = groups.get(key, Counter())
         total = max(totals.get(key, 0), counts["ok"] + counts["failed"])
         rows.append({"job": key[0], "model": key[1], "total": total, "ok": counts["ok"],
@@ -89,6 +113,7 @@ def ledger_status(
                      "pending": total - counts["ok"] - counts["failed"]})
     report: dict[str, Any] = {
         "output": location,
+        "running": running,
         **{k: sum(row[k] for row in rows) for k in ("total", "ok", "failed", "pending")},
         "models": rows,
         "failures": [{"reason": reason, "count": count} for reason, count in reasons.most_common()],
@@ -96,6 +121,18 @@ def ledger_status(
     if verify is not None:
         report["changed"] = problems
     return report
+
+
+def _in_order(
+    totals: dict[tuple[str, str], int], groups: dict[tuple[str, str], Counter[str]]
+) -> list[tuple[str, str]]:
+    """(job, model) keys in the order `plan` lists them: the manifest's order when there is
+    one (``totals`` follows it), then the ledger's; each job's models together."""
+    keys = list(totals) + [key for key in groups if key not in totals]
+    first: dict[str, int] = {}
+    for key in keys:
+        first.setdefault(key[0], len(first))
+    return sorted(keys, key=lambda key: first[key[0]])  # stable: models keep their order
 
 
 def read_summary(root: Path) -> dict[str, Any] | None:
@@ -122,9 +159,37 @@ def _summary_totals(
     return totals
 
 
+@dataclass(frozen=True, slots=True)
+class FailureReason:
+    """One reason tasks failed for: how many, and the message of one of them."""
+
+    reason: str
+    count: int
+    example: str
+
+
+def run_failures(root: Path, since: float, *, top: int = 5) -> tuple[list[FailureReason], int]:
+    """The ``top`` commonest reasons among tasks that failed from ``since`` on (a run's start),
+    with one example message each, and how many further reasons there were."""
+    counts: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    with Ledger(root / LEDGER_NAME, readonly=True) as ledger:
+        for record in ledger.records():
+            if record.status != "failed" or (record.started or 0.0) < since:
+                continue
+            reason = record.reason or "unknown"
+            counts[reason] += 1
+            examples.setdefault(reason, record.error or "(no message)")
+    reasons = [FailureReason(reason, count, examples[reason])
+               for reason, count in counts.most_common(top)]
+    return reasons, max(len(counts) - top, 0)
+
+
 def print_status(report: dict[str, Any]) -> None:
     print(f"{report['output']}: {report['ok']} ok, {report['failed']} failed, "
           f"{report['pending']} pending of {report['total']}")
+    if report["running"]:
+        print("note: a batcher run is writing to this folder now; these counts are changing")
     print(f"{'job':<24} {'model':<40} {'ok':>8} {'failed':>8} {'pending':>8}")
     for row in report["models"]:
         print(f"{row['job']:<24} {row['model']:<40} {row['ok']:>8} {row['failed']:>8} "

@@ -12,6 +12,7 @@ import termios
 import textwrap
 from pathlib import Path
 
+import pytest
 from conftest import provider_block, run_cli, write_manifest
 
 
@@ -56,10 +57,19 @@ def test_no_progress_prints_only_the_summary(tmp_path: Path, thread_server) -> N
 def test_on_a_terminal_a_bar_shows_counts(tmp_path: Path, thread_server) -> None:
     server = thread_server(latency=0.02)
     manifest = _manifest(tmp_path, server, 10)
+    code, text = _run_on_a_terminal(manifest, tmp_path, 40, 160)
+    assert code == 0, text
+    assert "\r" in text and "task/s" in text  # a tqdm bar, redrawn in place
+    assert "10/10" in text and "ok=10" in text and "429s=0" in text
+
+
+def _run_on_a_terminal(manifest: Path, cwd: Path, rows: int, columns: int,
+                       *args: str) -> tuple[int, str]:
+    """Run batcher with stderr on a pseudo-terminal of the given size; (exit code, output)."""
     leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     process = subprocess.Popen(
-        [sys.executable, "-m", "batcher", "run", str(manifest)], cwd=tmp_path,
+        [sys.executable, "-m", "batcher", "run", str(manifest), *args], cwd=cwd,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower,
     )
     os.close(follower)
@@ -72,8 +82,25 @@ def test_on_a_terminal_a_bar_shows_counts(tmp_path: Path, thread_server) -> None
         if not chunk:
             break
         output += chunk
-    assert process.wait(timeout=60) == 0
+    code = process.wait(timeout=60)
     os.close(leader)
-    text = output.decode(errors="replace")
-    assert "\r" in text  # a bar redrawn in place
-    assert "10/10" in text and "ok=10" in text and "429s=0" in text
+    return code, output.decode(errors="replace")
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(0, 0), (24, 20)])
+def test_a_terminal_too_narrow_for_a_bar_gets_plain_lines(
+    tmp_path: Path, thread_server, rows: int, columns: int
+) -> None:
+    # CI pseudo-terminals and `script` often report 0x0: a bar there is trimmed to nothing.
+    server = thread_server(latency=0.02)
+    manifest = _manifest(tmp_path, server, 10)  # about 1 s at 10/s
+
+    code, text = _run_on_a_terminal(manifest, tmp_path, rows, columns, "--log-every", "0.2")
+
+    assert code == 0, text
+    lines = [line.strip() for line in text.splitlines()]
+    progress = [line for line in lines if line.startswith("progress ")]
+    assert len(progress) >= 2, text
+    assert all("/10 " in line and "ok=" in line for line in progress)
+    assert "task/s" not in text  # no tqdm bar was drawn
+    assert any(line.startswith("batcher: 10 ok, 0 failed") for line in lines), text

@@ -64,6 +64,8 @@ _FIELD_TYPES = {
     "max_wait": float, "download_cap": int,
 }
 
+_KIND_NAMES = {str: "a string", int: "a whole number", float: "a number"}
+
 
 def provider_from_mapping(
     name: str, data: Mapping[str, Any], base: ProviderConfig | None
@@ -83,7 +85,7 @@ def provider_from_mapping(
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(f"{key}: must be {'a number' if kind is not str else 'a string'}")
+            raise ValueError(f"{key}: must be {_KIND_NAMES[kind]}, not {value!r}")
         changes[key] = _checked(key, value)
     if base is None:
         if "base_url" not in changes:

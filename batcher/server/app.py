@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import secrets
 import threading
@@ -37,6 +38,8 @@ from batcher.server.requests import (
     parse_image_request,
     parse_json_object,
 )
+
+log = logging.getLogger(__name__)
 
 # fmt: off
 FAULT_KINDS = (
@@ -66,6 +69,7 @@ class ServerOptions:
     image_grain: bool = False  # photo-sized PNGs (~3 MB at 1024x1024), for benchmarks
     files_port: int = 0  # port of the files listener; 0 = ephemeral
     max_records: int | None = 100_000  # stats.requests keeps at most this many, newest last
+    log_requests: bool = False  # one log line per request (`batcher serve`; not inside a run)
 
     def __post_init__(self) -> None:
         unknown = [kind for kind in self.fault_kinds if kind not in FAULT_KINDS]
@@ -158,6 +162,7 @@ Answer = dict[str, Any] | bytes  # a JSON body, or a whole event stream
 _Key: Any = getattr(web, "RequestKey", None)
 _ARRIVED: Any = _Key("batcher_arrived", float) if _Key else "batcher_arrived"
 _BODY_HASH: Any = _Key("batcher_body_hash", str) if _Key else "batcher_body_hash"
+_FAULT: Any = _Key("batcher_fault", str) if _Key else "batcher_fault"
 
 
 class LocalServer:
@@ -310,6 +315,8 @@ class LocalServer:
                 raise
             finally:
                 self._finish(index, status, request.get(_BODY_HASH))
+                if self.options.log_requests:
+                    _log_request(request, status)
 
         return record
 
@@ -422,6 +429,7 @@ class LocalServer:
         body_hash = request[_BODY_HASH]
         fail_draw, fault_draw, pick = _hash_draws(body_hash)
         if fail_draw < self.options.fail_rate:
+            request[_FAULT] = "permanent failure"
             raise _server_error(500, "injected permanent failure", "injected_failure")
         kinds = self.options.fault_kinds
         if fault_draw >= self.options.fault_rate or not kinds or body_hash in self._faulted:
@@ -429,6 +437,7 @@ class LocalServer:
         self._faulted.add(body_hash)
         kind = _fault_for_shape(kinds[pick % len(kinds)], endpoint, response_format)
         self.stats.faults[kind] += 1
+        request[_FAULT] = kind
         if kind == "slow":
             await asyncio.sleep(SLOW_FAULT_SECONDS)
             return None
@@ -481,6 +490,14 @@ class LocalServer:
         while len(self._images) > IMAGE_TOKENS_KEPT:
             self._images.popitem(last=False)
         return token
+
+
+def _log_request(request: web.Request, status: int) -> None:
+    """One line per request for `batcher serve`: what came, what went, what was injected."""
+    answer = str(status) if status else "no answer (connection closed)"
+    fault = request.get(_FAULT)
+    injected = f" (injected fault: {fault})" if fault else ""
+    log.info("%s %s -> %s%s", request.method, request.path, answer, injected)
 
 
 def _status_sent(request: web.Request, response: web.StreamResponse) -> int:
