@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 
 from batcher.errors import DownloadError
 from batcher.imagegen import image_kind
@@ -37,27 +37,22 @@ class Downloader:
         Returns (path, size, sha256). Raises :class:`DownloadError` once the tries are spent,
         which makes the runner retry the generation itself.
         """
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in {"http", "https"}:
-            raise DownloadError(f"image URL is not http(s): {url[:100]}", reason="bad_url",
-                                retryable=False)
+        checked = image_url(url)
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                return await self._fetch_once(url, stem)
+                return await self._fetch_once(checked, stem)
             except DownloadError as exc:
                 if not exc.retryable or attempt == ATTEMPTS:
                     raise
                 await asyncio.sleep(backoff(attempt, base=0.2, cap=2.0))
         raise AssertionError("unreachable")
 
-    async def _fetch_once(self, url: str, stem: Path) -> tuple[Path, int, str]:
+    async def _fetch_once(self, url: yarl.URL, stem: Path) -> tuple[Path, int, str]:
         try:
             async with self._session.get(url, timeout=self._timeout, max_redirects=5) as response:
                 if response.status != 200:
-                    raise DownloadError(
-                        f"image download answered HTTP {response.status}",
-                        reason=f"download_{response.status}",
-                    )
+                    raise DownloadError(f"the image host answered HTTP {response.status}",
+                                        status=response.status)
                 length = response.content_length
                 if length is not None and length > self._cap:
                     raise DownloadError(
@@ -88,3 +83,24 @@ class Downloader:
                     )
                 await handle.write(block)
         return final, handle.size, handle.sha256
+
+
+def image_url(url: object) -> yarl.URL:
+    """``url`` as it will be fetched; anything that is not a fetchable http(s) URL is refused
+    here, with reason ``bad_url``, so that no parser below (IDNA, IPv6) can raise from a task."""
+    shown = repr(url)[:100]
+    if not isinstance(url, str) or any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
+        raise DownloadError(f"image URL {shown} is not a URL (spaces or control characters)",
+                            reason="bad_url", retryable=False)
+    try:
+        parsed = yarl.URL(url)
+        host, _port = parsed.raw_host, parsed.port  # both parse lazily and may raise
+        if host:
+            host.encode("idna")  # what the resolver does; a label over 63 characters fails
+    except (ValueError, UnicodeError) as exc:
+        raise DownloadError(f"image URL {shown} cannot be parsed: {exc}", reason="bad_url",
+                            retryable=False) from exc
+    if parsed.scheme.lower() not in {"http", "https"} or not host:
+        raise DownloadError(f"image URL {shown} is not an http(s) URL with a host",
+                            reason="bad_url", retryable=False)
+    return parsed

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import Enum
 
-from batcher.errors import DownloadError, HTTPStatusError, ProviderError
+from batcher.errors import DownloadError, HTTPStatusError, InternalError, ProviderError
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 AUTH_STATUS = frozenset({401, 403})
@@ -57,6 +57,8 @@ def classify(error: ProviderError) -> Verdict:
             return Verdict(Action.RETRY, wait=error.retry_after)
         return Verdict(Action.FAIL)
     if isinstance(error, DownloadError) and not error.retryable:
+        return Verdict(Action.FAIL)
+    if isinstance(error, InternalError):  # the same answer would fail the same way
         return Verdict(Action.FAIL)
     return Verdict(Action.RETRY)
 

@@ -29,7 +29,7 @@ import aiohttp
 
 from batcher.bodies import InputImages
 from batcher.download import Downloader
-from batcher.errors import AuthError, Interrupted, ProviderError, UsageError
+from batcher.errors import AuthError, DownloadError, Interrupted, ProviderError, UsageError
 from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.limits import Pacer, Rate
 from batcher.manifest import Manifest
@@ -39,7 +39,7 @@ from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.report import JobTally, summarize, write_reports
 from batcher.retry import Action, Verdict, backoff, classify
-from batcher.saving import Answer, Saver
+from batcher.saving import Answer, Saver, task_boundary
 from batcher.storage import FileWriter, Layout, lock_folder, remove_leftovers
 from batcher.tasks import Task
 
@@ -355,6 +355,7 @@ class Runner:
         """Try a task until it is saved or its failure is final; ``None`` leaves it pending."""
         started = time.time()
         attempt = 0
+        lost_downloads = 0  # generations paid for whose images could not be downloaded
         while not provider.stopped:
             attempt += 1
             try:
@@ -362,6 +363,11 @@ class Runner:
             except ProviderError as error:
                 verdict = classify(error)
                 action = self._react(provider, error, verdict, attempt)
+                if isinstance(error, DownloadError) and action is Action.RETRY:
+                    # The downloader has retried already; each retry here pays again.
+                    lost_downloads += 1
+                    if lost_downloads > provider.config.regenerations:
+                        return saver.failed(task, error, attempt, started)
                 if action is Action.FAIL:
                     return saver.failed(task, error, attempt, started)
                 if action is not Action.RETRY or self.stopping.is_set():
@@ -390,8 +396,9 @@ class Runner:
             assert worker is not None
             self._in_flight.add(worker)
             try:
-                answer, logged = await saver.request(provider.client, task, self.images)
-                files, response = await saver.save(task, answer, logged, started)
+                with task_boundary(task):
+                    answer, logged = await saver.request(provider.client, task, self.images)
+                    files, response = await saver.save(task, answer, logged, started)
             finally:
                 self._in_flight.discard(worker)
         return answer, files, response
