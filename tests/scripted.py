@@ -61,8 +61,9 @@ class ScriptedServer:
     """Answers by the request's prompt (images) or last message (chat), from ``replies``.
 
     A prompt with no script gets ``default`` (settable between runs, for property tests).
-    ``requests`` counts the generation requests per prompt; ``/files/good.png`` serves a PNG
-    and ``/files/refused.png`` always answers 403.
+    ``requests`` counts the generation requests per prompt, ``downloads`` the file requests;
+    ``/files/good.png`` serves a PNG, ``/files/chunked.png`` the same PNG chunked with no
+    Content-Length, and any other name answers 403.
     """
 
     def __init__(self) -> None:
@@ -122,9 +123,17 @@ class ScriptedServer:
         return web.Response(body=reply.body, status=reply.status, headers=dict(reply.headers),
                             content_type=reply.content_type)
 
-    async def _file(self, request: web.Request) -> web.Response:
+    async def _file(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         self.downloads[name] += 1
         if name == "good.png":
             return web.Response(body=GOOD_PNG, content_type="image/png")
+        if name == "chunked.png":  # no Content-Length: only the bytes read can tell the size
+            response = web.StreamResponse(headers={"Content-Type": "image/png"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for start in range(0, len(GOOD_PNG), 64):
+                await response.write(GOOD_PNG[start:start + 64])
+            await response.write_eof()
+            return response
         return web.Response(status=403, text="forbidden")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
+from scripted import GOOD_PNG, ScriptedServer, json_reply
 
 from batcher.manifest import load_manifest
 from batcher.runner import Outcome, RunOptions, run
@@ -335,6 +336,58 @@ async def test_download_over_the_cap_fails_once_and_is_not_retried(server_factor
     assert len(server.stats.matching(".png", listener="files")) == 3
     assert not [p for p in root.rglob("*.png")]
     assert not [p for p in root.rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_download_cap_counts_the_bytes_read_when_no_length_is_sent(tmp_path: Path) -> None:
+    server = ScriptedServer().start()
+    try:
+        url = f"{server.url}/files/chunked.png"
+        server.replies.update({"capped": json_reply({"data": [{"url": url}]})})
+        cap = len(GOOD_PNG) - 1
+        manifest = write_manifest(tmp_path, (
+            "name: faults\nproviders:\n  test:\n"
+            f"    base_url: {server.api_url}\n    retries: 5\n    download_cap: {cap}\n"
+            "jobs:\n  - {name: pics, type: image, provider: test, model: m, prompt: capped}\n"))
+
+        done = run_cli("run", str(manifest), "--no-progress")
+
+        assert done.returncode == 1, done.stderr
+        rows = ledger_rows(output_of("faults"))
+        assert [(r["status"], r["reason"]) for r in rows] == [("failed", "download_too_large")]
+        assert server.requests["capped"] == 1 and server.downloads["chunked.png"] == 1
+        assert not [p for p in output_of("faults").rglob("*.png")]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("regenerations", [1, 0])
+async def test_a_refusing_image_host_costs_at_most_one_regeneration(
+    server_factory, regenerations: int
+) -> None:
+    tasks, downloads_per_generation = 8, 3
+    server = await server_factory(download_status=403)
+    manifest = image_manifest(
+        server, seeds=tasks, params={"response_format": "url"},
+        provider=f"retries: 5\ntimeout: 2\nregenerations: {regenerations}")
+
+    outcome = await run_in_process(manifest)
+
+    assert outcome.exit_code == 1
+    generations = regenerations + 1
+    # Counted at the server: each task paid for its generation at most twice ...
+    assert sorted(requests_per_body(server).values()) == [generations] * tasks
+    assert sum(server.stats.generations.values()) == generations * tasks
+    # ... while each generation's download was tried three times, for free.
+    downloads = server.stats.matching(".png", listener="files")
+    assert len(downloads) == downloads_per_generation * generations * tasks
+    assert {r.status for r in downloads} == {403}
+    rows = ledger_rows(output_of("faults"))
+    assert len(rows) == tasks
+    for row in rows:
+        assert (row["status"], row["reason"], row["attempts"]) == ("failed", "download",
+                                                                   generations)
+        assert "403" in row["error"]
+    assert outcome.summary["retries"] == regenerations * tasks
 
 
 # ---------------------------------------------------------------------------- refused key
