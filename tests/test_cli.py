@@ -298,7 +298,7 @@ def test_status_verify_reports_a_changed_file(tmp_path: Path, thread_server: Any
     text = run_cli("status", str(path), "--verify")
     report = json.loads(run_cli("status", str(path), "--verify", "--json").stdout)
 
-    assert text.returncode != 0
+    assert text.returncode == 1, text.stderr  # README: status exits 1 on a changed file
     assert rel in text.stdout and "changed" in text.stdout, text.stdout
     assert [(c["path"], c["problem"]) for c in report["changed"]] == [(rel, "changed")]
 
