@@ -313,6 +313,28 @@ def test_spent_quota_stops_the_provider_with_a_clear_message(thread_server) -> N
     assert ledger_rows(output_of("faults")) == []
 
 
+def test_a_wait_over_max_wait_stops_the_provider_and_leaves_its_tasks_pending(
+    thread_server,
+) -> None:
+    concurrency, tasks = 2, 12
+    # The server takes one request a minute; everything after the first is told to wait ~60 s.
+    server = thread_server(rate_limit=(1, 60.0))
+    manifest = image_manifest(server, seeds=tasks, concurrency=concurrency,
+                              provider="retries: 5\ntimeout: 5\nmax_wait: 5")
+
+    result = run_cli("run", str(manifest), "--no-progress")
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "max_wait" in result.stderr
+    statuses = [r.status for r in generation_records(server)]
+    assert statuses.count(200) == 1
+    assert 1 <= statuses.count(429) <= concurrency  # no request after the stop but in flight
+    summary = summary_of(output_of("faults"))
+    assert (summary["ok"], summary["failed"], summary["pending"]) == (1, 0, tasks - 1)
+    assert summary["rate_limited"] == statuses.count(429)
+
+
 # ---------------------------------------------------------------------------- downloads
 
 
