@@ -38,7 +38,7 @@ from batcher.progress import Counters, Progress
 from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.report import JobTally, summarize, write_reports
-from batcher.retry import Action, Verdict, backoff, classify
+from batcher.retry import Action, Verdict, backoff, classify, stop_reason
 from batcher.saving import Answer, Saver, task_boundary
 from batcher.storage import FileWriter, Layout, lock_folder, remove_leftovers
 from batcher.tasks import Task
@@ -419,8 +419,7 @@ class Runner:
             self.stop(f"provider {config.name} refused the key")
             return Action.STOP_RUN
         if verdict.action is Action.STOP_PROVIDER:
-            return self._stop_provider(provider, f"the provider says its quota is spent "
-                                                 f"({error})")
+            return self._stop_provider(provider, stop_reason(error))
         if verdict.wait is not None and verdict.wait > config.max_wait:
             return self._stop_provider(provider, f"it asked to wait {verdict.wait:.0f} s, "
                                                  f"over max_wait {config.max_wait:g} s")

@@ -343,3 +343,25 @@ async def test_a_full_disk_still_stops_the_run(
     assert outcome.message is not None and "stopped by an error" in outcome.message
     assert outcome.summary["pending"] >= 4  # stopped: not every task was tried
     assert all(row["status"] != "failed" for row in ledger_rows(tmp_path / "out"))
+
+
+def test_a_redirecting_api_stops_its_provider_naming_the_base_url_once(
+    tmp_path: Path, scripted: ScriptedServer
+) -> None:
+    moved = "https://api.moved.example/v2"
+    scripted.default = Reply(b"", status=301,
+                             headers=(("Location", f"{moved}/images/generations"),))
+    path = write_manifest(tmp_path, (
+        "name: moved\noutput: out\nproviders:\n  test:\n"
+        f"    base_url: {scripted.api_url}\n    retries: 3\n    concurrency: 2\n"
+        "jobs:\n  - {name: pics, type: image, provider: test, model: m, prompt: p, seeds: 8}\n"))
+
+    done = run_cli("run", str(path), "--no-progress")
+
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    said = [line for line in done.stderr.splitlines() if f"set base_url to {moved}" in line]
+    assert said and len(said) <= 2, done.stderr  # when it stops, and in the closing line
+    assert 1 <= scripted.requests["p"] <= 2  # the requests in flight; none retried
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["ok"], summary["failed"], summary["pending"]) == (0, 0, 8)

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import yarl
 
 from batcher import fastjson
 from batcher.errors import HTTPStatusError, ResponseError, TransportError
@@ -197,13 +198,37 @@ async def _status_error(response: aiohttp.ClientResponse) -> HTTPStatusError:
         raw = b""
     message, code = _error_fields(raw)
     if 300 <= response.status < 400:
-        message = "the provider answered with a redirect; batcher does not follow it"
+        message = _redirect_message(response)
     elif not message:
         message = response.reason or "no message"
     return HTTPStatusError(
         response.status, message[:MAX_ERROR_MESSAGE], code=code,
         retry_after=parse_retry_after(response.headers),
     )
+
+
+def _redirect_message(response: aiohttp.ClientResponse) -> str:
+    """Where a redirect points, and the base_url that would reach it without one."""
+    location = response.headers.get("Location", "")
+    try:
+        target = response.url.join(yarl.URL(location)) if location else None
+    except (ValueError, UnicodeError):
+        target = None
+    if target is None:
+        return (f"the API answered HTTP {response.status} (a redirect) without a usable "
+                "Location; batcher does not follow redirects: check base_url")
+    # The endpoint asked for, e.g. /images/generations, is what base_url adds to the path.
+    asked = response.url.path
+    endpoint = next((e for e in _ENDPOINTS if asked.endswith(e)), "")
+    where = target.with_query(None).with_fragment(None)
+    if endpoint and where.path.endswith(endpoint):
+        base = str(where.with_path(where.path[: -len(endpoint)]))
+        return (f"the API redirects to {where}; batcher does not follow redirects: "
+                f"set base_url to {base.rstrip('/')}")
+    return f"the API redirects to {where}; batcher does not follow redirects: check base_url"
+
+
+_ENDPOINTS = ("/images/generations", "/chat/completions", "/models")
 
 
 def _error_fields(raw: bytes) -> tuple[str, str | None]:
