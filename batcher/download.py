@@ -16,6 +16,7 @@ import yarl
 
 from batcher.errors import DownloadError
 from batcher.imagegen import image_kind
+from batcher.imagerefs import check_url
 from batcher.retry import backoff
 from batcher.storage import AtomicFile
 
@@ -88,19 +89,10 @@ class Downloader:
 def image_url(url: object) -> yarl.URL:
     """``url`` as it will be fetched; anything that is not a fetchable http(s) URL is refused
     here, with reason ``bad_url``, so that no parser below (IDNA, IPv6) can raise from a task."""
-    shown = repr(url)[:100]
-    if not isinstance(url, str) or any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
-        raise DownloadError(f"image URL {shown} is not a URL (spaces or control characters)",
-                            reason="bad_url", retryable=False)
     try:
-        parsed = yarl.URL(url)
-        host, _port = parsed.raw_host, parsed.port  # both parse lazily and may raise
-        if host:
-            host.encode("idna")  # what the resolver does; a label over 63 characters fails
-    except (ValueError, UnicodeError) as exc:
-        raise DownloadError(f"image URL {shown} cannot be parsed: {exc}", reason="bad_url",
+        if not isinstance(url, str):
+            raise ValueError("is not a string")
+        return check_url(url)
+    except ValueError as exc:
+        raise DownloadError(f"image URL {repr(url)[:100]} {exc}", reason="bad_url",
                             retryable=False) from exc
-    if parsed.scheme.lower() not in {"http", "https"} or not host:
-        raise DownloadError(f"image URL {shown} is not an http(s) URL with a host",
-                            reason="bad_url", retryable=False)
-    return parsed

@@ -71,6 +71,7 @@ class ScriptedServer:
         self.default: Reply | None = None
         self.requests: collections.Counter[str] = collections.Counter()
         self.downloads: collections.Counter[str] = collections.Counter()
+        self.bodies: list[dict[str, Any]] = []  # every generation request's body, in order
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -115,6 +116,7 @@ class ScriptedServer:
 
     async def _generate(self, request: web.Request) -> web.Response:
         body = await request.json()
+        self.bodies.append(body)
         key = body.get("prompt") or body["messages"][-1]["content"]
         self.requests[key] += 1
         reply = self.replies.get(key, self.default)
