@@ -3,7 +3,8 @@
 The downloader has its own ``aiohttp.ClientSession`` with no default headers, so nothing of the
 API's authentication can reach an image host, even across a redirect. Bytes are streamed to a
 temporary file with a size cap (checked against Content-Length and the bytes actually read) and
-must start like an image.
+must start like an image. The URL is checked first (:func:`batcher.imagerefs.check_url`): what a
+provider sends as a URL cannot make a parser below raise in the middle of a run.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class Downloader:
     async def fetch(self, url: str, stem: Path) -> tuple[Path, int, str]:
         """Download ``url`` to ``stem`` plus the image's extension; retried a few times.
 
-        Returns (path, size, sha256). Raises :class:`DownloadError` once the tries are spent,
-        which makes the runner retry the generation itself.
+        Returns (path, size, sha256). Raises :class:`DownloadError` once the tries are spent;
+        the runner then pays for the generation again, at most ``regenerations`` times. A URL
+        that is not a fetchable http(s) URL raises at once (``bad_url``), never fetched.
         """
         checked = image_url(url)
         for attempt in range(1, ATTEMPTS + 1):
