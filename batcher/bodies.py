@@ -1,19 +1,17 @@
 """Request bodies: a task turned into the JSON an OpenAI-compatible endpoint takes.
 
-Local input images become ``data:`` URIs (read once, kept while a few jobs share them);
-URLs and data URIs pass through. The sidecar copy of a body names each input image by its
-sha256 instead of carrying the image again.
+Local input images become ``data:`` URIs (read once, kept while a few jobs share them; the MIME
+type from the bytes); URLs and data URIs pass through (see :mod:`batcher.imagerefs`). The
+sidecar copy of a body names each input image by its sha256 instead of carrying the image again.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import mimetypes
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from batcher.imagerefs import FILE, URL, as_data_uri, digest, parse_ref
 from batcher.tasks import Task, chat_messages
 
 _CACHE_SIZE = 16
@@ -25,19 +23,16 @@ class InputImages:
     def __init__(self) -> None:
         self._cache: OrderedDict[Path, tuple[str, str]] = OrderedDict()
 
-    def data_uri(self, ref: str, base_dir: Path | None) -> tuple[str, str]:
+    def data_uri(self, text: str, base_dir: Path | None) -> tuple[str, str]:
         """(what to send, how the sidecar names it)."""
-        if ref.startswith(("http://", "https://")):
-            return ref, ref
-        if ref.startswith("data:"):
-            return ref, "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
-        path = ((base_dir or Path.cwd()) / ref).expanduser()
+        ref = parse_ref(text)
+        if ref.kind != FILE:
+            return text, text if ref.kind == URL else "sha256:" + digest(ref)
+        path = ref.path(base_dir or Path.cwd())
         cached = self._cache.get(path)
         if cached is None:
             data = path.read_bytes()
-            mime = mimetypes.guess_type(path.name)[0] or "image/png"
-            encoded = base64.b64encode(data).decode("ascii")
-            cached = (f"data:{mime};base64,{encoded}", "sha256:" + hashlib.sha256(data).hexdigest())
+            cached = (as_data_uri(data), "sha256:" + digest(ref, data))
             self._cache[path] = cached
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)

@@ -3,19 +3,21 @@
 The downloader has its own ``aiohttp.ClientSession`` with no default headers, so nothing of the
 API's authentication can reach an image host, even across a redirect. Bytes are streamed to a
 temporary file with a size cap (checked against Content-Length and the bytes actually read) and
-must start like an image.
+must start like an image. The URL is checked first (:func:`batcher.imagerefs.check_url`): what a
+provider sends as a URL cannot make a parser below raise in the middle of a run.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 
 from batcher.errors import DownloadError
 from batcher.imagegen import image_kind
+from batcher.imagerefs import check_url
 from batcher.retry import backoff
 from batcher.storage import AtomicFile
 
@@ -34,30 +36,26 @@ class Downloader:
     async def fetch(self, url: str, stem: Path) -> tuple[Path, int, str]:
         """Download ``url`` to ``stem`` plus the image's extension; retried a few times.
 
-        Returns (path, size, sha256). Raises :class:`DownloadError` once the tries are spent,
-        which makes the runner retry the generation itself.
+        Returns (path, size, sha256). Raises :class:`DownloadError` once the tries are spent;
+        the runner then pays for the generation again, at most ``regenerations`` times. A URL
+        that is not a fetchable http(s) URL raises at once (``bad_url``), never fetched.
         """
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in {"http", "https"}:
-            raise DownloadError(f"image URL is not http(s): {url[:100]}", reason="bad_url",
-                                retryable=False)
+        checked = image_url(url)
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                return await self._fetch_once(url, stem)
+                return await self._fetch_once(checked, stem)
             except DownloadError as exc:
                 if not exc.retryable or attempt == ATTEMPTS:
                     raise
                 await asyncio.sleep(backoff(attempt, base=0.2, cap=2.0))
         raise AssertionError("unreachable")
 
-    async def _fetch_once(self, url: str, stem: Path) -> tuple[Path, int, str]:
+    async def _fetch_once(self, url: yarl.URL, stem: Path) -> tuple[Path, int, str]:
         try:
             async with self._session.get(url, timeout=self._timeout, max_redirects=5) as response:
                 if response.status != 200:
-                    raise DownloadError(
-                        f"image download answered HTTP {response.status}",
-                        reason=f"download_{response.status}",
-                    )
+                    raise DownloadError(f"the image host answered HTTP {response.status}",
+                                        status=response.status)
                 length = response.content_length
                 if length is not None and length > self._cap:
                     raise DownloadError(
@@ -88,3 +86,15 @@ class Downloader:
                     )
                 await handle.write(block)
         return final, handle.size, handle.sha256
+
+
+def image_url(url: object) -> yarl.URL:
+    """``url`` as it will be fetched; anything that is not a fetchable http(s) URL is refused
+    here, with reason ``bad_url``, so that no parser below (IDNA, IPv6) can raise from a task."""
+    try:
+        if not isinstance(url, str):
+            raise ValueError("is not a string")
+        return check_url(url)
+    except ValueError as exc:
+        raise DownloadError(f"image URL {repr(url)[:100]} {exc}", reason="bad_url",
+                            retryable=False) from exc

@@ -14,7 +14,8 @@ family into one exit code and a plain message, and nothing else in the package p
         ├── HTTPStatusError   the provider answered with a non-2xx status
         ├── ResponseError     a 2xx answer without what it promises (bad JSON, no data, bad base64)
         ├── TransportError    timeout, refused or reset connection, truncated body
-        └── DownloadError     an image URL that could not be fetched or is not an image
+        ├── DownloadError     an image URL that could not be fetched or is not an image
+        └── InternalError     anything else one task's answer raised (a bug): that task fails
 
 Lower-level exceptions (aiohttp, json, binascii, yaml) are translated into these in exactly one
 place each, with ``raise ... from exc``.
@@ -127,9 +128,22 @@ class TransportError(ProviderError):
 
 
 class DownloadError(ProviderError):
-    """An image URL could not be downloaded, or what came back is not an image."""
+    """An image URL could not be downloaded, or what came back is not an image.
 
-    def __init__(self, message: str, *, reason: str = "download", retryable: bool = True) -> None:
+    ``status`` is the image host's HTTP status, where it answered one."""
+
+    def __init__(
+        self, message: str, *, reason: str = "download", retryable: bool = True,
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.retryable = retryable
+        self.status = status
+
+
+class InternalError(ProviderError):
+    """An exception batcher did not expect while handling one task's answer; only that task
+    fails (reason ``internal``), never the run."""
+
+    reason = "internal"

@@ -16,6 +16,7 @@ from typing import Any
 
 from batcher import fastjson
 from batcher.errors import ManifestError
+from batcher.imagerefs import check_local, parse_ref
 
 JOB_TYPES = ("image", "chat")
 #: Body fields that change how a result travels, not what it is: they stay out of task ids.
@@ -78,8 +79,10 @@ def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
                                     field=exc.field) from None
 
 
-def check_jsonl(path: Path) -> int:
+def check_jsonl(path: Path, *, max_input_bytes: int) -> int:
     """Validate every line of a JSONL task file; returns the number of tasks.
+
+    Local input images must be images of at most ``max_input_bytes`` (the provider's).
 
     Two lines asking for the same result without ids would be one task twice over: an error.
     """
@@ -99,12 +102,12 @@ def check_jsonl(path: Path) -> int:
                     f"asks for the same result as line {same[digest]}; give each line an "
                     "\"id\" to run both", file=str(path), line=task.line)
             same[digest] = task.line
-        for ref in task.images:
-            if not ref.startswith(("http://", "https://", "data:")) and not (
-                path.parent / ref
-            ).is_file():
-                raise ManifestError(f"{ref}: no such file", file=str(path), line=task.line,
-                                    field="images")
+        for index, ref in enumerate(task.images):
+            try:
+                check_local(parse_ref(ref), path.parent, max_input_bytes)
+            except ValueError as exc:
+                raise ManifestError(str(exc), file=str(path), line=task.line,
+                                    field=f"images[{index}]") from None
         count += 1
     return count
 
@@ -141,8 +144,13 @@ def _seed(data: Mapping[str, Any]) -> int | None:
 def _images(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, list):
         raise _LineError("images", "must be a list of file paths, URLs or data URIs")
+    for index, entry in enumerate(value):
+        try:
+            parse_ref(entry)
+        except ValueError as exc:
+            raise _LineError(f"images[{index}]", str(exc)) from None
     return tuple(value)
 
 

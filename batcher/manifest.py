@@ -18,6 +18,7 @@ import yaml
 
 from batcher import fastjson
 from batcher.errors import ManifestError, UsageError
+from batcher.imagerefs import check_local, parse_ref
 from batcher.jsonl import JOB_TYPES, RESERVED_PARAMS, check_jsonl
 from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
 from batcher.store.url import parse_store_url
@@ -345,18 +346,14 @@ def _parse_seeds(value: Any, where: _Where) -> tuple[int, ...]:
     raise where.error("seeds", "must be a count (3 -> 0, 1, 2) or a non-empty list of integers")
 
 
-def _parse_images(value: Any, where: _Where, base_dir: Path) -> tuple[str, ...]:
+def _parse_images(value: Any, where: _Where, base_dir: Path, max_bytes: int) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
-        raise where.error("images", "must be a non-empty list of files or http(s) URLs")
-    for ref in value:
-        if not isinstance(ref, str) or not ref:
-            raise where.error("images", "each entry must be a file path or an http(s) URL")
-        if ref.startswith(("http://", "https://")):
-            continue
-        if "://" in ref:
-            raise where.error("images", f"{ref}: only local files and http(s) URLs are read")
-        if not (base_dir / ref).expanduser().is_file():
-            raise where.error("images", f"{ref}: no such file (paths are relative to the manifest)")
+        raise where.error("images", "must be a non-empty list of files, http(s) URLs or data URIs")
+    for index, entry in enumerate(value):
+        try:
+            check_local(parse_ref(entry), base_dir, max_bytes)
+        except ValueError as exc:
+            raise where.error(f"images[{index}]", str(exc)) from None
     return tuple(value)
 
 
@@ -390,7 +387,8 @@ def _parse_job(
     system = data.get("system")
     if system is not None and (kind != "chat" or not isinstance(system, str)):
         raise where.error("system", "only a chat job takes a system message (a string)")
-    images = _parse_images(data["images"], where, base_dir) if "images" in data else ()
+    max_bytes = providers[provider].max_input_bytes
+    images = _parse_images(data["images"], where, base_dir, max_bytes) if "images" in data else ()
     if images and kind != "image":
         raise where.error("images", "only image jobs take input images")
     var_names = {name for name, _ in job_vars}
@@ -475,7 +473,7 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
     manifest = Manifest(name, path, output, providers, tuple(jobs))
     for job in manifest.jobs:
         if job.file is not None:
-            check_jsonl(job.file)
+            check_jsonl(job.file, max_input_bytes=providers[job.provider].max_input_bytes)
     return manifest
 
 
@@ -523,5 +521,5 @@ def _load_jsonl_manifest(path: Path, provider: str) -> Manifest:
         raise ManifestError("no such file", file=str(path))
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-") or "tasks"
     job = JobSpec(name=name, type="file", provider=provider, file=path)
-    check_jsonl(path)
+    check_jsonl(path, max_input_bytes=providers[provider].max_input_bytes)
     return Manifest(name, path, f"output/{name}", providers, (job,))

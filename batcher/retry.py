@@ -2,7 +2,8 @@
 
 Retried: 408, 409, 429, 5xx, timeouts, connection errors, unparseable or incomplete answers, and
 failed downloads. Never retried: other 4xx, which are recorded with the provider's message.
-401/403 stop the run. A 429 that says the quota is spent stops its provider.
+401/403 stop the run. A 429 that says the quota is spent, or a redirect (3xx: base_url is
+wrong, and following it could carry the key elsewhere), stops its provider.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import Enum
 
-from batcher.errors import DownloadError, HTTPStatusError, ProviderError
+from batcher.errors import DownloadError, HTTPStatusError, InternalError, ProviderError
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 AUTH_STATUS = frozenset({401, 403})
@@ -47,6 +48,8 @@ def classify(error: ProviderError) -> Verdict:
         status = error.status
         if status in AUTH_STATUS:
             return Verdict(Action.STOP_RUN)
+        if 300 <= status < 400:  # every request will be redirected alike: base_url is wrong
+            return Verdict(Action.STOP_PROVIDER)
         if status == 429:
             if (error.code or "").lower() not in _RATE_CODES and _QUOTA.search(
                 f"{error.code or ''} {error.message}"
@@ -58,7 +61,16 @@ def classify(error: ProviderError) -> Verdict:
         return Verdict(Action.FAIL)
     if isinstance(error, DownloadError) and not error.retryable:
         return Verdict(Action.FAIL)
+    if isinstance(error, InternalError):  # the same answer would fail the same way
+        return Verdict(Action.FAIL)
     return Verdict(Action.RETRY)
+
+
+def stop_reason(error: ProviderError) -> str:
+    """Why a provider takes no more tasks after ``error`` (a STOP_PROVIDER verdict)."""
+    if isinstance(error, HTTPStatusError) and 300 <= error.status < 400:
+        return error.message
+    return f"the provider says its quota is spent ({error})"
 
 
 def backoff(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:

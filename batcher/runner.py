@@ -30,8 +30,8 @@ import aiohttp
 
 from batcher.bodies import InputImages
 from batcher.download import Downloader
-from batcher.errors import AuthError, Interrupted, ProviderError, UsageError
-from batcher.ledger import FileRecord, Record
+from batcher.errors import AuthError, DownloadError, Interrupted, ProviderError, UsageError
+from batcher.ledger import Record
 from batcher.limits import Pacer, Rate
 from batcher.manifest import Manifest
 from batcher.plan import Plan, Selection, make_plan, output_dir
@@ -39,8 +39,8 @@ from batcher.progress import Counters, Progress
 from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.report import JobTally, summarize
-from batcher.retry import Action, Verdict, backoff, classify
-from batcher.saving import Answer, Saver
+from batcher.retry import Action, Verdict, backoff, classify, stop_reason
+from batcher.saving import Saver, task_boundary
 from batcher.storage import FileWriter, Layout, remove_leftovers
 from batcher.store.output import Output, open_output
 from batcher.tasks import Task
@@ -379,13 +379,19 @@ class Runner:
         ``None`` leaves it pending."""
         started = time.time()
         attempt = 0
+        lost_downloads = 0  # generations paid for whose images could not be downloaded
         while not provider.stopped:
             attempt += 1
             try:
-                result = await self._attempt(provider, task, saver, started)
+                kept = await self._attempt(provider, task, saver, started, attempt)
             except ProviderError as error:
                 verdict = classify(error)
                 action = self._react(provider, error, verdict, attempt)
+                if isinstance(error, DownloadError) and action is Action.RETRY:
+                    # The downloader has retried already; each retry here pays again.
+                    lost_downloads += 1
+                    if lost_downloads > provider.config.regenerations:
+                        return saver.failed(task, error, attempt, started), None
                 if action is Action.FAIL:
                     return saver.failed(task, error, attempt, started), None
                 if action is not Action.RETRY or self.stopping.is_set():
@@ -396,17 +402,15 @@ class Runner:
                     await asyncio.sleep(verdict.wait if verdict.wait is not None
                                         else backoff(attempt))
                 continue
-            if result is None:  # stopped while waiting for a turn: never sent
-                return None
-            answer, files, response, request = result
-            record = saver.succeeded(task, files, answer, response, attempt, started)
-            return record, await saver.write_sidecar(record, request)
+            return kept  # None: stopped while waiting for a turn, never sent
         return None
 
     async def _attempt(
-        self, provider: _Provider, task: Task, saver: Saver, started: float
-    ) -> tuple[Answer, list[FileRecord], dict[str, Any], dict[str, Any]] | None:
-        """One request and the saving of its answer, counted as in flight throughout."""
+        self, provider: _Provider, task: Task, saver: Saver, started: float, attempt: int
+    ) -> tuple[Record, str] | None:
+        """One request, the saving of its answer and of its sidecar: counted as in flight
+        throughout, so a stop gives it the grace period rather than cancelling it between
+        its files and its record."""
         async with provider.pacer.slot():
             if self.stopping.is_set() or provider.stopped:
                 return None
@@ -415,11 +419,13 @@ class Runner:
             assert worker is not None
             self._in_flight.add(worker)
             try:
-                answer, logged = await saver.request(provider.client, task, self.images)
-                files, response = await saver.save(task, answer)
+                with task_boundary(task):
+                    answer, logged = await saver.request(provider.client, task, self.images)
+                    files, response = await saver.save(task, answer)
+                    record = saver.succeeded(task, files, answer, response, attempt, started)
+                    return record, await saver.write_sidecar(record, logged)
             finally:
                 self._in_flight.discard(worker)
-        return answer, files, response, logged
 
     def _react(
         self, provider: _Provider, error: ProviderError, verdict: Verdict, attempt: int
@@ -437,8 +443,7 @@ class Runner:
             self.stop(f"provider {config.name} refused the key")
             return Action.STOP_RUN
         if verdict.action is Action.STOP_PROVIDER:
-            return self._stop_provider(provider, f"the provider says its quota is spent "
-                                                 f"({error})")
+            return self._stop_provider(provider, stop_reason(error))
         if verdict.wait is not None and verdict.wait > config.max_wait:
             return self._stop_provider(provider, f"it asked to wait {verdict.wait:.0f} s, "
                                                  f"over max_wait {config.max_wait:g} s")

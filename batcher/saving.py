@@ -8,13 +8,16 @@ its ledger record and request. Every file is atomic (see :mod:`batcher.storage`)
 from __future__ import annotations
 
 import binascii
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from batcher import fastjson
 from batcher.bodies import InputImages, build_body
 from batcher.download import Downloader
-from batcher.errors import HTTPStatusError, ProviderError, ResponseError
+from batcher.errors import HTTPStatusError, InternalError, ProviderError, ResponseError
 from batcher.imagegen import image_kind
 from batcher.ledger import FileRecord, Record
 from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
@@ -22,6 +25,25 @@ from batcher.storage import FileWriter, Layout
 from batcher.tasks import Task
 
 Answer = ImageAnswer | ChatAnswer
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def task_boundary(task: Task) -> Iterator[None]:
+    """Whatever one task's answer makes batcher raise fails that task, never the run.
+
+    Named failures (:class:`ProviderError`) pass as they are; batcher's own environment (a full
+    disk, a folder it may not write: ``OSError``, ``MemoryError``) still stops the run; any
+    other exception is a bug met on this answer and becomes an :class:`InternalError`.
+    """
+    try:
+        yield
+    except (ProviderError, OSError, MemoryError):
+        raise
+    except Exception as exc:
+        log.error("task %s: internal error %s: %s", task.id, type(exc).__name__, exc)
+        log.debug("task %s: the internal error in full", task.id, exc_info=True)
+        raise InternalError(f"{type(exc).__name__}: {exc}"[:500]) from exc
 
 
 class Saver:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batcher.imagerefs import FILE, digest, parse_ref
 from batcher.jsonl import TRANSPORT_FIELDS, iter_jsonl
 from batcher.manifest import JobSpec, Manifest, placeholders
 
@@ -116,17 +117,16 @@ class ImageDigests:
     def of(self, refs: tuple[str, ...], base_dir: Path) -> tuple[str, ...]:
         return tuple(self._one(ref, base_dir) for ref in refs)
 
-    def _one(self, ref: str, base_dir: Path) -> str:
-        if ref.startswith(("http://", "https://")):
-            return "url:" + ref  # remote inputs are known by address; they are not fetched to plan
-        if ref.startswith("data:"):
-            return hashlib.sha256(ref.encode()).hexdigest()
-        path = (base_dir / ref).expanduser()
-        digest = self._cache.get(path)
-        if digest is None:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            self._cache[path] = digest
-        return digest
+    def _one(self, text: str, base_dir: Path) -> str:
+        ref = parse_ref(text)
+        if ref.kind != FILE:
+            return digest(ref)
+        path = ref.path(base_dir)
+        found = self._cache.get(path)
+        if found is None:
+            found = digest(ref, path.read_bytes())
+            self._cache[path] = found
+        return found
 
 
 # --------------------------------------------------------------------------- expansion

@@ -267,6 +267,7 @@ def test_status_agrees_with_the_ledger(tmp_path: Path, thread_server: Any) -> No
         assert failure["count"] == 2 and "999x999" in failure["reason"]
 
         text = run_cli("status", target)
+        assert text.returncode == as_json.returncode == 1  # README: a failed task: exit 1
         assert "Traceback" not in text.stderr
         assert "14 ok, 2 failed, 0 pending of 16" in text.stdout, text.stdout
         assert "999x999" in text.stdout
@@ -277,9 +278,11 @@ def test_status_counts_pending_tasks_of_a_partial_run(tmp_path: Path, thread_ser
     path = good_manifest(tmp_path, thread_server())
     assert run_cli("run", str(path), "--only", "captions", "--no-progress").returncode == 0
 
-    report = json.loads(run_cli("status", str(path), "--json").stdout)
+    done = run_cli("status", str(path), "--json")
+    report = json.loads(done.stdout)
 
     assert (report["total"], report["ok"], report["failed"], report["pending"]) == (14, 2, 0, 12)
+    assert done.returncode == 1  # README: pending tasks make status exit 1
 
 
 def test_status_verify_reports_a_changed_file(tmp_path: Path, thread_server: Any) -> None:
@@ -298,7 +301,7 @@ def test_status_verify_reports_a_changed_file(tmp_path: Path, thread_server: Any
     text = run_cli("status", str(path), "--verify")
     report = json.loads(run_cli("status", str(path), "--verify", "--json").stdout)
 
-    assert text.returncode != 0
+    assert text.returncode == 1, text.stderr  # README: status exits 1 on a changed file
     assert rel in text.stdout and "changed" in text.stdout, text.stdout
     assert [(c["path"], c["problem"]) for c in report["changed"]] == [(rel, "changed")]
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
+from scripted import GOOD_PNG, ScriptedServer, json_reply
 
 from batcher.manifest import load_manifest
 from batcher.runner import Outcome, RunOptions, run
@@ -300,17 +301,38 @@ def test_spent_quota_stops_the_provider_with_a_clear_message(thread_server) -> N
 
     result = run_cli("run", str(manifest), "--no-progress")
 
-    assert result.returncode != 0
+    # README: a quota stop leaves the affected tasks pending, not failed; exit 1.
+    assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "quota" in result.stderr.lower()
-    assert len(generation_records(server)) <= concurrency + 1
+    assert 1 <= len(generation_records(server)) <= concurrency + 1
     summary = summary_of(output_of("faults"))
-    assert summary["ok"] == 0
-    assert summary["failed"] + summary["pending"] == summary["total"] == 20
-    assert summary["pending"] >= 20 - (concurrency + 1)
-    for row in ledger_rows(output_of("faults")):
-        assert row["status"] == "failed"
-        assert "quota" in f"{row['reason']} {row['error']} {row['error_code']}".lower()
+    assert (summary["total"], summary["ok"], summary["failed"], summary["pending"]) == (
+        20, 0, 0, 20)
+    assert summary["exit_code"] == 1
+    assert ledger_rows(output_of("faults")) == []
+
+
+def test_a_wait_over_max_wait_stops_the_provider_and_leaves_its_tasks_pending(
+    thread_server,
+) -> None:
+    concurrency, tasks = 2, 12
+    # The server takes one request a minute; everything after the first is told to wait ~60 s.
+    server = thread_server(rate_limit=(1, 60.0))
+    manifest = image_manifest(server, seeds=tasks, concurrency=concurrency,
+                              provider="retries: 5\ntimeout: 5\nmax_wait: 5")
+
+    result = run_cli("run", str(manifest), "--no-progress")
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "max_wait" in result.stderr
+    statuses = [r.status for r in generation_records(server)]
+    assert statuses.count(200) == 1
+    assert 1 <= statuses.count(429) <= concurrency  # no request after the stop but in flight
+    summary = summary_of(output_of("faults"))
+    assert (summary["ok"], summary["failed"], summary["pending"]) == (1, 0, tasks - 1)
+    assert summary["rate_limited"] == statuses.count(429)
 
 
 # ---------------------------------------------------------------------------- downloads
@@ -335,6 +357,58 @@ async def test_download_over_the_cap_fails_once_and_is_not_retried(server_factor
     assert len(server.stats.matching(".png", listener="files")) == 3
     assert not [p for p in root.rglob("*.png")]
     assert not [p for p in root.rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_download_cap_counts_the_bytes_read_when_no_length_is_sent(tmp_path: Path) -> None:
+    server = ScriptedServer().start()
+    try:
+        url = f"{server.url}/files/chunked.png"
+        server.replies.update({"capped": json_reply({"data": [{"url": url}]})})
+        cap = len(GOOD_PNG) - 1
+        manifest = write_manifest(tmp_path, (
+            "name: faults\nproviders:\n  test:\n"
+            f"    base_url: {server.api_url}\n    retries: 5\n    download_cap: {cap}\n"
+            "jobs:\n  - {name: pics, type: image, provider: test, model: m, prompt: capped}\n"))
+
+        done = run_cli("run", str(manifest), "--no-progress")
+
+        assert done.returncode == 1, done.stderr
+        rows = ledger_rows(output_of("faults"))
+        assert [(r["status"], r["reason"]) for r in rows] == [("failed", "download_too_large")]
+        assert server.requests["capped"] == 1 and server.downloads["chunked.png"] == 1
+        assert not [p for p in output_of("faults").rglob("*.png")]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("regenerations", [1, 0])
+async def test_a_refusing_image_host_costs_at_most_one_regeneration(
+    server_factory, regenerations: int
+) -> None:
+    tasks, downloads_per_generation = 8, 3
+    server = await server_factory(download_status=403)
+    manifest = image_manifest(
+        server, seeds=tasks, params={"response_format": "url"},
+        provider=f"retries: 5\ntimeout: 2\nregenerations: {regenerations}")
+
+    outcome = await run_in_process(manifest)
+
+    assert outcome.exit_code == 1
+    generations = regenerations + 1
+    # Counted at the server: each task paid for its generation at most twice ...
+    assert sorted(requests_per_body(server).values()) == [generations] * tasks
+    assert sum(server.stats.generations.values()) == generations * tasks
+    # ... while each generation's download was tried three times, for free.
+    downloads = server.stats.matching(".png", listener="files")
+    assert len(downloads) == downloads_per_generation * generations * tasks
+    assert {r.status for r in downloads} == {403}
+    rows = ledger_rows(output_of("faults"))
+    assert len(rows) == tasks
+    for row in rows:
+        assert (row["status"], row["reason"], row["attempts"]) == ("failed", "download",
+                                                                   generations)
+        assert "403" in row["error"]
+    assert outcome.summary["retries"] == regenerations * tasks
 
 
 # ---------------------------------------------------------------------------- refused key

@@ -80,8 +80,8 @@ def files_under(folder: Path) -> list[Path]:
 def status_json(target: Path) -> dict[str, Any]:
     result = run_cli("status", str(target), "--json", timeout=CLI_TIMEOUT)
     assert "Traceback" not in result.stderr, result.stderr
-    report = json.loads(result.stdout)
-    # status exits 0 only when every task is ok
+    report: dict[str, Any] = json.loads(result.stdout)
+    # README: status exits 0 only when every task is ok.
     assert result.returncode == (0 if report["ok"] == report["total"] else 1), result.stderr
     return report
 

@@ -197,3 +197,30 @@ def test_chromium_renders_the_sheet_with_every_image_loaded(tmp_path: Path) -> N
     assert state["rows"] >= 5
     assert screenshot.startswith(b"\x89PNG")
     assert _distinct_pixels(screenshot) > 50, "the screenshot looks blank"
+
+
+def test_the_sheet_shows_at_most_5000_tasks_per_job_and_points_to_results(
+    tmp_path: Path,
+) -> None:
+    tasks = 5003
+    path = write_manifest(tmp_path, f"""
+        name: many
+        output: out
+        providers:
+          local: {{concurrency: 64}}
+        jobs:
+          - {{name: captions, type: chat, provider: local, model: llama-3.1-8b-instruct,
+             prompt: a caption, seeds: {tasks}}}
+          - {{name: few, type: chat, provider: local, model: llama-3.1-8b-instruct,
+             prompt: another, seeds: 2}}
+    """)
+    done = run_cli("run", str(path), "--no-progress", timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    html = (tmp_path / "out" / "index.html").read_text()
+    captions, few = html.split("<h2>few ", 1)
+    assert captions.count("<pre>") == 5000
+    assert "3 more tasks are listed in results.jsonl" in captions
+    assert few.count("<pre>") == 2 and "more tasks" not in few
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == tasks + 2

@@ -14,8 +14,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from batcher import fastjson
 from batcher.errors import ManifestError
-from batcher.manifest import Manifest, load_manifest
+from batcher.manifest import load_manifest
 from batcher.tasks import Task, expand
 from tests.conftest import write_manifest
 
@@ -369,19 +370,18 @@ def test_shard_depends_only_on_the_id(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- robustness
 
 
-def test_params_with_a_yaml_date_load_and_expand(tmp_path: Path) -> None:
-    # YAML reads 2024-01-01 as a date: batcher must either refuse it at load or expand it.
+def test_params_with_a_yaml_date_are_refused_naming_the_line_and_field(tmp_path: Path) -> None:
+    # YAML reads 2024-01-01 as a date, which is not JSON: refused at load, not sent as a string.
     path = write_manifest(tmp_path, """
         name: demo
         jobs:
           - {name: a, type: image, provider: local, model: m, prompt: p,
              params: {size: 64x64, style_date: 2024-01-01}}
     """)
-    try:
-        manifest = load_manifest(path)
-    except ManifestError:
-        return
-    assert len(list(expand(manifest))) == 1
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert caught.value.file.endswith("jobs.yaml") and caught.value.line is not None
+    assert caught.value.field is not None and "style_date" in caught.value.field
 
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10),
@@ -398,17 +398,44 @@ PARAMS = st.dictionaries(
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(params=PARAMS, seeds=st.one_of(st.integers(-3, 5), st.lists(st.integers(), max_size=3)),
        var_values=st.lists(SCALARS, max_size=3))
-def test_a_manifest_that_loads_expands(
+def test_a_manifest_loads_and_expands_exactly_when_its_values_are_valid(
     tmp_path: Path, params: dict[str, object], seeds: object, var_values: list[object]
 ) -> None:
     job = {"name": "a", "type": "image", "provider": "local", "model": "m",
            "prompt": "p {v}", "vars": {"v": var_values}, "params": params, "seeds": seeds}
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.dump({"name": "fuzz", "jobs": [job]}, Dumper=yaml.SafeDumper))
-    try:
-        manifest = load_manifest(path)
-    except ManifestError:
+    problem = expected_problem(params, seeds, var_values)
+
+    if problem is not None:
+        with pytest.raises(ManifestError) as caught:
+            load_manifest(path)
+        assert caught.value.file.endswith("fuzz.yaml") and caught.value.line is not None
+        field = caught.value.field or ""
+        assert field.startswith(f"jobs[0].{problem}"), (str(caught.value), problem)
         return
-    assert isinstance(manifest, Manifest)
+    manifest = load_manifest(path)
     tasks = list(itertools.islice(expand(manifest), 50))
-    assert tasks and all(len(t.id) == 32 for t in tasks)
+    assert isinstance(seeds, int | list)
+    count = len(var_values) * (seeds if isinstance(seeds, int) else len(seeds))
+    assert len(tasks) == min(count, 50) and all(len(t.id) == 32 for t in tasks)
+    assert all(dict(t.params or {}) == params for t in tasks)
+
+
+def expected_problem(params: dict[str, object], seeds: object,
+                     var_values: list[object]) -> str | None:
+    """The field the manifest's rules refuse first (vars, seeds, params), or None."""
+    texts = [str(value) for value in var_values]
+    if (not var_values or any(value is None or isinstance(value, list | dict)
+                              for value in var_values) or len(set(texts)) != len(texts)):
+        return "vars"
+    if isinstance(seeds, int):
+        if seeds < 1:
+            return "seeds"
+    elif not seeds or len(set(seeds)) != len(seeds):  # type: ignore[arg-type]
+        return "seeds"
+    if {"model", "prompt", "messages", "images", "seed"} & set(params):
+        return "params"
+    if fastjson.unsendable(params) is not None:
+        return "params"
+    return None

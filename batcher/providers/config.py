@@ -32,6 +32,8 @@ class ProviderConfig:
     retries: int = 5
     max_wait: float = 120.0
     download_cap: int = 50 * 1024 * 1024
+    regenerations: int = 1  # generations paid again when their images cannot be downloaded
+    max_input_bytes: int = 20 * 1024 * 1024  # largest local input image, before any request
 
     @property
     def is_local(self) -> bool:
@@ -61,7 +63,7 @@ def builtin_providers() -> dict[str, ProviderConfig]:
 _FIELD_TYPES = {
     "base_url": str, "api_key_env": str, "api_key_file": str, "rate_limit": str,
     "concurrency": int, "timeout": float, "connect_timeout": float, "retries": int,
-    "max_wait": float, "download_cap": int,
+    "max_wait": float, "download_cap": int, "regenerations": int, "max_input_bytes": int,
 }
 
 _KIND_NAMES = {str: "a string", int: "a whole number", float: "a number"}
@@ -108,9 +110,9 @@ def _checked(key: str, value: Any) -> Any:
             return parse_rate(value)
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
-    if key in {"concurrency", "download_cap"} and value < 1:
+    if key in {"concurrency", "download_cap", "max_input_bytes"} and value < 1:
         raise ValueError(f"{key}: must be at least 1")
-    if key == "retries" and value < 0:
+    if key in {"retries", "regenerations"} and value < 0:
         raise ValueError(f"{key}: must be 0 or more")
     if key in {"timeout", "connect_timeout", "max_wait"} and value <= 0:
         raise ValueError(f"{key}: must be more than 0 seconds")

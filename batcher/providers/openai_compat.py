@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import yarl
 
 from batcher import fastjson
 from batcher.errors import HTTPStatusError, ResponseError, TransportError
@@ -109,25 +110,75 @@ class OpenAICompatible:
                     if payload == b"[DONE]":
                         finished = True
                         break
-                    chunk = _decode_json(payload)
-                    last = chunk if isinstance(chunk, dict) else last
+                    last = _stream_chunk(_decode_json(payload))
                     usage = last.get("usage") or usage
-                    for choice in last.get("choices") or ():
-                        delta = choice.get("delta") or {}
-                        if isinstance(delta.get("content"), str):
-                            parts.append(delta["content"])
+                    parts.extend(_delta_texts(last))
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 raise TransportError(f"the stream broke off: {exc}", reason="truncated") from exc
         if not finished:
             raise TransportError("the stream ended without [DONE]", reason="truncated")
         text = "".join(parts)
+        if usage is not None and not isinstance(usage, dict):
+            raise ResponseError("the stream's usage is not an object", reason="bad_response")
         completion = {
             "id": last.get("id"), "object": "chat.completion", "model": last.get("model"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": "stop"}],
             "usage": usage,
         }
-        return ChatAnswer(text=text, body=completion, usage=usage)
+        return ChatAnswer(text=text, body=_kept(completion), usage=usage)
+
+
+def _stream_chunk(chunk: Any) -> dict[str, Any]:
+    if not isinstance(chunk, dict):
+        raise ResponseError(f"a stream chunk is not an object: {_show(chunk)}",
+                            reason="bad_response")
+    return chunk
+
+
+def _delta_texts(chunk: dict[str, Any]) -> list[str]:
+    """The content pieces of one stream chunk; a chunk of another shape is a bad answer."""
+    choices = chunk.get("choices")
+    if choices is None:
+        return []  # the usage chunk has no choices
+    if not isinstance(choices, list):
+        raise ResponseError("a stream chunk's choices is not a list", reason="bad_response")
+    texts = []
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if delta is None and isinstance(choice, dict):
+            continue  # a choice with only a finish_reason
+        if not isinstance(delta, dict):
+            raise ResponseError("a stream chunk's choice has no delta object",
+                                reason="bad_response")
+        content = delta.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ResponseError("a stream chunk's delta.content is not a string",
+                                reason="bad_response")
+        if content:
+            texts.append(content)
+    return texts
+
+
+def _show(value: Any) -> str:
+    return repr(value)[:80]
+
+
+def _kept(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` if it is plain JSON that the ledger and results.jsonl can hold as sent."""
+    found = fastjson.unsendable(body)
+    if found is not None:
+        where, why = found
+        raise ResponseError(f"the answer's {where or 'body'} {why}", reason="bad_response")
+    return body
+
+
+def _usage(data: dict[str, Any]) -> dict[str, Any] | None:
+    usage = data.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        raise ResponseError(f"the answer's usage is not an object: {_show(usage)}",
+                            reason="bad_response")
+    return usage
 
 
 def _decode_json(raw: bytes) -> Any:
@@ -147,13 +198,37 @@ async def _status_error(response: aiohttp.ClientResponse) -> HTTPStatusError:
         raw = b""
     message, code = _error_fields(raw)
     if 300 <= response.status < 400:
-        message = "the provider answered with a redirect; batcher does not follow it"
+        message = _redirect_message(response)
     elif not message:
         message = response.reason or "no message"
     return HTTPStatusError(
         response.status, message[:MAX_ERROR_MESSAGE], code=code,
         retry_after=parse_retry_after(response.headers),
     )
+
+
+def _redirect_message(response: aiohttp.ClientResponse) -> str:
+    """Where a redirect points, and the base_url that would reach it without one."""
+    location = response.headers.get("Location", "")
+    try:
+        target = response.url.join(yarl.URL(location)) if location else None
+    except (ValueError, UnicodeError):
+        target = None
+    if target is None:
+        return (f"the API answered HTTP {response.status} (a redirect) without a usable "
+                "Location; batcher does not follow redirects: check base_url")
+    # The endpoint asked for, e.g. /images/generations, is what base_url adds to the path.
+    asked = response.url.path
+    endpoint = next((e for e in _ENDPOINTS if asked.endswith(e)), "")
+    where = target.with_query(None).with_fragment(None)
+    if endpoint and where.path.endswith(endpoint):
+        base = str(where.with_path(where.path[: -len(endpoint)]))
+        return (f"the API redirects to {where}; batcher does not follow redirects: "
+                f"set base_url to {base.rstrip('/')}")
+    return f"the API redirects to {where}; batcher does not follow redirects: check base_url"
+
+
+_ENDPOINTS = ("/images/generations", "/chat/completions", "/models")
 
 
 def _error_fields(raw: bytes) -> tuple[str, str | None]:
@@ -174,7 +249,10 @@ def _error_fields(raw: bytes) -> tuple[str, str | None]:
 
 def parse_image_answer(data: Any) -> ImageAnswer:
     """Check an images/generations answer; a missing or empty ``data`` is a retryable error."""
-    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise ResponseError(f"the answer is not a JSON object: {_show(data)}",
+                            reason="bad_response")
+    items = data.get("data")
     if not isinstance(items, list) or not items:
         raise ResponseError("the answer holds no images (empty or missing data)",
                             reason="empty_data")
@@ -191,7 +269,7 @@ def parse_image_answer(data: Any) -> ImageAnswer:
     # The body kept for results.jsonl: every item's fields but the image bytes themselves.
     stripped = {**data, "data": [{k: v for k, v in item.items() if k != "b64_json"}
                                  for item in items]}
-    return ImageAnswer(tuple(images), stripped, data.get("usage"))
+    return ImageAnswer(tuple(images), _kept(stripped), _usage(data))
 
 
 def parse_chat_answer(data: Any) -> ChatAnswer:
@@ -203,4 +281,4 @@ def parse_chat_answer(data: Any) -> ChatAnswer:
     if not isinstance(content, str):
         raise ResponseError("the completion has no choices[0].message.content",
                             reason="bad_response")
-    return ChatAnswer(text=content, body=data, usage=data.get("usage"))
+    return ChatAnswer(text=content, body=_kept(data), usage=_usage(data))

@@ -68,6 +68,7 @@ class ServerOptions:
     max_image_side: int = 1024
     image_grain: bool = False  # photo-sized PNGs (~3 MB at 1024x1024), for benchmarks
     files_port: int = 0  # port of the files listener; 0 = ephemeral
+    download_status: int | None = None  # when set, every image download answers this status
     max_records: int | None = 100_000  # stats.requests keeps at most this many, newest last
     log_requests: bool = False  # one log line per request (`batcher serve`; not inside a run)
 
@@ -400,6 +401,8 @@ class LocalServer:
 
     async def _file(self, request: web.Request) -> web.Response:
         token = request.match_info["token"]
+        if self.options.download_status is not None:  # a host that refuses every download
+            return web.Response(status=self.options.download_status, text="refused\n")
         if token not in self._images:
             raise web.HTTPNotFound(text="no such image (it may have expired)\n")
         self._images.move_to_end(token)
