@@ -47,11 +47,17 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 """
 
+# Columns added since the first schema, with their SQL types, in order. A ledger written by an
+# older batcher gains them when opened for writing; read-only, and in another shard's older
+# ledger, they read as NULL. A new column goes here, as a Record field (after the others, in the
+# same order) and at the end of Record.as_row.
+ADDED_COLUMNS: dict[str, str] = {}
+
 _COLUMNS = (
     "id", "job", "provider", "kind", "model", "prompt", "seed", "vars", "params", "status",
     "attempts",
     "reason", "error", "error_code", "http_status", "files", "usage", "response", "started",
-    "finished", "elapsed",
+    "finished", "elapsed", *ADDED_COLUMNS,
 )
 _UPSERT = (
     f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
@@ -126,7 +132,7 @@ class Record:
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Record:
-        """A record from a row of :data:`_SELECT_RECORDS` (its columns in field order)."""
+        """A record from a row of ``records()``'s query (its columns in field order)."""
         values = list(row)
         for index, empty in _JSON_FIELDS:
             values[index] = fastjson.loads(values[index]) if values[index] else empty()
@@ -142,7 +148,6 @@ _JSON_FIELDS: tuple[tuple[int, Callable[[], Any]], ...] = tuple(
     if f.name in {"vars", "params", "files", "usage", "response"}
 )
 _FILES = [f.name for f in fields(Record)].index("files")
-_SELECT_RECORDS = f"SELECT {', '.join(f.name for f in fields(Record))} FROM tasks ORDER BY rowid"
 
 
 def _dumps(value: Any) -> str | None:
@@ -165,9 +170,15 @@ class Ledger:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
+                for column, kind in ADDED_COLUMNS.items():
+                    if column not in _columns_of(self._db, "main"):
+                        self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
             self._db.execute("SELECT count(*) FROM tasks").fetchone()
+            present = _columns_of(self._db, "main")
         except sqlite3.DatabaseError as exc:
             raise UsageError(f"{path}: not a batcher ledger ({exc})") from None
+        self._select_records = "SELECT {} FROM tasks ORDER BY rowid".format(", ".join(
+            f.name if f.name in present else f"NULL AS {f.name}" for f in fields(Record)))
         self._db.row_factory = sqlite3.Row
         self._pending: list[Record] = []
         self._flush_scheduled = False
@@ -220,9 +231,11 @@ class Ledger:
         try:
             with self._db:
                 self._db.execute("BEGIN")
+                theirs = _columns_of(self._db, "other")
                 self._db.execute(
                     f"INSERT INTO tasks ({', '.join(_COLUMNS)}) "
-                    f"SELECT {', '.join(_COLUMNS)} FROM other.tasks WHERE true "
+                    f"SELECT {', '.join(c if c in theirs else 'NULL' for c in _COLUMNS)} "
+                    "FROM other.tasks WHERE true "
                     "ON CONFLICT(id) DO UPDATE SET "
                     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c != "id")
                     + " WHERE (excluded.status = 'ok') > (tasks.status = 'ok') OR "
@@ -242,12 +255,13 @@ class Ledger:
 
     def write_rows(self, rows: list[sqlite3.Row]) -> None:
         """Copy whole rows from another ledger (``merge``), keeping their attempt counts."""
+        names = set(rows[0].keys()) if rows else set()  # an older ledger lacks added columns
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
                 f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                [tuple(row[c] for c in _COLUMNS) for row in rows],
+                [tuple(row[c] if c in names else None for c in _COLUMNS) for row in rows],
             )
 
     # ------------------------------------------------------------------ reading
@@ -269,7 +283,7 @@ class Ledger:
 
     def records(self) -> Iterator[Record]:
         """Every record, in the order first written, read as they are consumed."""
-        for row in self._db.execute(_SELECT_RECORDS):
+        for row in self._db.execute(self._select_records):
             yield Record.from_row(row)
 
     def last_finished(self) -> float:
@@ -278,6 +292,10 @@ class Ledger:
 
     def raw_rows(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM tasks").fetchall()
+
+
+def _columns_of(db: sqlite3.Connection, schema: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA {schema}.table_info(tasks)")}
 
 
 FilePresent = Callable[[str, int], bool]

@@ -30,7 +30,14 @@ import aiohttp
 
 from batcher.bodies import InputImages
 from batcher.download import Downloader
-from batcher.errors import AuthError, DownloadError, Interrupted, ProviderError, UsageError
+from batcher.errors import (
+    AuthError,
+    BatcherError,
+    DownloadError,
+    Interrupted,
+    ProviderError,
+    UsageError,
+)
 from batcher.ledger import Record
 from batcher.limits import Pacer, Rate
 from batcher.manifest import Manifest
@@ -205,6 +212,8 @@ class Runner:
     def _message(self) -> str | None:
         if self.auth_error is not None:
             return str(self.auth_error)
+        if isinstance(self.crash, BatcherError):  # the store stayed down: its own message
+            return f"stopped: {self.crash}; the tasks not uploaded stay pending"
         if self.crash is not None:
             return f"stopped by an error: {self.crash!r} (run again with -v for details)"
         return self._stopped_providers()

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 LEDGERS = "ledgers/"  # shards' ledgers, locks and summaries
 LOCK_NAME = ".batcher.lock"
 DEFAULT_SYNC_EVERY = 30.0
+ADOPT_READS = 16  # sidecars read at once when adopting
 
 
 def cache_root(url: StoreURL, part: str) -> Path:
@@ -144,18 +145,22 @@ class StoreOutput:
 
     async def _adopt(self, manifest: Manifest, selection: Selection, listing: dict[str, int],
                      done: set[str], failed: set[str]) -> int:
-        adopted = 0
-        for task, sends in list(selection.walk(manifest, done, failed)):
-            name = self.layout.sidecar_name(task)
-            if not sends or name not in listing:
-                continue
-            record = await self._read_sidecar(name, task.id, listing)
+        """Read the sidecars of tasks this run would send, a few at a time."""
+        candidates = ((task.id, self.layout.sidecar_name(task))
+                      for task, sends in selection.walk(manifest, done, failed) if sends)
+        found = [(task_id, name) for task_id, name in candidates if name in listing]
+        gate = asyncio.Semaphore(ADOPT_READS)
+
+        async def adopt(task_id: str, name: str) -> bool:
+            async with gate:
+                record = await self._read_sidecar(name, task_id, listing)
             if record is None:
-                continue
+                return False
             self.ledger.record(record)
-            done.add(task.id)
-            failed.discard(task.id)
-            adopted += 1
+            done.add(task_id)
+            failed.discard(task_id)
+            return True
+        adopted = sum(await asyncio.gather(*(adopt(*item) for item in found)))
         self.ledger.flush()
         return adopted
 
@@ -198,7 +203,7 @@ class StoreOutput:
                 await self.store.put_file(file.path, self.root / file.path)
             if sidecar is not None:  # last: its presence says every file arrived
                 await self.store.put_file(sidecar, self.root / sidecar)
-        except StoreError as exc:
+        except Exception as exc:  # the store stayed down, or the working copy lost a file
             failed(exc)
         else:
             kept(record)
