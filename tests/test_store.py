@@ -391,3 +391,24 @@ def test_the_contact_sheet_opens_from_the_bucket_with_every_image_decoded(
     assert state["count"] == 13  # the demo's images, each by a relative link into the bucket
     assert state["loaded"] == 13, state
     assert "demo" in state["title"]
+
+
+def test_a_run_whose_lock_was_taken_over_stops_and_leaves_the_new_holder_alone(
+    tmp_path: Path, thread_server: Any, s3: S3Server
+) -> None:
+    server = thread_server(latency=0.05)
+    bucket = s3.bucket()
+    path = manifest(server, tmp_path, f"s3://{bucket}/taken", images=30, chats=30)
+    process = start_cli("run", str(path), "--no-progress", "--sync-every", "0.5",
+                        env=store_env(s3.url, str(tmp_path / "cache")))
+    while paid(server) < 4 and process.poll() is None:
+        time.sleep(0.01)
+    usurper = {"host": "other-runner", "pid": 7, "started": time.time(),
+               "refreshed": time.time()}
+    s3.put(bucket, "taken/.batcher.lock", json.dumps(usurper).encode())
+    _out, err = process.communicate(timeout=60)
+
+    assert process.returncode == 1, err
+    assert "took over" in err and "Traceback" not in err
+    assert json.loads(s3.get(bucket, "taken/.batcher.lock"))["host"] == "other-runner"
+    assert paid(server) < 60  # it stopped instead of finishing the set under another's lock

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 MIN_STALE = 600.0  # seconds: a lock younger than this is never taken over
 
 
+class LockLost(StoreError):
+    """Another run took this run's lock over (it was stale): this run must stop writing."""
+
+
 class StoreLock:
     """The lock object ``name`` in ``store``, held by this process once :meth:`acquire` returns."""
 
@@ -79,8 +83,8 @@ class StoreLock:
                                                     mode={"e_tag": self._etag})
         except (PreconditionError, FileNotFoundError) as exc:
             self._etag = None
-            raise StoreError(f"{self.store.url}: another run took over {self.name}; this run "
-                             f"stops writing to the store") from exc
+            raise LockLost(f"{self.store.url}: another run took over {self.name}; this run "
+                           f"stops writing to the store") from exc
 
     async def release(self) -> None:
         """Remove the lock if it is still ours (best effort: a stale lock also expires)."""

@@ -30,7 +30,7 @@ from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.report import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME, write_listings
 from batcher.storage import Layout, lock_folder, slugify
-from batcher.store.lock import StoreLock
+from batcher.store.lock import LockLost, StoreLock
 from batcher.store.objects import ObjectStore, StoreURL
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,9 @@ class StoreOutput:
         self._uploads: set[asyncio.Task[None]] = set()
         self._publishing = asyncio.Lock()
         self._publisher: asyncio.Task[None] | None = None
+        self._finished = False
+        self.failure: BaseException | None = None  # the store went down, or the lock was lost
+        self._on_failure: Callable[[BaseException], None] | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -198,12 +201,16 @@ class StoreOutput:
     async def _upload(self, record: Record, sidecar: str | None,
                       kept: Callable[[Record], None],
                       failed: Callable[[BaseException], None]) -> None:
+        self._on_failure = failed
         try:
+            if self.failure is not None:  # the store is down: the run is stopping
+                return
             for file in record.files:
                 await self.store.put_file(file.path, self.root / file.path)
             if sidecar is not None:  # last: its presence says every file arrived
                 await self.store.put_file(sidecar, self.root / sidecar)
         except Exception as exc:  # the store stayed down, or the working copy lost a file
+            self.failure = self.failure or exc
             failed(exc)
         else:
             kept(record)
@@ -231,18 +238,28 @@ class StoreOutput:
             await asyncio.sleep(self.sync_every)
             try:
                 await self.publish()
+            except LockLost as exc:  # another run writes here now: stop, never write over it
+                self.failure = exc
+                if self._on_failure is not None:
+                    self._on_failure(exc)
+                return
             except StoreError as exc:
                 log.warning("publishing the ledger failed: %s; trying again in %.0f s", exc,
                             self.sync_every)
 
     async def finish(self, summary: dict[str, Any]) -> None:
-        """Publish the ledger and summary, then the listings of every ledger in the store."""
+        """Publish the ledger and summary, then the listings of every ledger in the store.
+        After a store failure only the working copy gets the summary: the store has already
+        had its retry deadline once, and the run's exit code says it stopped."""
         await self.drain()
-        await self.publish()
         data = fastjson.dumps_bytes(summary)
-        await self.store.put_bytes(self.summary_name, data)
         (self.root / SUMMARY_NAME).write_bytes(data)
+        if self.failure is not None:
+            return
+        await self.publish()
+        await self.store.put_bytes(self.summary_name, data)
         await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
+        self._finished = True
 
     async def close(self) -> None:
         if self._publisher is not None:
@@ -250,12 +267,14 @@ class StoreOutput:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._publisher
         if self._ledger is not None:
-            with contextlib.suppress(StoreError):
-                await self.drain()
-                await self.publish()  # a crash or a signal: keep what finished
+            if not self._finished and self.failure is None:
+                with contextlib.suppress(StoreError):
+                    await self.drain()
+                    await self.publish()  # a crash of batcher's own: keep what finished
             self._ledger.close()
-        with contextlib.suppress(StoreError):
-            await self.lock.release()
+        if not isinstance(self.failure, LockLost):
+            with contextlib.suppress(StoreError):
+                await self.lock.release()
 
 
 async def write_store_listings(store: ObjectStore, root: Path, own: Ledger,
