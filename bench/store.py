@@ -7,7 +7,7 @@ process of its own:
   run) as long as the store takes two PUTs per task at that pace: the PUT rate moto's server
   manages here is measured and printed first;
 - resume: a finished 20,000-task store re-run on an empty cache: requests sent, wall, peak RSS;
-- images: 100 and 200 photo-sized (3 MB) images into s3://: peak RSS, flat in the task count.
+- images: 100, 200 and 400 photo-sized (3 MB) images into s3://: peak RSS, flat in the task count.
 
     python bench/store.py [--rounds 2] [--skip-resume] [--skip-images]
 """
@@ -102,9 +102,23 @@ def put_rate(moto: MotoProcess) -> float:
     return asyncio.run(measure())
 
 
+def list_seconds(url: str) -> float:
+    """How long one listing of the whole prefix takes: a resume lists it once."""
+    import asyncio
+
+    from batcher.store.objects import ObjectStore
+    from batcher.store.url import parse_store_url
+
+    target = parse_store_url(url)
+    assert target is not None
+    started = time.perf_counter()
+    asyncio.run(ObjectStore(target).sizes())
+    return time.perf_counter() - started
+
+
 def pace(moto: MotoProcess, rounds: int, rate: int) -> None:
     served = ServedProcess()
-    folder = workdir("store-pace")
+    folder = workdir(f"store-pace-{rate}")
     tasks = 2000
     ratios, folder_rates, store_rates = [], [], []
     try:
@@ -139,8 +153,11 @@ def resume(moto: MotoProcess) -> None:
         moto.env(folder / "cache-empty")
         again = run_child(batcher("run", "resume.yaml", "--no-progress", "--output", url), folder)
         sent = len(server.stats.requests) - before
+        listing = list_seconds(url)
     finally:
         server.stop_thread()
+    print(f"store resume: listing the store's objects alone takes {listing:.1f} s here "
+          f"(moto pages through every key for each page of 1000)")
     print(f"store resume: first run of {tasks} tasks into s3 took {first.seconds:.0f} s "
           f"(exit {first.exit_code}); re-run on an empty cache: exit {again.exit_code}, requests "
           f"sent {sent}, wall {again.seconds:.2f} s, peak RSS {again.peak_rss_mb:.0f} MB "
@@ -151,7 +168,7 @@ def images(moto: MotoProcess) -> None:
     server = start_server(max_records=None, image_grain=True)
     folder = workdir("store-images")
     try:
-        for count in (100, 200):
+        for count in (100, 200, 400):
             write(folder / f"images{count}.yaml", f"""
                 name: images{count}
                 providers:
