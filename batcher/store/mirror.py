@@ -103,6 +103,8 @@ class StoreOutput:
         self._publishing = asyncio.Lock()
         self._publisher: asyncio.Task[None] | None = None
         self._finished = False
+        self._had_listings = False
+        self._adopted = 0
         self.failure: BaseException | None = None  # the store went down, or the lock was lost
         self._on_failure: Callable[[BaseException], None] | None = None
 
@@ -132,6 +134,7 @@ class StoreOutput:
         """Done and failed over every ledger in the store, files checked against the store's
         listing; finished tasks that only a sidecar tells of are adopted into this ledger."""
         listing = await self.store.sizes()
+        self._had_listings = RESULTS_NAME in listing and INDEX_NAME in listing
         others = [name for name in listing if _is_ledger(name) and name != self.ledger_name]
         view = merged_view(self.ledger, await restore_ledgers(
             self.store, self.root / "others", others), self.root)
@@ -140,7 +143,7 @@ class StoreOutput:
         finally:
             if view is not self.ledger:
                 view.close()
-        adopted = await self._adopt(manifest, selection, listing, done, failed)
+        adopted = self._adopted = await self._adopt(manifest, selection, listing, done, failed)
         if adopted:
             log.info("adopted %d finished tasks from their sidecars in %s", adopted,
                      self.store.url)
@@ -258,7 +261,8 @@ class StoreOutput:
             return
         await self.publish()
         await self.store.put_bytes(self.summary_name, data)
-        await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
+        if summary["ran"] or self._adopted or not self._had_listings:  # else they still hold
+            await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
         self._finished = True
 
     async def close(self) -> None:
