@@ -60,7 +60,7 @@ class Saver:
         self, provider: Provider, task: Task, images: InputImages
     ) -> tuple[Answer, dict[str, Any]]:
         """Send the task; returns the answer and the request as the sidecar records it."""
-        body, logged = build_body(task, images)
+        body, logged = build_body(task, images, provider.config.seed_param)
         if task.kind == "chat":
             return await provider.complete_chat(body), logged
         return await provider.generate_image(body), logged
