@@ -5,11 +5,12 @@ port) on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from textwrap import dedent
 from typing import Any
 
-from conftest import ledger_rows, provider_block, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, write_manifest
 
 from batcher.manifest import load_manifest
 from batcher.providers.config import builtin_providers
@@ -83,3 +84,42 @@ def test_vultr_sends_no_seed_and_the_others_do() -> None:
 
 def _tasks(path: Path) -> list[Any]:
     return list(expand(load_manifest(path)))
+
+
+# --------------------------------------------------------------------------- unreachable
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_endpoint_refusing_every_connection_is_stopped_after_concurrency_tasks(
+    tmp_path: Path,
+) -> None:
+    base_url = f"http://127.0.0.1:{_closed_port()}/v1"
+    path = write_manifest(tmp_path, f"""
+        name: t
+        providers:
+          down:
+            base_url: {base_url}
+            concurrency: 2
+            retries: 1
+        jobs:
+          - name: art
+            type: image
+            provider: down
+            model: flux.1-schnell
+            prompt: a red fox
+            seeds: 20
+        """)
+    done = run_cli("run", str(path), "--output", str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 1, done.stderr
+    assert base_url in done.stderr and "unreachable" in done.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["total"], summary["pending"], summary["failed"]) == (20, 20, 0)
+    # Two tasks (the concurrency) used up their two attempts each; a worker that finished
+    # first may have begun one more task. Without the stop it would be 20 x 2.
+    assert 4 <= summary["requests"] <= 6
+    assert ledger_rows(tmp_path / "out") == []
