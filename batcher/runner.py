@@ -397,8 +397,8 @@ class Runner:
             try:
                 kept = await self._attempt(provider, task, saver, started, attempt)
             except ProviderError as error:
-                if not (isinstance(error, TransportError) and error.reason == "connection"):
-                    provider.answered = True  # a status, a bad body, a timeout: it is there
+                if not (isinstance(error, TransportError) and not error.reached):
+                    provider.answered = True  # a status, a reset, a timeout: it is there
                 verdict = classify(error)
                 action = self._react(provider, error, verdict, attempt)
                 if action is Action.FAIL and self._unreachable(provider, error):
@@ -425,9 +425,9 @@ class Runner:
 
     def _unreachable(self, provider: _Provider, error: ProviderError) -> bool:
         """Whether a task's last attempt found an endpoint that has never answered refusing
-        connections; after as many such tasks as the provider's concurrency it is stopped, so
-        a wrong base_url or a server that is down does not grind through every task's
-        retries."""
+        connections (a TransportError that never reached it). After as many such tasks as the
+        provider's concurrency it is stopped, so a wrong base_url or a server that is down does
+        not grind through every task's retries."""
         if provider.answered:
             return False
         provider.unreachable += 1

@@ -121,6 +121,7 @@ class Saver:
         record.files = files
         record.usage = answer.usage
         record.response = response
+        record.request_id = answer.request_id
         return record
 
     def failed(self, task: Task, error: ProviderError, attempts: int, started: float) -> Record:
@@ -130,4 +131,7 @@ class Saver:
         if isinstance(error, HTTPStatusError):
             record.http_status = error.status
             record.error_code = error.code
+            record.request_id = error.request_id
+            # The provider's own error body, for results.jsonl's response.body.
+            record.response = error.body
         return record

@@ -123,3 +123,80 @@ def test_an_endpoint_refusing_every_connection_is_stopped_after_concurrency_task
     # first may have begun one more task. Without the stop it would be 20 x 2.
     assert 4 <= summary["requests"] <= 6
     assert ledger_rows(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------- results.jsonl
+
+BATCH_LINE_KEYS = {"id", "custom_id", "response", "error", "metadata"}
+
+
+async def test_results_jsonl_lines_have_the_openai_batch_output_shape(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    good = await server_factory()
+    resetting = await server_factory(fault_rate=1.0, fault_kinds=("reset",))
+    path = write_manifest(tmp_path, f"""
+        name: t
+        providers:
+          good: {{base_url: "{good.api_url}", retries: 0}}
+          resetting: {{base_url: "{resetting.api_url}", retries: 0}}
+        jobs:
+          - name: ok
+            type: image
+            provider: good
+            model: flux.1-schnell
+            prompt: a poster of {{city}}
+            vars: {{city: [Paris]}}
+            seeds: [3]
+            params: {{size: 256x256}}
+          - name: refused
+            type: image
+            provider: good
+            model: flux.1-schnell
+            prompt: a fox
+            params: {{size: 13x13}}
+          - name: cut
+            type: image
+            provider: resetting
+            model: flux.1-schnell
+            prompt: a fox
+        """)
+    outcome = await run_manifest(path, output=tmp_path / "out")
+    assert outcome.exit_code == 1
+    lines = [json.loads(line)
+             for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    by_job = {line["metadata"]["job"]: line for line in lines}
+    assert len(lines) == 3 and set(by_job) == {"ok", "refused", "cut"}
+    rows = {row["id"]: row for row in ledger_rows(tmp_path / "out")}
+    for line in lines:
+        assert set(line) == BATCH_LINE_KEYS
+        assert line["custom_id"] in rows
+        assert line["id"] == "batcher-" + line["custom_id"][:16]
+
+    ok = by_job["ok"]
+    assert ok["error"] is None
+    assert set(ok["response"]) == {"status_code", "request_id", "body"}
+    assert ok["response"]["status_code"] == 200
+    assert ok["response"]["request_id"].startswith("req_")
+    assert rows[ok["custom_id"]]["request_id"] == ok["response"]["request_id"]
+    body = ok["response"]["body"]
+    assert isinstance(body["created"], int) and len(body["data"]) == 1
+    assert "b64_json" not in body["data"][0] and "files" not in body
+    [saved] = ok["metadata"]["files"]
+    assert (tmp_path / "out" / saved["path"]).stat().st_size == saved["size"]
+    assert ok["metadata"] == {
+        "job": "ok", "model": "flux.1-schnell", "seed": 3, "prompt": "a poster of Paris",
+        "vars": {"city": "Paris"}, "files": [saved],
+    }
+
+    refused = by_job["refused"]
+    assert refused["error"] is None  # the provider answered: its answer is the response
+    assert refused["response"]["status_code"] == 400
+    assert refused["response"]["request_id"].startswith("req_")
+    assert refused["response"]["body"]["error"]["param"] == "size"  # the server's own body
+    assert refused["metadata"]["files"] == [] and refused["metadata"]["seed"] is None
+
+    cut = by_job["cut"]
+    assert cut["response"] is None
+    assert cut["error"]["code"] == "connection" and cut["error"]["message"]
+    assert rows[cut["custom_id"]]["request_id"] is None
