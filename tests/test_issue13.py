@@ -32,16 +32,7 @@ async def test_seed_param_none_makes_distinct_tasks_and_sends_no_seed(
 ) -> None:
     server = await server_factory()
     head = "name: t\n" + provider_block(server, extra="seed_param: none")
-    path = write_manifest(tmp_path, head + dedent("""
-        jobs:
-          - name: art
-            provider: test
-            type: image
-            model: flux.1-schnell
-            prompt: a red fox
-            seeds: 3
-            params: {size: 256x256}
-        """))
+    path = write_manifest(tmp_path, head + fox_job("3"))
     outcome = await run_manifest(path, output=tmp_path / "out")
     assert outcome.exit_code == 0
     rows = ledger_rows(tmp_path / "out")
@@ -56,16 +47,7 @@ async def test_seed_param_names_the_field_the_seed_travels_in(
     tmp_path: Path, server_factory: Any
 ) -> None:
     server = await server_factory()
-    text = "name: t\n" + provider_block(server) + dedent("""
-        jobs:
-          - name: art
-            provider: test
-            type: image
-            model: flux.1-schnell
-            prompt: a red fox
-            seeds: [7]
-            params: {size: 256x256}
-        """)
+    text = "name: t\n" + provider_block(server) + fox_job("[7]")
     default_ids = {t.id for t in _tasks(write_manifest(tmp_path, text, "a.yaml"))}
     renamed = text.replace("concurrency: 4", "concurrency: 4\n    seed_param: seed")
     assert {t.id for t in _tasks(write_manifest(tmp_path, renamed, "b.yaml"))} == default_ids
@@ -80,6 +62,19 @@ def test_vultr_sends_no_seed_and_the_others_do() -> None:
     assert providers["vultr"].seed_param is None
     assert providers["modelverse"].seed_param == "seed"
     assert providers["local"].seed_param == "seed"
+
+
+def fox_job(seeds: str) -> str:
+    """One image job of provider ``test``: "a red fox" at 256x256 over ``seeds``."""
+    return dedent("""
+        jobs:
+          - name: art
+            provider: test
+            type: image
+            model: flux.1-schnell
+            prompt: a red fox
+            params: {size: 256x256}
+        """) + f"    seeds: {seeds}\n"
 
 
 def _tasks(path: Path) -> list[Any]:
