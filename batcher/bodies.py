@@ -41,8 +41,13 @@ class InputImages:
         return cached
 
 
-def build_body(task: Task, images: InputImages) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the request body, a copy fit for the sidecar: input images named by hash)."""
+def build_body(
+    task: Task, images: InputImages, seed_param: str | None = "seed"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the request body, a copy fit for the sidecar: input images named by hash).
+
+    The seed goes in the provider's ``seed_param`` field; with none, it is left out (it still
+    told the tasks apart)."""
     body: dict[str, Any] = {"model": task.model}
     if task.kind == "chat":
         body["messages"] = (
@@ -52,8 +57,8 @@ def build_body(task: Task, images: InputImages) -> tuple[dict[str, Any], dict[st
     else:
         body["prompt"] = task.prompt
     body.update(task.params or {})
-    if task.seed is not None:
-        body["seed"] = task.seed
+    if task.seed is not None and seed_param is not None:
+        body[seed_param] = task.seed
     if not task.images:
         return body, body
     sent, named = zip(*(images.data_uri(ref, task.base_dir) for ref in task.images), strict=True)

@@ -23,6 +23,8 @@ place each, with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BatcherError(Exception):
     """Base class of every error batcher raises on purpose."""
@@ -100,10 +102,14 @@ class HTTPStatusError(ProviderError):
         *,
         code: str | None = None,
         retry_after: float | None = None,
+        request_id: str | None = None,
+        body: Any = None,
     ) -> None:
         super().__init__(message, retry_after=retry_after)
         self.status = status
         self.code = code
+        self.request_id = request_id  # the provider's x-request-id header
+        self.body = body  # the error body as JSON, where it was a small JSON object
         self.reason = f"http_{status}"
 
     def __str__(self) -> str:
@@ -122,9 +128,10 @@ class ResponseError(ProviderError):
 class TransportError(ProviderError):
     """The request never got a whole answer: timeout, refused or reset connection."""
 
-    def __init__(self, message: str, *, reason: str = "connection") -> None:
+    def __init__(self, message: str, *, reason: str = "connection", reached: bool = True) -> None:
         super().__init__(message)
         self.reason = reason
+        self.reached = reached  # False: no connection was made at all (refused, no route)
 
 
 class DownloadError(ProviderError):

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 # older batcher gains them when opened for writing; read-only, and in another shard's older
 # ledger, they read as NULL. A new column goes here, as a Record field (after the others, in the
 # same order) and at the end of Record.as_row.
-ADDED_COLUMNS: dict[str, str] = {}
+ADDED_COLUMNS: dict[str, str] = {"request_id": "TEXT"}
 
 _COLUMNS = (
     "id", "job", "provider", "kind", "model", "prompt", "seed", "vars", "params", "status",
@@ -101,6 +101,7 @@ class Record:
     started: float | None = None
     finished: float | None = None
     elapsed: float | None = None
+    request_id: str | None = None  # the provider's x-request-id of the last answer
 
     def as_dict(self) -> dict[str, Any]:
         """The record as plain JSON values (a task's sidecar carries this)."""
@@ -128,6 +129,7 @@ class Record:
             self.reason, self.error, self.error_code, self.http_status,
             _dumps([[f.path, f.size, f.sha256] for f in self.files]),
             _dumps(self.usage), _dumps(self.response), self.started, self.finished, self.elapsed,
+            self.request_id,
         )
 
     @classmethod

@@ -90,24 +90,38 @@ def write_listings(root: Path, ledger: Ledger, title: str | None = None) -> None
 
 
 def result_line(record: Record) -> dict[str, Any]:
-    """One task in the OpenAI Batch output shape, base64 stripped, saved files added."""
+    """One task in the OpenAI Batch output shape, base64 stripped, plus batcher's metadata.
+
+    ``response`` is set whenever the provider answered, whatever the status (its body as sent,
+    or for an error whose body was not kept, ``{"error": {message, code}}``), and ``error`` is
+    null; ``error`` is set only when no usable answer came (connection, timeout, a malformed
+    body, a failed download).
+    """
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
     if record.status == "ok":
-        body = dict(record.response or {})
-        body["files"] = [
-            {"path": f.path, "size": f.size, "sha256": f.sha256} for f in record.files
-        ]
-        response: dict[str, Any] | None = {"status_code": 200, "request_id": None, "body": body}
-        error = None
+        response = _response(200, record, record.response or {})
+    elif record.http_status:
+        body = record.response or {
+            "error": {"message": record.error, "code": record.error_code}}
+        response = _response(record.http_status, record, body)
     else:
-        response = None
-        if record.http_status:
-            response = {
-                "status_code": record.http_status, "request_id": None,
-                "body": {"error": {"message": record.error, "code": record.error_code}},
-            }
         error = {"code": record.error_code or record.reason, "message": record.error}
     return {"id": f"batcher-{record.id[:16]}", "custom_id": record.id, "response": response,
-            "error": error}
+            "error": error, "metadata": _metadata(record)}
+
+
+def _response(status: int, record: Record, body: Any) -> dict[str, Any]:
+    return {"status_code": status, "request_id": record.request_id, "body": body}
+
+
+def _metadata(record: Record) -> dict[str, Any]:
+    """What the task was, so a line can be read without the manifest."""
+    return {
+        "job": record.job, "model": record.model, "seed": record.seed, "prompt": record.prompt,
+        "vars": dict(record.vars),
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in record.files],
+    }
 
 
 def _result_lines(records: Iterator[Record]) -> Iterator[str]:

@@ -36,6 +36,7 @@ from batcher.errors import (
     DownloadError,
     Interrupted,
     ProviderError,
+    TransportError,
     UsageError,
 )
 from batcher.ledger import Record
@@ -81,6 +82,8 @@ class _Provider:
     pacer: Pacer
     queue: asyncio.Queue[Task | None]
     stopped: str | None = None  # why this provider takes no more tasks
+    answered: bool = False  # whether it has answered anything (any status) in this run
+    unreachable: int = 0  # tasks whose every attempt found the endpoint refusing connections
 
 
 @dataclass(slots=True)
@@ -394,8 +397,13 @@ class Runner:
             try:
                 kept = await self._attempt(provider, task, saver, started, attempt)
             except ProviderError as error:
+                if not (isinstance(error, TransportError) and not error.reached):
+                    provider.answered = True  # a status, a reset, a timeout: it is there
                 verdict = classify(error)
                 action = self._react(provider, error, verdict, attempt)
+                if action is Action.FAIL and self._unreachable(provider, error):
+                    return None  # never reached: pending, not failed
+
                 if isinstance(error, DownloadError) and action is Action.RETRY:
                     # The downloader has retried already; each retry here pays again.
                     lost_downloads += 1
@@ -411,8 +419,22 @@ class Runner:
                     await asyncio.sleep(verdict.wait if verdict.wait is not None
                                         else backoff(attempt))
                 continue
+            provider.answered = True
             return kept  # None: stopped while waiting for a turn, never sent
         return None
+
+    def _unreachable(self, provider: _Provider, error: ProviderError) -> bool:
+        """Whether a task's last attempt found an endpoint that has never answered refusing
+        connections (a TransportError that never reached it). After as many such tasks as the
+        provider's concurrency it is stopped, so a wrong base_url or a server that is down does
+        not grind through every task's retries."""
+        if provider.answered:
+            return False
+        provider.unreachable += 1
+        if provider.unreachable >= provider.config.concurrency:
+            self._stop_provider(provider, f"the endpoint {provider.client.base_url} is "
+                                          "unreachable (every connection refused)")
+        return True
 
     async def _attempt(
         self, provider: _Provider, task: Task, saver: Saver, started: float, attempt: int

@@ -60,7 +60,7 @@ class Saver:
         self, provider: Provider, task: Task, images: InputImages
     ) -> tuple[Answer, dict[str, Any]]:
         """Send the task; returns the answer and the request as the sidecar records it."""
-        body, logged = build_body(task, images)
+        body, logged = build_body(task, images, provider.config.seed_param)
         if task.kind == "chat":
             return await provider.complete_chat(body), logged
         return await provider.generate_image(body), logged
@@ -121,6 +121,7 @@ class Saver:
         record.files = files
         record.usage = answer.usage
         record.response = response
+        record.request_id = answer.request_id
         return record
 
     def failed(self, task: Task, error: ProviderError, attempts: int, started: float) -> Record:
@@ -130,4 +131,7 @@ class Saver:
         if isinstance(error, HTTPStatusError):
             record.http_status = error.status
             record.error_code = error.code
+            record.request_id = error.request_id
+            # The provider's own error body, for results.jsonl's response.body.
+            record.response = error.body
         return record

@@ -185,7 +185,10 @@ def test_permanent_500_fails_every_task_with_the_providers_message(thread_server
     results = [json.loads(line) for line in
                (output_of("faults") / "results.jsonl").read_text().splitlines()]
     assert len(results) == 3
-    assert all("injected permanent failure" in r["error"]["message"] for r in results)
+    # The provider answered: its 500 is the response (OpenAI's Batch shape), not an error.
+    assert all(r["error"] is None and r["response"]["status_code"] == 500 for r in results)
+    assert all("injected permanent failure" in r["response"]["body"]["error"]["message"]
+               for r in results)
 
 
 async def test_400_is_not_retried_and_its_message_is_recorded(server_factory) -> None:

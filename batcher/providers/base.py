@@ -22,6 +22,7 @@ class ImageAnswer:
     items: tuple[ImageItem, ...]
     body: Mapping[str, Any]  # the response body with the image payloads taken out
     usage: Mapping[str, Any] | None = None
+    request_id: str | None = None  # the provider's x-request-id header, where it sent one
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class ChatAnswer:
     text: str
     body: Mapping[str, Any]  # the completion object (assembled from chunks when streamed)
     usage: Mapping[str, Any] | None = None
+    request_id: str | None = None  # the provider's x-request-id header, where it sent one
 
 
 class Provider(Protocol):

@@ -34,6 +34,9 @@ class ProviderConfig:
     download_cap: int = 50 * 1024 * 1024
     regenerations: int = 1  # generations paid again when their images cannot be downloaded
     max_input_bytes: int = 20 * 1024 * 1024  # largest local input image, before any request
+    # The body field a task's seed travels in; None ("none" in a manifest) for an API that
+    # documents no seed: seeds then only repeat a task (a repeat index), none is sent.
+    seed_param: str | None = "seed"
 
     @property
     def is_local(self) -> bool:
@@ -46,7 +49,7 @@ def builtin_providers() -> dict[str, ProviderConfig]:
         "vultr": ProviderConfig(
             "vultr", "https://api.vultrinference.com/v1", api_key_env="VULTR_API_KEY",
             api_key_file="~/.config/vultr/api_key", key_required=True,
-            rate_limit=Rate(60, 60.0), concurrency=4,
+            rate_limit=Rate(60, 60.0), concurrency=4, seed_param=None,
         ),
         "modelverse": ProviderConfig(
             "modelverse", "https://api.modelverse.cn/v1", api_key_env="MODELVERSE_API_KEY",
@@ -64,6 +67,7 @@ _FIELD_TYPES = {
     "base_url": str, "api_key_env": str, "api_key_file": str, "rate_limit": str,
     "concurrency": int, "timeout": float, "connect_timeout": float, "retries": int,
     "max_wait": float, "download_cap": int, "regenerations": int, "max_input_bytes": int,
+    "seed_param": str,
 }
 
 _KIND_NAMES = {str: "a string", int: "a whole number", float: "a number"}
@@ -116,6 +120,10 @@ def _checked(key: str, value: Any) -> Any:
         raise ValueError(f"{key}: must be 0 or more")
     if key in {"timeout", "connect_timeout", "max_wait"} and value <= 0:
         raise ValueError(f"{key}: must be more than 0 seconds")
+    if key == "seed_param":
+        if not value.isidentifier():
+            raise ValueError(f"{key}: must be a body field name such as seed, or none")
+        return None if value == "none" else value
     return value
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,7 @@ from batcher.providers.config import ProviderConfig
 from batcher.retry import parse_retry_after
 
 MAX_ERROR_MESSAGE = 500
+MAX_ERROR_BODY = 64 * 1024
 
 
 class OpenAICompatible:
@@ -47,13 +49,14 @@ class OpenAICompatible:
     # ------------------------------------------------------------------ endpoints
 
     async def generate_image(self, body: Mapping[str, Any]) -> ImageAnswer:
-        data = await self._post_json("/images/generations", body)
-        return parse_image_answer(data)
+        data, request_id = await self._post_json("/images/generations", body)
+        return replace(parse_image_answer(data), request_id=request_id)
 
     async def complete_chat(self, body: Mapping[str, Any]) -> ChatAnswer:
         if body.get("stream"):
             return await self._stream_chat(body)
-        return parse_chat_answer(await self._post_json("/chat/completions", body))
+        data, request_id = await self._post_json("/chat/completions", body)
+        return replace(parse_chat_answer(data), request_id=request_id)
 
     async def list_models(self) -> list[str]:
         async with self._request("GET", "/models") as response:
@@ -80,6 +83,8 @@ class OpenAICompatible:
                     error = await _status_error(response)
                     if self._key:  # a provider may echo the key back in its message
                         error.message = error.message.replace(self._key, "[api key]")
+                        if self._key in fastjson.dumps(error.body):
+                            error.body = None  # results.jsonl then shows the scrubbed message
                     raise error
                 yield response
         except TimeoutError as exc:
@@ -88,12 +93,16 @@ class OpenAICompatible:
             ) from exc
         except aiohttp.ClientPayloadError as exc:
             raise TransportError(f"the answer was cut short: {exc}", reason="truncated") from exc
+        except aiohttp.ClientConnectorError as exc:  # before any byte was sent
+            raise TransportError(f"connection failed: {exc}", reason="connection",
+                                 reached=False) from exc
         except aiohttp.ClientError as exc:
             raise TransportError(f"connection failed: {exc}", reason="connection") from exc
 
-    async def _post_json(self, path: str, body: Mapping[str, Any]) -> Any:
+    async def _post_json(self, path: str, body: Mapping[str, Any]) -> tuple[Any, str | None]:
+        """The decoded answer and its request id."""
         async with self._request("POST", path, body) as response:
-            return _decode_json(await response.read())
+            return _decode_json(await response.read()), request_id_of(response)
 
     async def _stream_chat(self, body: Mapping[str, Any]) -> ChatAnswer:
         parts: list[str] = []
@@ -101,6 +110,7 @@ class OpenAICompatible:
         usage = None
         finished = False
         async with self._request("POST", "/chat/completions", body) as response:
+            request_id = request_id_of(response)
             try:
                 async for raw_line in response.content:
                     line = raw_line.strip()
@@ -126,7 +136,13 @@ class OpenAICompatible:
                          "finish_reason": "stop"}],
             "usage": usage,
         }
-        return ChatAnswer(text=text, body=_kept(completion), usage=usage)
+        return ChatAnswer(text=text, body=_kept(completion), usage=usage, request_id=request_id)
+
+
+def request_id_of(response: aiohttp.ClientResponse) -> str | None:
+    """The provider's ``x-request-id`` header (OpenAI's name for it), cut to a sane length."""
+    value = response.headers.get("x-request-id", "").strip()
+    return value[:200] or None
 
 
 def _stream_chunk(chunk: Any) -> dict[str, Any]:
@@ -197,6 +213,7 @@ async def _status_error(response: aiohttp.ClientResponse) -> HTTPStatusError:
     except aiohttp.ClientError:
         raw = b""
     message, code = _error_fields(raw)
+    body = _error_body(raw)
     if 300 <= response.status < 400:
         message = _redirect_message(response)
     elif not message:
@@ -204,7 +221,22 @@ async def _status_error(response: aiohttp.ClientResponse) -> HTTPStatusError:
     return HTTPStatusError(
         response.status, message[:MAX_ERROR_MESSAGE], code=code,
         retry_after=parse_retry_after(response.headers),
+        request_id=request_id_of(response), body=body,
     )
+
+
+def _error_body(raw: bytes) -> dict[str, Any] | None:
+    """An error answer's body for results.jsonl: a JSON object of at most 64 KiB, else None
+    (the message and code still say what it was)."""
+    if len(raw) > MAX_ERROR_BODY:
+        return None
+    try:
+        data = fastjson.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or fastjson.unsendable(data) is not None:
+        return None
+    return data
 
 
 def _redirect_message(response: aiohttp.ClientResponse) -> str:

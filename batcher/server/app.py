@@ -282,6 +282,7 @@ class LocalServer:
             client_max_size=64 * 1024 * 1024,
             middlewares=[self._recorder("api"), self._openai_errors],
         )
+        app.on_response_prepare.append(_add_request_id)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/images/generations", self._images_endpoint)
         app.router.add_post("/v1/chat/completions", self._chat_endpoint)
@@ -493,6 +494,11 @@ class LocalServer:
         while len(self._images) > IMAGE_TOKENS_KEPT:
             self._images.popitem(last=False)
         return token
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every API answer carries an ``x-request-id``, as OpenAI's do (streams and errors too)."""
+    response.headers["x-request-id"] = "req_" + secrets.token_hex(12)
 
 
 def _log_request(request: web.Request, status: int) -> None:
