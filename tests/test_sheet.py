@@ -151,6 +151,19 @@ async def _browser(profile: Path) -> AsyncIterator[DevTools]:
         await asyncio.wait_for(process.wait(), timeout=10)
 
 
+# Lazy images below the fold load once asked; decode() settles when each is loaded.
+LOAD_EVERY_IMAGE = """(async () => {
+    await new Promise(r => document.readyState === 'complete'
+        ? r() : addEventListener('load', r));
+    const images = Array.from(document.images);
+    images.forEach(i => { i.loading = 'eager'; });
+    const loaded = await Promise.all(images.map(
+        i => i.decode().then(() => i.naturalWidth > 0, () => false)));
+    return {count: images.length, loaded: loaded.filter(Boolean).length,
+            rows: document.querySelectorAll('tr').length, title: document.title};
+})()"""
+
+
 def _distinct_pixels(png: bytes) -> int:
     """How many distinct byte values the screenshot's pixel data holds (blank: a handful)."""
     chunks, position = [], 8
@@ -174,19 +187,9 @@ def test_chromium_renders_the_sheet_with_every_image_loaded(tmp_path: Path) -> N
         async with _browser(tmp_path / "profile") as tools:
             await tools.call("Page.enable")
             await tools.call("Page.navigate", url=(output / "index.html").resolve().as_uri())
-            # Lazy images below the fold load once asked; decode() settles when each is loaded.
             result = await tools.call(
                 "Runtime.evaluate", awaitPromise=True, returnByValue=True,
-                expression="""(async () => {
-                    await new Promise(r => document.readyState === 'complete'
-                        ? r() : addEventListener('load', r));
-                    const images = Array.from(document.images);
-                    images.forEach(i => { i.loading = 'eager'; });
-                    const loaded = await Promise.all(images.map(
-                        i => i.decode().then(() => i.naturalWidth > 0, () => false)));
-                    return {count: images.length, loaded: loaded.filter(Boolean).length,
-                            rows: document.querySelectorAll('tr').length};
-                })()""",
+                expression=LOAD_EVERY_IMAGE,
             )
             shot = await tools.call("Page.captureScreenshot", format="png")
             return result["result"]["value"], base64.b64decode(shot["data"])

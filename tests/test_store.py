@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import REPO, provider_block, run_cli, start_cli, write_manifest
 from s3server import FaultProxy, S3Server, fault_proxy, s3, store_env
-from test_sheet import CHROMIUM
+from test_sheet import CHROMIUM, LOAD_EVERY_IMAGE
 from test_sheet import _browser as browser
 
 __all__ = ["fault_proxy", "s3"]  # fixtures, used by name
@@ -375,16 +375,7 @@ def test_the_contact_sheet_opens_from_the_bucket_with_every_image_decoded(
             await tools.call("Page.navigate", url=f"{s3.url}/{bucket}/demo/index.html")
             answer = await tools.call(
                 "Runtime.evaluate", awaitPromise=True, returnByValue=True,
-                expression="""(async () => {
-                    await new Promise(r => document.readyState === 'complete'
-                        ? r() : addEventListener('load', r));
-                    const images = Array.from(document.images);
-                    images.forEach(i => { i.loading = 'eager'; });
-                    const loaded = await Promise.all(images.map(
-                        i => i.decode().then(() => i.naturalWidth > 0, () => false)));
-                    return {count: images.length, loaded: loaded.filter(Boolean).length,
-                            title: document.title};
-                })()""")
+                expression=LOAD_EVERY_IMAGE)
             return dict(answer["result"]["value"])
 
     state = asyncio.run(look())
