@@ -79,6 +79,7 @@ _seconds = _bounded(float, 0, 1e9, low_open=True, noun="number of seconds")
 _latency = _bounded(float, 0, 3600, noun="number of seconds")
 _port = _bounded(int, 0, 65535, noun="port number")
 _fraction = _bounded(float, 0, 1)
+_usd = _bounded(float, 0, 1e12, low_open=True, noun="amount in USD")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +106,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "(default: retry them)")
     parser.add_argument("--shard", type=_shard, metavar="I/N",
                         help="run only shard I of N, I from 1 to N, such as 2/4 (default: all)")
+    parser.add_argument("--budget", type=_usd, metavar="USD",
+                        help="most this run may spend, in USD such as 2.50, by the manifest's "
+                             "prices; no task starts past it, the rest stay pending (exit 1); "
+                             "every model run needs a price (default: the manifest's budget, "
+                             "else none). With --shard, each shard's own")
 
 
 # Written out rather than imported: importing the server costs every command a tenth of its
@@ -269,7 +275,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         progress=False if getattr(args, "no_progress", False) else None,
         log_every=getattr(args, "log_every", 10.0), grace=getattr(args, "grace", 10.0),
         sync_every=getattr(args, "sync_every", None),
-        store_timeout=getattr(args, "store_timeout", None),
+        store_timeout=getattr(args, "store_timeout", None), budget=args.budget,
     )
 
 

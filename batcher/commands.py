@@ -18,7 +18,7 @@ from batcher.errors import AuthError, BatcherError, Interrupted, ProviderError, 
 from batcher.ledger import LEDGER_NAME, Ledger
 from batcher.limits import Rate
 from batcher.manifest import Manifest, load_manifest
-from batcher.plan import Plan, make_plan, output_dir
+from batcher.plan import Counts, Plan, make_plan, output_dir
 from batcher.providers import OpenAICompatible, builtin_providers, open_clients, resolve_key
 from batcher.report import SUMMARY_NAME
 from batcher.retry import Action, classify
@@ -33,7 +33,7 @@ from batcher.status import (
     verify_folder,
 )
 from batcher.store import StoreURL, output_target
-from batcher.wording import plural
+from batcher.wording import plural, usd
 
 
 def validate(path: Path, provider: str | None) -> int:
@@ -55,6 +55,9 @@ async def run(path: Path, provider: str | None, options: RunOptions) -> int:
         f"{summary['elapsed_s']:.1f} s -> {outcome.output}",
         file=sys.stderr,
     )
+    spend = _spend_line(summary)
+    if spend:
+        print(f"batcher: {spend}", file=sys.stderr)
     if outcome.message:
         print(f"batcher: {outcome.message}", file=sys.stderr)
     if outcome.exit_code == Interrupted.exit_code:
@@ -62,6 +65,21 @@ async def run(path: Path, provider: str | None, options: RunOptions) -> int:
     if outcome.counters.failed:
         _print_failures(outcome.root, started, outcome.output)
     return outcome.exit_code
+
+
+def _spend_line(summary: dict[str, Any]) -> str | None:
+    """What the run spent, said only when some price was known or a budget was set."""
+    run, total, unknown = summary["cost_usd"], summary["cost_total_usd"], summary["cost_unknown"]
+    if run is None and total is None and summary["budget_usd"] is None:
+        return None  # no price at all: summary.json says unknown, a line would be noise
+    def amount(value: float | None) -> str:
+        return "unknown" if value is None else usd(value)
+    text = f"spent {amount(run)} this run; {amount(total)} for the {summary['ok']} ok tasks"
+    if unknown:
+        text += f" ({unknown} of them of unknown price)"
+    if summary["budget_usd"] is not None:
+        text += f"; budget {usd(summary['budget_usd'])}"
+    return text
 
 
 EXAMPLE_CHARS = 200  # an example message is a hint, not the whole provider answer
@@ -102,24 +120,58 @@ def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool) 
     manifest = load_manifest(path, provider=provider)
     root = output_dir(manifest, options.output)
     done, failed = _done_and_failed(root)
-    result = make_plan(manifest, options.selection, done, failed)
     configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
+    result = make_plan(manifest, options.selection, done, failed,
+                       prices={name: c.prices for name, c in configs.items()})
     _print_plan(result, {name: c.rate_limit for name, c in configs.items()}, root)
+    budget = options.budget if options.budget is not None else manifest.budget
+    _print_estimate(result, budget)
     if check:
         return asyncio.run(_check_models(manifest, options))
     return 0
 
 
 def _print_plan(result: Plan, rates: dict[str, Rate | None], root: Path | StoreURL) -> None:
-    print(f"{'job':<24} {'model':<40} {'total':>9} {'done':>9} {'failed':>8} {'to run':>9}")
+    print(f"{'job':<24} {'model':<40} {'total':>9} {'done':>9} {'failed':>8} {'to run':>9}  "
+          "est. cost")
     for (job, model), c in result.by_model.items():
-        print(f"{job:<24} {model:<40} {c.total:>9} {c.done:>9} {c.failed:>8} {c.to_run:>9}")
+        print(f"{job:<24} {model:<40} {c.total:>9} {c.done:>9} {c.failed:>8} {c.to_run:>9}  "
+              f"{_estimate(c)}")
+    for job, c in result.job_counts().items():
+        if len({model for name, model in result.by_model if name == job}) > 1:
+            print(f"{'job ' + job:<65} {c.total:>9} {c.done:>9} {c.failed:>8} {c.to_run:>9}  "
+                  f"{_estimate(c)}")
     t = result.totals
-    print(f"{'total':<65} {t.total:>9} {t.done:>9} {t.failed:>8} {t.to_run:>9}")
+    print(f"{'total':<65} {t.total:>9} {t.done:>9} {t.failed:>8} {t.to_run:>9}  "
+          f"{_estimate(t)}")
     eta = result.eta_seconds(rates)
     limits = ", ".join(f"{name} {rate or 'unlimited'}" for name, rate in sorted(rates.items()))
     eta_text = "unknown (no rate limit)" if eta is None else _duration(eta)
     print(f"output: {root}\nrate limits: {limits}\nETA at the rate limit: {eta_text}")
+
+
+def _estimate(counts: Counts) -> str:
+    """The estimated cost of the tasks to run: ``<=`` marks an upper estimate (chat)."""
+    return counts.cost.text(upper=counts.upper) if counts.to_run else "-"
+
+
+def _print_estimate(result: Plan, budget: float | None) -> None:
+    totals = result.totals
+    if totals.to_run and (totals.cost.known or budget is not None):
+        note = " (an upper estimate: chat output counted at max_tokens)" if totals.upper else ""
+        print(f"estimated cost: {_estimate(totals)}{note}")
+    if totals.unknown:
+        models = sorted({model for (_job, model), c in result.by_model.items() if c.unknown})
+        print(f"no price for {', '.join(models)}: their cost is unknown "
+              "(add prices: under the provider in the manifest)")
+    if budget is not None:
+        if totals.unknown:
+            verdict = "cannot be kept: a model has no price (run refuses it)"
+        elif totals.cost.usd > budget:
+            verdict = f"the estimate passes it: a run stops when it is reached"
+        else:
+            verdict = "the estimate is within it"
+        print(f"budget: {usd(budget)}; {verdict}")
 
 
 def _duration(seconds: float) -> str:

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 # older batcher gains them when opened for writing; read-only, and in another shard's older
 # ledger, they read as NULL. A new column goes here, as a Record field (after the others, in the
 # same order) and at the end of Record.as_row.
-ADDED_COLUMNS: dict[str, str] = {"request_id": "TEXT"}
+ADDED_COLUMNS: dict[str, str] = {"request_id": "TEXT", "cost_usd": "REAL"}
 
 _COLUMNS = (
     "id", "job", "provider", "kind", "model", "prompt", "seed", "vars", "params", "status",
@@ -102,6 +102,9 @@ class Record:
     finished: float | None = None
     elapsed: float | None = None
     request_id: str | None = None  # the provider's x-request-id of the last answer
+    # What this task's run paid for it in USD, retries and re-generations included; None when
+    # a price was unknown (never 0 for unknown).
+    cost_usd: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The record as plain JSON values (a task's sidecar carries this)."""
@@ -129,7 +132,7 @@ class Record:
             self.reason, self.error, self.error_code, self.http_status,
             _dumps([[f.path, f.size, f.sha256] for f in self.files]),
             _dumps(self.usage), _dumps(self.response), self.started, self.finished, self.elapsed,
-            self.request_id,
+            self.request_id, self.cost_usd,
         )
 
     @classmethod
@@ -287,6 +290,14 @@ class Ledger:
         """Every record, in the order first written, read as they are consumed."""
         for row in self._db.execute(self._select_records):
             yield Record.from_row(row)
+
+    def ok_costs(self) -> Iterator[tuple[str, str, float | None]]:
+        """(id, job, cost_usd) of every ok task; the cost is None where it was unknown (or the
+        row was written before batcher kept costs)."""
+        cost = "cost_usd" if "cost_usd" in _columns_of(self._db, "main") else "NULL"
+        query = f"SELECT id, job, {cost} FROM tasks WHERE status = 'ok'"
+        for task_id, job, usd in self._db.execute(query):
+            yield task_id, job, usd
 
     def last_finished(self) -> float:
         """When the newest record was written (0 for an empty ledger)."""

@@ -21,11 +21,12 @@ from batcher.errors import ManifestError, UsageError
 from batcher.imagerefs import check_local, parse_ref
 from batcher.jsonl import JOB_TYPES, RESERVED_PARAMS, check_jsonl
 from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
+from batcher.providers.prices import ANY_MODEL, PRICE_FIELDS, PriceList, price_from_mapping
 from batcher.store.url import parse_store_url
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 DEFAULT_JSONL_PROVIDER = "vultr"
-TOP_FIELDS = {"name", "output", "providers", "defaults", "jobs"}
+TOP_FIELDS = {"name", "output", "providers", "defaults", "jobs", "budget"}
 JOB_FIELDS = {
     "name", "type", "provider", "model", "models", "prompt", "prompts", "vars", "seeds",
     "images", "params", "system", "file",
@@ -59,6 +60,7 @@ class Manifest:
     output: str  # a folder path or an object-store URL (s3://, gs://, az://)
     providers: Mapping[str, ProviderConfig]
     jobs: tuple[JobSpec, ...]
+    budget: float | None = None  # USD for one run
 
     @property
     def base_dir(self) -> Path:
@@ -454,6 +456,7 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
     except UsageError as exc:
         raise where.error("output", str(exc)) from None
     providers = _parse_providers(data.get("providers", {}), where)
+    budget = _parse_budget(data.get("budget"), where)
     defaults = _require_mapping(data.get("defaults", {}), where, "defaults")
     _check_fields(defaults, JOB_FIELDS - {"name"}, where.child("defaults", defaults))
     jobs_data = data.get("jobs")
@@ -470,7 +473,7 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
         if any(job.name == other.name for other in jobs):
             raise job_where.error("name", f"{job.name!r} is used by another job")
         jobs.append(job)
-    manifest = Manifest(name, path, output, providers, tuple(jobs))
+    manifest = Manifest(name, path, output, providers, tuple(jobs), budget)
     for job in manifest.jobs:
         if job.file is not None:
             check_jsonl(job.file, max_input_bytes=providers[job.provider].max_input_bytes)
@@ -503,12 +506,42 @@ def _parse_providers(value: Any, where: _Where) -> dict[str, ProviderConfig]:
         _name(name, sub, name)
         fields_where = sub.child(name, fields)
         _require_mapping(fields, sub, name)
+        if "prices" in fields:
+            fields = {**fields, "prices": _parse_prices(fields["prices"], fields_where)}
         try:
             providers[name] = provider_from_mapping(name, fields, providers.get(name))
         except ValueError as exc:
             key, _, message = str(exc).partition(": ")
             raise fields_where.error(key, message) from None
     return providers
+
+
+def _parse_prices(value: Any, where: _Where) -> PriceList:
+    data = _require_mapping(value, where, "prices")
+    sub = where.child("prices", data)
+    models = []
+    for model, fields in data.items():
+        if not isinstance(model, str) or not model.strip():
+            raise sub.error(None, f"a model name must be a non-empty string ({ANY_MODEL!r} for "
+                                  "the provider's other models)")
+        if not isinstance(fields, Mapping) or not fields:
+            raise sub.error(model, "must be a mapping of " + ", ".join(
+                f"{name} ({meaning})" for name, meaning in PRICE_FIELDS.items()))
+        try:
+            models.append((model, price_from_mapping(fields)))
+        except ValueError as exc:
+            key, _, message = str(exc).partition(": ")
+            raise sub.child(model, fields).error(key, message) from None
+    return PriceList(tuple(models))
+
+
+def _parse_budget(value: Any, where: _Where) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
+            or value == float("inf"):
+        raise where.error("budget", f"must be an amount in USD above 0, not {value!r}")
+    return float(value)
 
 
 def _load_jsonl_manifest(path: Path, provider: str) -> Manifest:

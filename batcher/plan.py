@@ -4,12 +4,14 @@ model, and how long the rest takes at each provider's rate limit. Sends nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batcher.limits import Rate
 from batcher.manifest import Manifest
+from batcher.providers.prices import PriceList
+from batcher.spend import Cost, estimate
 from batcher.store.url import StoreURL, output_target
 from batcher.tasks import Task, expand
 
@@ -51,12 +53,21 @@ class Counts:
     done: int = 0  # ok, with files present, before this run
     failed: int = 0  # failed before this run
     to_run: int = 0
+    cost: Cost = field(default_factory=Cost)  # the estimated cost of the tasks to run
+    upper: bool = False  # the estimate is an upper bound (chat: output bounded by max_tokens)
+
+    @property
+    def unknown(self) -> int:
+        """Tasks to run whose price is unknown."""
+        return self.cost.unknown
 
     def add(self, other: Counts) -> None:
         self.total += other.total
         self.done += other.done
         self.failed += other.failed
         self.to_run += other.to_run
+        self.cost.merge(other.cost)
+        self.upper |= other.upper
 
 
 @dataclass(slots=True)
@@ -93,10 +104,14 @@ class Plan:
 
 
 def make_plan(
-    manifest: Manifest, selection: Selection, done: set[str], failed: set[str]
+    manifest: Manifest, selection: Selection, done: set[str], failed: set[str],
+    prices: Mapping[str, PriceList] | None = None,
 ) -> Plan:
-    """Walk the manifest once and count; memory stays flat however many tasks it expands to."""
+    """Walk the manifest once and count, and (given each provider's prices) estimate what the
+    tasks to run cost; memory stays flat however many tasks it expands to."""
     plan = Plan()
+    prices = prices if prices is not None else {
+        name: config.prices for name, config in manifest.providers.items()}
     for task, sends in selection.walk(manifest, done, failed):
         counts = plan.by_model.get((task.job, task.model))
         if counts is None:
@@ -107,6 +122,9 @@ def make_plan(
         if not sends:
             continue
         counts.to_run += 1
+        price = prices[task.provider].of(task.model) if task.provider in prices else None
+        counts.cost.add(None if price is None else estimate(task, price))
+        counts.upper |= task.kind == "chat"
         plan.to_run_by_provider[task.provider] = plan.to_run_by_provider.get(task.provider, 0) + 1
     return plan
 

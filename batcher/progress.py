@@ -14,6 +14,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from batcher.wording import usd
+
 
 @dataclass(slots=True)
 class Counters:
@@ -25,6 +27,8 @@ class Counters:
     requests: int = 0
     retries: int = 0
     rate_limited: int = 0
+    spent_usd: float = 0.0  # what this run's answers cost, where a price was known
+    priced: bool = False  # whether any request had a price (spend is shown only then)
 
 
 # Narrower than this, tqdm trims the line (counts first, then everything: CI pseudo-terminals
@@ -84,7 +88,8 @@ class Progress:
 
     def _postfix(self) -> str:
         c = self.counters
-        return (f"ok={c.ok} failed={c.failed} retries={c.retries} 429s={c.rate_limited}")
+        spent = f" spent={usd(c.spent_usd)}" if c.priced else ""
+        return f"ok={c.ok} failed={c.failed} retries={c.retries} 429s={c.rate_limited}{spent}"
 
     def update(self) -> None:
         """Call after each finished task."""

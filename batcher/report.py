@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from batcher.ledger import Ledger, Record
 from batcher.plan import Plan
 from batcher.progress import Counters
 from batcher.sheet import ContactSheet
+from batcher.spend import Cost, Spend
 from batcher.storage import atomic_open
 
 SUMMARY_NAME = "summary.json"
@@ -39,29 +40,46 @@ class JobTally:
     ok: int = 0
     failed: int = 0
     failed_before: int = 0  # of those that ran, how many had failed in an earlier run
+    cost: Cost = field(default_factory=Cost)  # what the tasks that ran cost
 
 
 def summarize(
-    plan: Plan, counters: Counters, tally: dict[str, JobTally], *, elapsed: float
+    plan: Plan, counters: Counters, tally: dict[str, JobTally], *, elapsed: float,
+    spend: Spend | None = None, spent_by_job: dict[str, Cost] | None = None,
 ) -> dict[str, Any]:
-    """The summary of the whole selection after a run: ok + failed + pending = total."""
+    """The summary of the whole selection after a run: ok + failed + pending = total.
+
+    Spend: ``cost_usd`` is what this run's tasks cost, ``cost_total_usd`` what every ok task
+    cost when it ran, ``cost_unknown`` how many ok tasks have no known cost; a cost that is
+    wholly unknown is null, never 0. Per job, and over all jobs.
+    """
     jobs: dict[str, Any] = {}
+    run_cost, total_cost = Cost(), Cost()
     for name, counts in plan.job_counts().items():
         run = tally.get(name, JobTally())
         ok = counts.done + run.ok
         failed = counts.failed - run.failed_before + run.failed
+        spent = (spent_by_job or {}).get(name, Cost())
+        run_cost.merge(run.cost)
+        total_cost.merge(spent)
         jobs[name] = {
             "total": counts.total, "ok": ok, "failed": failed,
             "pending": counts.total - ok - failed, "skipped": counts.done, "ran": run.ran,
+            **_costs(run.cost, spent),
         }
     totals = {key: sum(job[key] for job in jobs.values())
               for key in ("total", "ok", "failed", "pending", "skipped", "ran")}
     return {
-        **totals,
+        **totals, **_costs(run_cost, total_cost),
+        "budget_usd": spend.limit if spend is not None else None,
         "requests": counters.requests, "retries": counters.retries,
         "rate_limited": counters.rate_limited, "elapsed_s": round(elapsed, 3),
         "exit_code": None, "jobs": jobs,
     }
+
+
+def _costs(run: Cost, total: Cost) -> dict[str, Any]:
+    return {"cost_usd": run.value, "cost_total_usd": total.value, "cost_unknown": total.unknown}
 
 
 def write_reports(root: Path, ledger: Ledger, summary: dict[str, Any]) -> None:

@@ -45,14 +45,23 @@ from batcher.manifest import Manifest
 from batcher.plan import Plan, Selection, make_plan, output_dir
 from batcher.progress import Counters, Progress
 from batcher.providers import OpenAICompatible, open_clients
+from batcher.providers.base import ImageAnswer
 from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.report import JobTally, summarize
 from batcher.retry import Action, Verdict, backoff, classify, stop_reason
 from batcher.saving import Saver, task_boundary
+from batcher.spend import (
+    Cost,
+    OverBudget,
+    Spend,
+    answer_cost,
+    estimate,
+    failed_attempt_cost,
+)
 from batcher.storage import FileWriter, Layout, remove_leftovers
 from batcher.store.output import Output, open_output
-from batcher.tasks import Task
-from batcher.wording import plural
+from batcher.tasks import Task, shard_of
+from batcher.wording import plural, usd
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +80,7 @@ class RunOptions:
     handle_signals: bool = True
     sync_every: float | None = None  # seconds between ledger publishes to a store
     store_timeout: float | None = None  # seconds a failing store is retried before the run stops
+    budget: float | None = None  # USD this run may spend; default: the manifest's budget
 
 
 @dataclass(slots=True)
@@ -84,6 +94,17 @@ class _Provider:
     stopped: str | None = None  # why this provider takes no more tasks
     answered: bool = False  # whether it has answered anything (any status) in this run
     unreachable: int = 0  # tasks whose every attempt found the endpoint refusing connections
+
+
+@dataclass(slots=True)
+class _Bill:
+    """What one task cost in this run so far, retries included; ``None`` once a part of it
+    was of unknown price."""
+
+    usd: float | None = 0.0
+
+    def add(self, cost: float | None) -> None:
+        self.usd = None if cost is None or self.usd is None else self.usd + cost
 
 
 @dataclass(slots=True)
@@ -165,6 +186,9 @@ class Runner:
         self._in_flight: set[asyncio.Task[Any]] = set()  # workers with a request under way
         self._progress: Progress | None = None
         self._tally: dict[str, JobTally] = {}
+        budget = options.budget if options.budget is not None else manifest.budget
+        self.spend = Spend(limit=budget)
+        self.budget_stop: str | None = None  # why the budget stopped the run
 
     # ------------------------------------------------------------------ the run
 
@@ -174,7 +198,9 @@ class Runner:
         if removed:
             log.info("removed %s left by an interrupted run", plural(removed, "temporary file"))
         done, failed = await self.output.statuses(self.manifest, self.options.selection)
-        plan = make_plan(self.manifest, self.options.selection, done, failed)
+        plan = make_plan(self.manifest, self.options.selection, done, failed,
+                         prices={name: c.prices for name, c in self.configs.items()})
+        self._check_budget(plan)
         totals = plan.totals
         log.info("%s: %d done, %d failed before, %d to run -> %s", plural(totals.total, "task"),
                  totals.done, totals.failed, totals.to_run, self.output.location)
@@ -188,18 +214,41 @@ class Runner:
             await self.output.drain()  # uploads under way finish (or fail) before the summary
             self._progress.close()
             self.ledger.flush()
-        summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started)
+        summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started,
+                            spend=self.spend, spent_by_job=self._spent_by_job(plan))
         summary["exit_code"] = exit_code = self._exit_code(summary)
         await self.output.finish(summary)
         return Outcome(exit_code, plan, self.counters, summary, self.output.location,
                        self.root, self._message())
+
+    def _check_budget(self, plan: Plan) -> None:
+        """A budget cannot be kept with a price it does not know: refuse before any request."""
+        if self.spend.limit is None:
+            return
+        providers = {job.name: job.provider for job in self.manifest.jobs}
+        unknown = sorted({f"{providers[job]}/{model}"
+                          for (job, model), counts in plan.by_model.items() if counts.unknown})
+        if unknown:
+            raise UsageError(
+                f"a budget of {usd(self.spend.limit)} needs a price for every model it runs; "
+                f"no price for {', '.join(unknown)} (add them under providers: NAME: prices:)")
+
+    def _spent_by_job(self, plan: Plan) -> dict[str, Cost]:
+        """What every ok task of the run's jobs (and shard) cost when it ran, from the ledger."""
+        jobs = {job for job, _model in plan.by_model}
+        shard = self.options.selection.shard
+        spent: dict[str, Cost] = {job: Cost() for job in jobs}
+        for task_id, job, cost in self.ledger.ok_costs():
+            if job in spent and (shard is None or shard_of(task_id, shard[1]) == shard[0]):
+                spent[job].add(cost)
+        return spent
 
     def _exit_code(self, summary: dict[str, Any]) -> int:
         if self.interrupted:
             return Interrupted.exit_code
         if self.auth_error is not None:
             return AuthError.exit_code
-        if summary["failed"] or self.crash is not None:
+        if summary["failed"] or self.crash is not None or self.budget_stop:
             return 1
         # Tasks held back by --limit are what the user asked for; held back by a stopped
         # provider they are not.
@@ -219,6 +268,11 @@ class Runner:
             return f"stopped: {self.crash}; the tasks not uploaded stay pending"
         if self.crash is not None:
             return f"stopped by an error: {self.crash!r} (run again with -v for details)"
+        if self.budget_stop:
+            unknown = f" ({self.spend.unknown} of unknown cost)" if self.spend.unknown else ""
+            return (f"the budget stopped the run: {self.budget_stop}; spent "
+                    f"{usd(self.spend.spent)} this run{unknown}; the rest stay pending (raise "
+                    "--budget and run again to finish)")
         return self._stopped_providers()
 
     async def _run_tasks(self, done: set[str], failed: set[str]) -> None:
@@ -383,6 +437,7 @@ class Runner:
         tally.ok += ok
         tally.failed += not ok
         tally.failed_before += was_failed
+        tally.cost.add(record.cost_usd)
 
     async def _execute(
         self, provider: _Provider, task: Task, saver: Saver
@@ -392,10 +447,11 @@ class Runner:
         started = time.time()
         attempt = 0
         lost_downloads = 0  # generations paid for whose images could not be downloaded
+        bill = _Bill()
         while not provider.stopped:
             attempt += 1
             try:
-                kept = await self._attempt(provider, task, saver, started, attempt)
+                kept = await self._attempt(provider, task, saver, started, attempt, bill)
             except ProviderError as error:
                 if not (isinstance(error, TransportError) and not error.reached):
                     provider.answered = True  # a status, a reset, a timeout: it is there
@@ -408,9 +464,9 @@ class Runner:
                     # The downloader has retried already; each retry here pays again.
                     lost_downloads += 1
                     if lost_downloads > provider.config.regenerations:
-                        return saver.failed(task, error, attempt, started), None
+                        return self._failed(saver, task, error, attempt, started, bill), None
                 if action is Action.FAIL:
-                    return saver.failed(task, error, attempt, started), None
+                    return self._failed(saver, task, error, attempt, started, bill), None
                 if action is not Action.RETRY or self.stopping.is_set():
                     return None  # the run or the provider stopped: the task stays pending
                 self.counters.retries += 1
@@ -422,6 +478,13 @@ class Runner:
             provider.answered = True
             return kept  # None: stopped while waiting for a turn, never sent
         return None
+
+    @staticmethod
+    def _failed(saver: Saver, task: Task, error: ProviderError, attempt: int, started: float,
+                bill: _Bill) -> Record:
+        record = saver.failed(task, error, attempt, started)
+        record.cost_usd = bill.usd
+        return record
 
     def _unreachable(self, provider: _Provider, error: ProviderError) -> bool:
         """Whether a task's last attempt found an endpoint that has never answered refusing
@@ -437,26 +500,65 @@ class Runner:
         return True
 
     async def _attempt(
-        self, provider: _Provider, task: Task, saver: Saver, started: float, attempt: int
+        self, provider: _Provider, task: Task, saver: Saver, started: float, attempt: int,
+        bill: _Bill,
     ) -> tuple[Record, str] | None:
         """One request, the saving of its answer and of its sidecar: counted as in flight
         throughout, so a stop gives it the grace period rather than cancelling it between
-        its files and its record."""
+        its files and its record. Its cost is reserved from the budget before it is sent."""
         async with provider.pacer.slot():
             if self.stopping.is_set() or provider.stopped:
+                return None
+            price = provider.config.prices.of(task.model)
+            estimated = None if price is None else estimate(task, price)
+            try:
+                reservation = self.spend.start(estimated)
+            except OverBudget as exc:
+                self._over_budget(str(exc))
                 return None
             self.counters.requests += 1
             worker = asyncio.current_task()
             assert worker is not None
             self._in_flight.add(worker)
+            settled = False
             try:
                 with task_boundary(task):
-                    answer, logged = await saver.request(provider.client, task, self.images)
+                    try:
+                        answer, logged = await saver.request(provider.client, task, self.images)
+                    except ProviderError as error:
+                        settled = self._charge(bill, reservation,
+                                               failed_attempt_cost(error, estimated))
+                        raise
+                    images = len(answer.items) if isinstance(answer, ImageAnswer) else 0
+                    settled = self._charge(bill, reservation, None if price is None else
+                                           answer_cost(task.kind, price, images=images,
+                                                       usage=answer.usage))
                     files, response = await saver.save(task, answer)
                     record = saver.succeeded(task, files, answer, response, attempt, started)
+                    record.cost_usd = bill.usd
                     return record, await saver.write_sidecar(record, logged)
             finally:
+                if not settled:  # cancelled in flight, or batcher's own error: maybe paid
+                    self.spend.abandon(reservation)
                 self._in_flight.discard(worker)
+
+    def _charge(self, bill: _Bill, reservation: float | None, cost: float | None) -> bool:
+        self.spend.settle(reservation, cost)
+        bill.add(cost)
+        self.counters.spent_usd = self.spend.spent
+        self.counters.priced = self.spend.priced
+        return True
+
+    def _over_budget(self, why: str) -> None:
+        """The budget is reached: no provider starts another task; those in flight finish
+        (they are paid for) and the rest stay pending."""
+        if self.budget_stop is None:
+            self.budget_stop = why
+            log.warning("budget %s reached; the requests in flight finish, no new one starts",
+                        usd(self.spend.limit or 0))
+        for provider in self._providers.values():
+            if provider.stopped is None:
+                provider.stopped = "budget reached"
 
     def _react(
         self, provider: _Provider, error: ProviderError, verdict: Verdict, attempt: int

@@ -50,7 +50,12 @@ class Task:
 
     def shard(self, count: int) -> int:
         """The shard (1..count) this task belongs to, stable across machines."""
-        return zlib.crc32(self.id.encode()) % count + 1
+        return shard_of(self.id, count)
+
+
+def shard_of(task_id: str, count: int) -> int:
+    """The shard (1..count) of a task id, stable across machines."""
+    return zlib.crc32(task_id.encode()) % count + 1
 
 
 # --------------------------------------------------------------------------- identity

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from batcher.errors import ConfigError
 from batcher.limits import Rate, parse_rate
+from batcher.providers.prices import PriceList
 
 #: Set by ``provider: local``: the runner starts the built-in server and fills the URL in.
 LOCAL_URL = "local:"
@@ -37,6 +38,7 @@ class ProviderConfig:
     # The body field a task's seed travels in; None ("none" in a manifest) for an API that
     # documents no seed: seeds then only repeat a task (a repeat index), none is sent.
     seed_param: str | None = "seed"
+    prices: PriceList = PriceList()  # USD by model; a model not listed has an unknown price
 
     @property
     def is_local(self) -> bool:
@@ -82,9 +84,15 @@ def provider_from_mapping(
     """
     changes: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "prices":
+            if not isinstance(value, PriceList):
+                raise TypeError("prices: the manifest loader turns them into a PriceList")
+            changes[key] = value
+            continue
         kind = _FIELD_TYPES.get(key)
         if kind is None:
-            raise ValueError(f"{key}: unknown field (expected one of: {', '.join(_FIELD_TYPES)})")
+            raise ValueError(f"{key}: unknown field (expected one of: "
+                             f"{', '.join([*_FIELD_TYPES, 'prices'])})")
         if value is None and key in {"rate_limit", "api_key_env", "api_key_file"}:
             changes[key] = None
             continue

@@ -1,0 +1,66 @@
+"""Prices: what a provider's models cost, in USD, as a manifest's ``prices:`` gives them.
+
+batcher ships none: none of the providers it knows publishes prices in a form it could keep
+up to date, and a stale built-in price is worse than an honest "unknown".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+PRICE_FIELDS = {
+    "image": "per image returned",
+    "input": "per 1M input tokens",
+    "output": "per 1M output tokens",
+    "request": "per request",
+}
+ANY_MODEL = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """What one model costs, in USD; a part the provider does not charge is 0."""
+
+    image: float = 0.0
+    input: float = 0.0
+    output: float = 0.0
+    request: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PriceList:
+    """One provider's prices by model, ``"*"`` for its other models."""
+
+    models: tuple[tuple[str, Price], ...] = ()
+
+    def of(self, model: str) -> Price | None:
+        """The model's price; ``None`` when unknown."""
+        fallback = None
+        for name, price in self.models:
+            if name == model:
+                return price
+            if name == ANY_MODEL:
+                fallback = price
+        return fallback
+
+    def __bool__(self) -> bool:
+        return bool(self.models)
+
+
+def price_from_mapping(data: Mapping[str, Any]) -> Price:
+    """A price from a manifest's mapping; raises ``ValueError("<field>: <message>")``."""
+    values: dict[str, float] = {}
+    for key, value in data.items():
+        if key not in PRICE_FIELDS:
+            known = ", ".join(f"{name} ({meaning})" for name, meaning in PRICE_FIELDS.items())
+            raise ValueError(f"{key}: unknown price field (expected: {known})")
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key}: must be a price in USD, 0 or more, not {value!r}")
+        values[key] = float(value)
+    if not values:
+        raise ValueError(f"a price needs at least one of {', '.join(PRICE_FIELDS)}")
+    return Price(**values)

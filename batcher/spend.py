@@ -1,0 +1,219 @@
+"""Spend: prices, what a task will cost before it is sent, what it cost once answered, and the
+budget that stops a run before it overspends.
+
+Prices are the user's (a manifest's ``prices:``); batcher ships none, since none of the
+providers it knows publishes prices in a form it could keep up to date. A model without a price
+is *unknown*: it is never counted as 0, and a budget cannot be kept with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from batcher.errors import HTTPStatusError, ProviderError, TransportError
+from batcher.providers.prices import Price
+from batcher.tasks import Task
+from batcher.wording import usd
+
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text
+# The output bound of a chat request without max_tokens: an upper estimate needs one, and
+# replies longer than this are rare for prompts a batch runs.
+DEFAULT_OUTPUT_TOKENS = 1024
+TOKENS_PER_PRICE = 1_000_000
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def input_tokens(task: Task) -> int:
+    """The task's input tokens, estimated from its text (about 4 characters a token)."""
+    if task.messages is not None:
+        chars = sum(len(_message_text(message)) for message in task.messages)
+    else:
+        chars = len(task.prompt) + len(task.system or "")
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def _message_text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # parts: count their text, not the images
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def output_bound(task: Task) -> int:
+    """The most output tokens a chat task may be answered with: its max_tokens, else the
+    default bound."""
+    params = task.params or {}
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = params.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return DEFAULT_OUTPUT_TOKENS
+
+
+def images_asked(task: Task) -> int:
+    value = (task.params or {}).get("n", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def estimate(task: Task, price: Price) -> float:
+    """What one request of the task costs at most: images n x price; chat the estimated input
+    plus the output bound (an upper estimate)."""
+    if task.kind == "chat":
+        return price.request + (input_tokens(task) * price.input
+                                + output_bound(task) * price.output) / TOKENS_PER_PRICE
+    return price.request + images_asked(task) * price.image
+
+
+def answer_cost(
+    kind: str, price: Price, *, images: int, usage: Mapping[str, Any] | None
+) -> float | None:
+    """What an answer cost: images by the number returned, chat by its ``usage``. ``None``
+    when a token price applies and the answer did not say how many tokens it used."""
+    if kind != "chat":
+        return price.request + images * price.image
+    if not (price.input or price.output):
+        return price.request
+    tokens = _usage_tokens(usage)
+    if tokens is None:
+        return None
+    prompt, completion = tokens
+    return price.request + (prompt * price.input + completion * price.output) / TOKENS_PER_PRICE
+
+
+def failed_attempt_cost(error: ProviderError, estimated: float | None) -> float | None:
+    """What an attempt that brought no usable answer is counted at: nothing when the provider
+    refused it (a 4xx: rate limit, validation, key) or it never reached the provider; else its
+    estimate: after a 5xx, a timeout, a reset or a malformed answer batcher cannot tell whether
+    the work was done and charged, and a budget must assume it was."""
+    if isinstance(error, HTTPStatusError) and 400 <= error.status < 500:
+        return 0.0
+    if isinstance(error, TransportError) and not error.reached:
+        return 0.0
+    return estimated
+
+
+def _usage_tokens(usage: Mapping[str, Any] | None) -> tuple[int, int] | None:
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    for value in (prompt, completion):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return None
+    return prompt, completion
+
+
+# --------------------------------------------------------------------------- sums
+
+
+@dataclass(slots=True)
+class Cost:
+    """A sum of costs where some may be unknown: the known part and how many were not."""
+
+    usd: float = 0.0
+    unknown: int = 0
+    known: int = 0
+
+    def add(self, cost: float | None) -> None:
+        if cost is None:
+            self.unknown += 1
+        else:
+            self.usd += cost
+            self.known += 1
+
+    def merge(self, other: Cost) -> None:
+        self.usd += other.usd
+        self.unknown += other.unknown
+        self.known += other.known
+
+    @property
+    def value(self) -> float | None:
+        """The known total; ``None`` when only unknown costs were added (and so nothing is
+        known), never a 0 standing for unknown."""
+        if self.unknown and not self.known:
+            return None
+        return round(self.usd, 6)
+
+    def text(self, *, upper: bool = False) -> str:
+        """For people: ``$1.23``, ``$1.23 + 4 unknown``, ``unknown``, ``$0.00``."""
+        if self.unknown and not self.known:
+            return "unknown"
+        amount = usd(self.usd)
+        if upper:
+            amount = f"<= {amount}"
+        return f"{amount} + {self.unknown} unknown" if self.unknown else amount
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+@dataclass(slots=True)
+class Spend:
+    """This run's spend, and the budget that holds it (``limit`` None: no budget).
+
+    Before a request is sent, :meth:`start` reserves its estimate; once it is answered (or has
+    failed) :meth:`settle` replaces the reservation with what it cost. A request starts only
+    while spent + reserved + its estimate stays within the limit, so the budget is passed only
+    when answers cost more than their estimates.
+    """
+
+    limit: float | None = None
+    spent: float = 0.0  # what the answers of this run cost, as far as it is known
+    reserved: float = 0.0  # the estimates of the requests in flight
+    assumed: float = 0.0  # the estimates of answers whose cost is unknown: held by the budget
+    unknown: int = 0  # requests answered whose cost is unknown
+    priced: bool = False  # some request had a price: spend is worth showing
+    stopped: bool = False  # a request was refused: the run starts no more
+
+    def start(self, estimated: float | None) -> float | None:
+        """Reserve a request's estimate; returns the reservation (``None`` for a request of
+        unknown price, never refused without a budget). Raises :class:`OverBudget` when the
+        request would pass the budget."""
+        if self.limit is not None:
+            if estimated is None:  # the run checks prices first: a bug if it comes here
+                raise OverBudget("a request of unknown price")
+            if self.stopped or self.held + estimated > self.limit + 1e-9:
+                self.stopped = True
+                raise OverBudget(f"the next request (estimate {usd(estimated)}) would pass the "
+                                 f"budget of {usd(self.limit)} with {usd(self.held)} spent or "
+                                 "in flight")
+        if estimated is not None:
+            self.priced = True
+            self.reserved += estimated
+        return estimated
+
+    def settle(self, reservation: float | None, cost: float | None) -> None:
+        """A started request's cost is known; ``None``: unknown, held against the budget at its
+        estimate but never reported as spend."""
+        if reservation is not None:
+            self.reserved = max(self.reserved - reservation, 0.0)
+        if cost is None:
+            self.unknown += 1
+            if reservation is not None:
+                self.assumed += reservation
+            return
+        self.spent += cost
+
+    def abandon(self, reservation: float | None) -> None:
+        """A request was cancelled in flight: it may have been paid, so the budget keeps
+        holding its estimate."""
+        if reservation is not None:
+            self.reserved = max(self.reserved - reservation, 0.0)
+            self.assumed += reservation
+
+    @property
+    def held(self) -> float:
+        """What the budget counts as used: spend, unknown costs at their estimates, and the
+        requests in flight."""
+        return self.spent + self.assumed + self.reserved
+
+
+class OverBudget(Exception):
+    """A request was not started: it would pass the run's budget."""
