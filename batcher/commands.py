@@ -168,7 +168,7 @@ def _print_estimate(result: Plan, budget: float | None) -> None:
         if totals.unknown:
             verdict = "cannot be kept: a model has no price (run refuses it)"
         elif totals.cost.usd > budget:
-            verdict = f"the estimate passes it: a run stops when it is reached"
+            verdict = "the estimate passes it: a run stops when it is reached"
         else:
             verdict = "the estimate is within it"
         print(f"budget: {usd(budget)}; {verdict}")

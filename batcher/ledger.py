@@ -296,8 +296,7 @@ class Ledger:
         row was written before batcher kept costs)."""
         cost = "cost_usd" if "cost_usd" in _columns_of(self._db, "main") else "NULL"
         query = f"SELECT id, job, {cost} FROM tasks WHERE status = 'ok'"
-        for task_id, job, usd in self._db.execute(query):
-            yield task_id, job, usd
+        yield from self._db.execute(query)
 
     def last_finished(self) -> float:
         """When the newest record was written (0 for an empty ledger)."""

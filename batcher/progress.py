@@ -28,7 +28,7 @@ class Counters:
     retries: int = 0
     rate_limited: int = 0
     spent_usd: float = 0.0  # what this run's answers cost, where a price was known
-    priced: bool = False  # whether any request had a price (spend is shown only then)
+    priced: bool = False  # whether the run has prices (spend is shown only then)
 
 
 # Narrower than this, tqdm trims the line (counts first, then everything: CI pseudo-terminals

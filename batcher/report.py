@@ -137,7 +137,7 @@ def _metadata(record: Record) -> dict[str, Any]:
     """What the task was, so a line can be read without the manifest."""
     return {
         "job": record.job, "model": record.model, "seed": record.seed, "prompt": record.prompt,
-        "vars": dict(record.vars),
+        "vars": dict(record.vars), "cost_usd": record.cost_usd,
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in record.files],
     }
 

@@ -188,6 +188,7 @@ class Runner:
         self._tally: dict[str, JobTally] = {}
         budget = options.budget if options.budget is not None else manifest.budget
         self.spend = Spend(limit=budget)
+        self.counters.priced = any(config.prices for config in configs.values())
         self.budget_stop: str | None = None  # why the budget stopped the run
 
     # ------------------------------------------------------------------ the run
@@ -546,7 +547,6 @@ class Runner:
         self.spend.settle(reservation, cost)
         bill.add(cost)
         self.counters.spent_usd = self.spend.spent
-        self.counters.priced = self.spend.priced
         return True
 
     def _over_budget(self, why: str) -> None:

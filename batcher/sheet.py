@@ -15,6 +15,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from batcher.ledger import Record
+from batcher.spend import Cost
+from batcher.wording import usd
 
 MAX_CELLS_PER_JOB = 5000
 MAX_COMPLETION_CHARS = 2000
@@ -35,6 +37,7 @@ pre{white-space:pre-wrap;margin:0;max-width:48rem}
 class _Job:
     total: int = 0
     ok: int = 0
+    cost: Cost = field(default_factory=Cost)  # what the ok tasks cost
     shown: list[Record] = field(default_factory=list)
 
 
@@ -49,6 +52,8 @@ class ContactSheet:
         job = self._jobs.setdefault(record.job, _Job())
         job.total += 1
         job.ok += record.status == "ok"
+        if record.status == "ok":
+            job.cost.add(record.cost_usd)
         if len(job.shown) < MAX_CELLS_PER_JOB:
             job.shown.append(record)
         return record
@@ -62,9 +67,15 @@ class ContactSheet:
                f"</head><body><h1>{html.escape(title)}</h1>")
         if not self._jobs:
             yield "<p class='muted'>Nothing has finished yet.</p>"
+        else:
+            total = Cost()
+            for job in self._jobs.values():
+                total.merge(job.cost)
+            yield f"<p class='spend'>spent: {html.escape(total.text())}</p>"
         for name, job in self._jobs.items():
             yield (f"<h2>{html.escape(name)} <span class='muted'>{job.ok} ok, "
-                   f"{job.total - job.ok} failed</span></h2>")
+                   f"{job.total - job.ok} failed, spent {html.escape(job.cost.text())}"
+                   "</span></h2>")
             images = [record for record in job.shown if record.kind == "image"]
             chats = [record for record in job.shown if record.kind == "chat"]
             if images:  # a JSONL job may hold both kinds
@@ -104,6 +115,8 @@ def _image_grid(records: list[Record]) -> Iterator[str]:
 def _hover(record: Record) -> str:
     """What a thumbnail tells on hover: the task id, its vars and its params."""
     lines = [f"task {record.id}"]
+    if record.cost_usd is not None:
+        lines.append(f"cost {usd(record.cost_usd)}")
     lines += [f"{name} = {value}" for name, value in record.vars.items()]
     lines += [f"{name}: {json.dumps(value)}" for name, value in record.params.items()]
     return "\n".join(lines)

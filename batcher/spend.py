@@ -169,7 +169,6 @@ class Spend:
     reserved: float = 0.0  # the estimates of the requests in flight
     assumed: float = 0.0  # the estimates of answers whose cost is unknown: held by the budget
     unknown: int = 0  # requests answered whose cost is unknown
-    priced: bool = False  # some request had a price: spend is worth showing
     stopped: bool = False  # a request was refused: the run starts no more
 
     def start(self, estimated: float | None) -> float | None:
@@ -185,7 +184,6 @@ class Spend:
                                  f"budget of {usd(self.limit)} with {usd(self.held)} spent or "
                                  "in flight")
         if estimated is not None:
-            self.priced = True
             self.reserved += estimated
         return estimated
 

@@ -6,7 +6,7 @@ import fcntl
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,9 @@ from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.report import SUMMARY_NAME
+from batcher.spend import Cost
 from batcher.storage import LOCK_NAME
+from batcher.wording import usd
 
 
 def _sha256(path: Path) -> str | None:
@@ -92,6 +94,7 @@ def ledger_status(
     ``summary`` gives the totals; ``running`` says a run is writing the output now."""
     totals, ids = _totals(manifest)
     groups: dict[tuple[str, str], Counter[str]] = {}
+    costs: dict[tuple[str, str], Cost] = {}
     reasons: Counter[str] = Counter()
     problems: list[dict[str, str]] = []
     for record in ledger.records():
@@ -100,27 +103,40 @@ def ledger_status(
         groups.setdefault((record.job, record.model), Counter())[record.status] += 1
         if record.status == "failed":
             reasons[f"{record.reason}: {record.error}"] += 1
-        elif verify is not None:
-            problems.extend(verify(record))
+        else:
+            costs.setdefault((record.job, record.model), Cost()).add(record.cost_usd)
+            if verify is not None:
+                problems.extend(verify(record))
     if totals is None:
         totals = _summary_totals(summary or {}, groups)
     rows = []
     for key in _in_order(totals, groups):
         counts = groups.get(key, Counter())
         total = max(totals.get(key, 0), counts["ok"] + counts["failed"])
+        cost = costs.get(key, Cost())
         rows.append({"job": key[0], "model": key[1], "total": total, "ok": counts["ok"],
                      "failed": counts["failed"],
-                     "pending": total - counts["ok"] - counts["failed"]})
+                     "pending": total - counts["ok"] - counts["failed"],
+                     "cost_usd": cost.value, "cost_unknown": cost.unknown})
     report: dict[str, Any] = {
         "output": location,
         "running": running,
         **{k: sum(row[k] for row in rows) for k in ("total", "ok", "failed", "pending")},
+        **_spend(costs.values()),
         "models": rows,
         "failures": [{"reason": reason, "count": count} for reason, count in reasons.most_common()],
     }
     if verify is not None:
         report["changed"] = problems
     return report
+
+
+def _spend(costs: Iterable[Cost]) -> dict[str, Any]:
+    """What the ok tasks cost when they ran: null when wholly unknown, never 0 for unknown."""
+    total = Cost()
+    for cost in costs:
+        total.merge(cost)
+    return {"cost_usd": total.value, "cost_unknown": total.unknown}
 
 
 def _in_order(
@@ -185,15 +201,23 @@ def run_failures(root: Path, since: float, *, top: int = 5) -> tuple[list[Failur
     return reasons, max(len(counts) - top, 0)
 
 
+def _spent(row: dict[str, Any]) -> str:
+    amount, unknown = row["cost_usd"], row["cost_unknown"]
+    if amount is None:
+        return "unknown" if unknown else "-"
+    return f"{usd(amount)} + {unknown} unknown" if unknown else usd(amount)
+
+
 def print_status(report: dict[str, Any]) -> None:
     print(f"{report['output']}: {report['ok']} ok, {report['failed']} failed, "
           f"{report['pending']} pending of {report['total']}")
     if report["running"]:
         print("note: a batcher run is writing to this folder now; these counts are changing")
-    print(f"{'job':<24} {'model':<40} {'ok':>8} {'failed':>8} {'pending':>8}")
+    print(f"{'job':<24} {'model':<40} {'ok':>8} {'failed':>8} {'pending':>8}  spent")
     for row in report["models"]:
         print(f"{row['job']:<24} {row['model']:<40} {row['ok']:>8} {row['failed']:>8} "
-              f"{row['pending']:>8}")
+              f"{row['pending']:>8}  {_spent(row)}")
+    print(f"spent on the {report['ok']} ok tasks: {_spent(report)}")
     if report["failures"]:
         print("failures by reason:")
         for item in report["failures"]:

@@ -161,7 +161,7 @@ def test_a_missing_manifest_is_exit_2_without_traceback(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- plan and dry runs
 
 
-PLAN_ROW = r"^{job}\s+{model}\s+{total}\s+{done}\s+{failed}\s+{to_run}\s*$"
+PLAN_ROW = r"^{job}\s+{model}\s+{total}\s+{done}\s+{failed}\s+{to_run}(?:\s+\S.*)?$"
 
 
 def plan_row(stdout: str, job: str, model: str) -> tuple[int, int, int, int]:
@@ -184,7 +184,7 @@ def test_plan_counts_per_job_and_model_and_sends_nothing(
     assert plan_row(done.stdout, "posters", "flux.1-schnell") == (6, 0, 0, 6)
     assert plan_row(done.stdout, "posters", "stable-diffusion-3.5-medium") == (6, 0, 0, 6)
     assert plan_row(done.stdout, "captions", "llama-3.1-8b-instruct") == (2, 0, 0, 2)
-    assert re.search(r"^total\s+14\s+0\s+0\s+14\s*$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^total\s+14\s+0\s+0\s+14\s+unknown$", done.stdout, re.MULTILINE), done.stdout
     assert "ETA" in done.stdout
     assert server.stats.requests == []
     assert not (tmp_path / "out" / "ledger.sqlite").exists()
@@ -205,7 +205,7 @@ def test_run_dry_run_sends_nothing(tmp_path: Path, thread_server: Any) -> None:
     done = run_cli("run", str(path), "--dry-run")
 
     assert done.returncode == 0, done.stderr
-    assert re.search(r"^total\s+14\s+0\s+0\s+14\s*$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^total\s+14\s+0\s+0\s+14\s+unknown$", done.stdout, re.MULTILINE), done.stdout
     assert server.stats.requests == []
     assert not (tmp_path / "out" / "ledger.sqlite").exists()
 
@@ -234,7 +234,7 @@ def test_plan_of_a_million_tasks_streams(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
 
     assert done.returncode == 0, done.stderr
-    assert re.search(r"^total\s+1000000\s+0\s+0\s+1000000\s*$", done.stdout, re.MULTILINE), \
+    assert re.search(r"^total\s+1000000\s+0\s+0\s+1000000\s+unknown$", done.stdout, re.MULTILINE), \
         done.stdout
     peak_kb = int(re.search(r"MAXRSS_KB (\d+)", done.stderr)[1])  # type: ignore[index]
     # Holding a million tasks takes ~300 MB; streaming stays near the idle ~40 MB.

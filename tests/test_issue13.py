@@ -181,7 +181,7 @@ async def test_results_jsonl_lines_have_the_openai_batch_output_shape(
     assert (tmp_path / "out" / saved["path"]).stat().st_size == saved["size"]
     assert ok["metadata"] == {
         "job": "ok", "model": "flux.1-schnell", "seed": 3, "prompt": "a poster of Paris",
-        "vars": {"city": "Paris"}, "files": [saved],
+        "vars": {"city": "Paris"}, "files": [saved], "cost_usd": None,  # no prices: unknown
     }
 
     refused = by_job["refused"]
