@@ -298,7 +298,8 @@ def dispatch(args: argparse.Namespace) -> int:
                          "the shards")
     if args.command == "run" and args.dry_run:
         if args.prune:
-            commands.prune(args.manifest, args.provider, args.output, dry_run=True)
+            commands.prune(args.manifest, args.provider, args.output, dry_run=True,
+                           required=False)
         args.command, args.check = "plan", False
     if args.command in {"run", "plan"}:
         options = _run_options(args)

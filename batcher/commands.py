@@ -51,7 +51,7 @@ async def run(path: Path, provider: str | None, options: RunOptions, *,
               prune_first: bool = False) -> int:
     manifest = load_manifest(path, provider=provider)
     if prune_first:
-        await _prune(manifest, options.output, dry_run=False)
+        await _prune(manifest, options.output, dry_run=False, required=False)
     started = time.time()
     outcome = await run_manifest(manifest, options)
     summary = outcome.summary
@@ -258,17 +258,20 @@ def merge(inputs: list[Path], output: Path) -> int:
     return 0
 
 
-def prune(path: Path, provider: str | None, output: str | None, *, dry_run: bool) -> int:
+def prune(path: Path, provider: str | None, output: str | None, *, dry_run: bool,
+          required: bool = True) -> int:
     manifest = load_manifest(path, provider=provider)
-    asyncio.run(_prune(manifest, output, dry_run=dry_run))
+    asyncio.run(_prune(manifest, output, dry_run=dry_run, required=required))
     return 0
 
 
 PRUNE_SAMPLE = 20  # tasks listed one per line; the rest as a count
 
 
-async def _prune(manifest: Manifest, output: str | Path | None, *, dry_run: bool) -> None:
-    """Prune the manifest's output (the whole manifest counts, whatever --only says)."""
+async def _prune(manifest: Manifest, output: str | Path | None, *, dry_run: bool,
+                 required: bool = True) -> None:
+    """Prune the manifest's output (the whole manifest counts, whatever --only says); with
+    ``required`` false an output nothing has run into yet is quietly left alone."""
     from batcher.prune import prune_folder
 
     target = output_dir(manifest, output)
@@ -276,9 +279,13 @@ async def _prune(manifest: Manifest, output: str | Path | None, *, dry_run: bool
     if isinstance(target, StoreURL):
         from batcher.store.prune import prune_store
 
-        found = await prune_store(manifest, target, dry_run=dry_run, announce=announce)
+        found = await prune_store(manifest, target, dry_run=dry_run, announce=announce,
+                                  required=required)
     else:
-        found = prune_folder(manifest, target, dry_run=dry_run, announce=announce)
+        found = prune_folder(manifest, target, dry_run=dry_run, announce=announce,
+                             required=required)
+    if not found.kept and not found.tasks and not found.names and not required:
+        return  # nothing has run into the output yet
     if found.tasks or found.names:
         done = "nothing removed (--dry-run)" if dry_run else "removed"
         print(f"prune: {done}; {plural(found.kept, 'task')} kept in {found.location}")

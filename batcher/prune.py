@@ -72,9 +72,10 @@ def task_names(record: Record) -> tuple[str, ...]:
 
 def find_stale(
     ledgers: Iterable[Ledger], ids: set[str], manifest: Manifest, location: str,
-    leftover: Iterable[str] = (),
+    present: Callable[[str], bool], leftover: Iterable[str] = (),
 ) -> PruneSet:
-    """The rows of ``ledgers`` whose ids are not in ``ids``, with the names only they use.
+    """The rows of ``ledgers`` whose ids are not in ``ids``, with the names only they use
+    that are ``present`` (a failed task has no sidecar, a file may have gone by hand).
 
     Refuses (``UsageError``) when the output holds rows but none of a job the manifest has:
     that is the wrong manifest or the wrong output, and pruning would empty it.
@@ -99,8 +100,8 @@ def find_stale(
             "output? Nothing was removed")
     wanted = {name for task in found.tasks for name in task.names}
     leftover_names = set(leftover) - wanted
-    found.names = (wanted | leftover_names) - kept_names
-    found.leftover = len(leftover_names - kept_names)
+    found.names = {name for name in (wanted | leftover_names) - kept_names if present(name)}
+    found.leftover = len(leftover_names & found.names)
     return found
 
 
@@ -128,12 +129,16 @@ def _safe(name: str) -> bool:
 Announce = Callable[[PruneSet], None]
 
 
-def prune_folder(manifest: Manifest, root: Path, *, dry_run: bool, announce: Announce) -> PruneSet:
+def prune_folder(manifest: Manifest, root: Path, *, dry_run: bool, announce: Announce,
+                 required: bool = True) -> PruneSet:
     """Prune an output folder; ``announce`` is told what goes before anything is removed.
 
     Holds the folder's lock while it writes, so a run writing the folder makes it stop with
-    exit 2; a dry run only reads."""
+    exit 2; a dry run only reads. A folder with no ledger is an error when ``required``, else
+    has nothing to prune (``run --prune`` into a new folder)."""
     if not (root / LEDGER_NAME).is_file():
+        if not required:
+            return PruneSet(str(root))
         raise UsageError(f"{root}: no ledger here (nothing has run into this folder yet)")
     ids = manifest_ids(manifest)
     journal = root / JOURNAL_NAME
@@ -142,7 +147,8 @@ def prune_folder(manifest: Manifest, root: Path, *, dry_run: bool, announce: Ann
             stack.enter_context(lock_folder(root))
         ledger = stack.enter_context(Ledger(root / LEDGER_NAME, readonly=dry_run))
         leftover = read_journal(journal.read_bytes() if journal.is_file() else None)
-        found = find_stale([ledger], ids, manifest, str(root), leftover)
+        found = find_stale([ledger], ids, manifest, str(root),
+                           lambda name: (root / name).is_file(), leftover)
         announce(found)
         if dry_run:
             return found

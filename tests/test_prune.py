@@ -134,10 +134,14 @@ def test_run_prune_counts_the_whole_manifest_whatever_only_says(
 ) -> None:
     server = thread_server()
     path = manifest(server, tmp_path)
-    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    first = run_cli("run", str(path), "--no-progress", "--prune")  # a new folder: no ledger yet
+    assert first.returncode == 0, first.stderr
     old = [row for row in ledger_rows(tmp_path / "out", decode=True) if row["job"] == "pics"]
     path = manifest(server, tmp_path, prompt=NEW)
     before = paid(server)
+    dry = run_cli("run", str(path), "--dry-run", "--prune")
+    assert dry.returncode == 0 and "would remove 3 tasks" in dry.stdout
+    assert "to run" in dry.stdout and len(ledger_rows(tmp_path / "out")) == 5
 
     only = run_cli("run", str(path), "--no-progress", "--prune", "--only", "lines")
 

@@ -50,7 +50,10 @@ def _lock_of(ledger_name: str) -> str:
 
 
 async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
-                      announce: Announce) -> PruneSet:
+                      announce: Announce, required: bool = True) -> PruneSet:
+    """Prune every ledger in the store and the objects only stale rows name; ``announce`` is
+    told what goes before anything is removed. A store with no ledger is an error when
+    ``required``, else has nothing to prune."""
     store = ObjectStore(url)
     try:
         listing = await store.sizes()
@@ -60,6 +63,8 @@ async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
         raise UsageError(str(exc)) from None
     names = sorted(name for name in listing if _is_ledger(name))
     if not names:
+        if not required:
+            return PruneSet(str(url))
         raise UsageError(f"{url}: no ledger here (nothing has run into it yet)")
     ids = manifest_ids(manifest)
     root = cache_root(url, f"prune-{os.getpid()}")
@@ -78,7 +83,7 @@ async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
         if not ledgers:
             raise UsageError(f"{url}: its ledgers went away while prune read them; try again")
         got = await store.get_bytes(JOURNAL_NAME)
-        found = find_stale(ledgers.values(), ids, manifest, str(url),
+        found = find_stale(ledgers.values(), ids, manifest, str(url), listing.__contains__,
                            read_journal(got[0] if got else None))
         announce(found)
         if not dry_run:
