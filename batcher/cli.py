@@ -147,8 +147,9 @@ _EPILOGS = {
              "files do not match its ledger\n\nexample:\n"
              "  batcher merge out/shard-1 out/shard-2 --output out/all",
     "prune": "exit codes:\n  0    pruned (or nothing to prune)\n  2    the manifest or the "
-             "command line is wrong, no ledger there, the output is in use by a run, or "
-             "none of its tasks belongs to a job of the manifest; nothing was removed\n"
+             "command line is wrong, no ledger there, the output is in use by a run,\n"
+             "       or none of its tasks belongs to a job of the manifest; nothing was "
+             "removed\n"
              "\nexample:\n  batcher prune jobs/demo.yaml --dry-run",
     "report": "exit codes:\n  0    written\n  2    no ledger in the folder\n\nexample:\n"
               "  batcher report output/demo",
