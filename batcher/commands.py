@@ -50,7 +50,11 @@ def validate(path: Path, provider: str | None) -> int:
 async def run(path: Path, provider: str | None, options: RunOptions, *,
               prune_first: bool = False) -> int:
     manifest = load_manifest(path, provider=provider)
-    if prune_first:
+    if prune_first:  # a missing key or an unknown --only job stops before anything is removed
+        configs = effective_configs(manifest, options,
+                                    used_providers(manifest, options.selection.only))
+        for config in configs.values():
+            resolve_key(config)
         await _prune(manifest, options.output, dry_run=False, required=False)
     started = time.time()
     outcome = await run_manifest(manifest, options)

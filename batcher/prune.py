@@ -7,10 +7,11 @@ then their files and sidecars, and writes the listings again.
 
 Order, against a crash at any point: the names to remove are first written to a journal
 (``.batcher-prune.json``), then the rows go in one transaction, then the files, then the
-journal. Rows go before files so that no row ever names a missing file: a row whose files are
-gone would be listed in results.jsonl and the contact sheet as ok, and ``status --verify``
-would call the output damaged. Files left behind by a prune killed after its rows went are
-named in the journal, and the next prune removes them first. A name that a kept row uses is
+listings are written, then the journal goes. Rows go before files so that no row ever names
+a missing file: a row whose files are gone would be listed in results.jsonl and the contact
+sheet as ok, and ``status --verify`` would call the output damaged. Files left behind by a
+prune killed after its rows went are named in the journal, and the next prune removes them
+(and writes the listings) first. A name that a kept row uses is
 never removed (two tasks' names could share an 8-hex-digit hash).
 
 The folder flavour lives here; :mod:`batcher.store.prune` does the same for an object store.
@@ -146,22 +147,22 @@ def prune_folder(manifest: Manifest, root: Path, *, dry_run: bool, announce: Ann
         if not dry_run:
             stack.enter_context(lock_folder(root))
         ledger = stack.enter_context(Ledger(root / LEDGER_NAME, readonly=dry_run))
-        leftover = read_journal(journal.read_bytes() if journal.is_file() else None)
+        had_journal = journal.is_file()
+        leftover = read_journal(journal.read_bytes() if had_journal else None)
         found = find_stale([ledger], ids, manifest, str(root),
                            lambda name: (root / name).is_file(), leftover)
         announce(found)
-        if dry_run:
-            return found
-        if found.tasks or found.names:
-            with atomic_open(journal) as handle:
-                handle.write(journal_bytes(found.names))
-                handle.flush()
-                os.fsync(handle.fileno())
-            ledger.remove(task.id for task in found.tasks)
-            for name in found.names:
-                _remove_file(root, name)
-            journal.unlink()
-        write_listings(root, ledger)
+        if dry_run or not (found.tasks or found.names or had_journal):
+            return found  # nothing changes: the listings still hold
+        with atomic_open(journal) as handle:
+            handle.write(journal_bytes(found.names))
+            handle.flush()
+            os.fsync(handle.fileno())
+        ledger.remove(task.id for task in found.tasks)
+        for name in found.names:
+            _remove_file(root, name)
+        write_listings(root, ledger)  # before the journal goes: a kill here is redone
+        journal.unlink()
     return found
 
 

@@ -24,8 +24,10 @@ OLD = "A lantern number {n}"
 NEW = "A paper lantern number {n}"
 
 
-def manifest(server: Any, folder: Path, *, prompt: str = OLD, output: str = "out") -> Path:
-    text = f"name: prune\noutput: {output}\n" + provider_block(server) + textwrap.dedent(f"""\
+def manifest(server: Any, folder: Path, *, prompt: str = OLD, output: str = "out",
+             key_env: str | None = None) -> Path:
+    text = f"name: prune\noutput: {output}\n" + provider_block(
+        server, key_env=key_env) + textwrap.dedent(f"""\
         jobs:
           - name: pics
             type: image
@@ -156,6 +158,18 @@ def test_run_prune_counts_the_whole_manifest_whatever_only_says(
     check_only_current(tmp_path / "out", old)
     shard = run_cli("run", str(path), "--prune", "--shard", "1/2")
     assert shard.returncode == 2 and "--shard" in shard.stderr
+
+
+def test_run_prune_without_the_key_removes_nothing(tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server()
+    path = manifest(server, tmp_path, key_env="TEST_KEY")
+    assert run_cli("run", str(path), "--no-progress", env={"TEST_KEY": "k"}).returncode == 0
+    path = manifest(server, tmp_path, prompt=NEW, key_env="TEST_KEY")
+
+    done = run_cli("run", str(path), "--no-progress", "--prune")
+
+    assert done.returncode == 2 and "TEST_KEY" in done.stderr
+    assert len(ledger_rows(tmp_path / "out")) == 5  # the old prompt's rows are all still there
 
 
 def test_prune_refuses_a_folder_a_run_is_writing(tmp_path: Path, thread_server: Any) -> None:

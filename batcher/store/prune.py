@@ -2,7 +2,8 @@
 loses the rows of tasks the manifest no longer has, then the store loses their objects.
 
 The order is the folder's (see :mod:`batcher.prune`): the journal object, then each pruned
-ledger published, then the objects deleted, then the journal. Prune holds the lock of every
+ledger published, then the objects deleted, then the listings uploaded, then the journal
+deleted. Prune holds the lock of every
 ledger it rewrites, so a run writing to the store (any shard) makes it stop with exit 2, and a
 run cannot start while it works. A dry run reads only and takes no lock.
 """
@@ -86,7 +87,7 @@ async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
         found = find_stale(ledgers.values(), ids, manifest, str(url), listing.__contains__,
                            read_journal(got[0] if got else None))
         announce(found)
-        if not dry_run:
+        if not dry_run and (found.tasks or found.names or got is not None):
             await _remove(store, found, ledgers, root)
         return found
     finally:
@@ -100,23 +101,21 @@ async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
 
 async def _remove(store: ObjectStore, found: PruneSet, ledgers: dict[str, Ledger],
                   root: Path) -> None:
-    """Journal, rows (each ledger published), objects, journal; then the listings."""
-    if found.tasks or found.names:
-        await store.put_bytes(JOURNAL_NAME, journal_bytes(found.names))
-        stale = {task.id for task in found.tasks}
-        for name, ledger in ledgers.items():
-            ledger.remove(stale)
-            snapshot = root / ".ledger-publish.sqlite"
-            snapshot.unlink(missing_ok=True)
-            ledger.snapshot(snapshot)
-            await store.put_file(name, snapshot)
-        gate = asyncio.Semaphore(DELETES)
+    """Journal, rows (each ledger published), objects, listings, and the journal last."""
+    await store.put_bytes(JOURNAL_NAME, journal_bytes(found.names))
+    stale = {task.id for task in found.tasks}
+    for name, ledger in ledgers.items():
+        ledger.remove(stale)
+        snapshot = root / ".ledger-publish.sqlite"
+        snapshot.unlink(missing_ok=True)
+        ledger.snapshot(snapshot)
+        await store.put_file(name, snapshot)
+    gate = asyncio.Semaphore(DELETES)
 
-        async def delete(name: str) -> None:
-            async with gate:
-                await store.delete(name)
-        await asyncio.gather(*(delete(name) for name in sorted(found.names)))
-        await store.delete(JOURNAL_NAME)
+    async def delete(name: str) -> None:
+        async with gate:
+            await store.delete(name)
+    await asyncio.gather(*(delete(name) for name in sorted(found.names)))
     first, *others = ledgers.values()
     view = merged_view(first, [ledger.path for ledger in others], root)
     try:
@@ -124,3 +123,4 @@ async def _remove(store: ObjectStore, found: PruneSet, ledgers: dict[str, Ledger
     finally:
         if view is not first:
             view.close()
+    await store.delete(JOURNAL_NAME)  # last: a prune killed before this is redone
