@@ -297,17 +297,16 @@ def dispatch(args: argparse.Namespace) -> int:
         raise UsageError("run --prune with --shard: shards run side by side and prune needs "
                          "the whole output; run `batcher prune MANIFEST` once, before or after "
                          "the shards")
+    prune = getattr(args, "prune", False)
     if args.command == "run" and args.dry_run:
-        if args.prune:
-            commands.prune(args.manifest, args.provider, args.output, dry_run=True,
-                           required=False)
         args.command, args.check = "plan", False
     if args.command in {"run", "plan"}:
         options = _run_options(args)
         if args.command == "plan":
-            return commands.plan(args.manifest, args.provider, options, check=args.check)
+            return commands.plan(args.manifest, args.provider, options, check=args.check,
+                                 prune_first=prune)
         return asyncio.run(commands.run(args.manifest, args.provider, options,
-                                        prune_first=args.prune))
+                                        prune_first=prune))
     if args.command == "validate":
         return commands.validate(args.manifest, args.provider)
     if args.command == "status":

@@ -109,8 +109,11 @@ async def _done_and_failed_in_store(url: StoreURL) -> tuple[set[str], set[str]]:
         return ledger.statuses(lambda path, size: listing.get(path) == size)
 
 
-def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool) -> int:
+def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool,
+         prune_first: bool = False) -> int:
     manifest = load_manifest(path, provider=provider)
+    if prune_first:  # run --dry-run --prune: what the prune would remove, then the plan
+        asyncio.run(_prune(manifest, options.output, dry_run=True, required=False))
     root = output_dir(manifest, options.output)
     done, failed = _done_and_failed(root)
     result = make_plan(manifest, options.selection, done, failed)
@@ -262,10 +265,9 @@ def merge(inputs: list[Path], output: Path) -> int:
     return 0
 
 
-def prune(path: Path, provider: str | None, output: str | None, *, dry_run: bool,
-          required: bool = True) -> int:
+def prune(path: Path, provider: str | None, output: str | None, *, dry_run: bool) -> int:
     manifest = load_manifest(path, provider=provider)
-    asyncio.run(_prune(manifest, output, dry_run=dry_run, required=required))
+    asyncio.run(_prune(manifest, output, dry_run=dry_run))
     return 0
 
 

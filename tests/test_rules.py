@@ -86,6 +86,9 @@ def test_an_unknown_param_is_a_warning_printed_once_and_the_exit_stays_0(
     assert "ok (1 job: heroes)" in checked.stdout
     assert planned.returncode == 0, planned.stderr
     assert planned.stderr.count(warning) == 1, planned.stderr
+    dry = run_cli("run", str(path), "--dry-run", "--prune")  # prune and plan: one load
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stderr.count(warning) == 1, dry.stderr
 
 
 def test_a_run_that_would_fail_every_task_is_refused_before_sending(tmp_path: Path) -> None:
