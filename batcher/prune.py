@@ -82,17 +82,25 @@ def find_stale(
     that is the wrong manifest or the wrong output, and pruning would empty it.
     """
     found = PruneSet(location)
+    kept_ids: set[str] = set()
     kept_names: set[str] = set()
+    stale: dict[str, StaleTask] = {}  # a task may have a row in several ledgers (shards)
     jobs_seen: set[str] = set()
     for ledger in ledgers:
         for record in ledger.records():
             jobs_seen.add(record.job)
             if record.id in ids:
-                found.kept += 1
+                kept_ids.add(record.id)
                 kept_names.update(task_names(record))
+            elif record.id in stale:
+                task = stale[record.id]
+                names = tuple(dict.fromkeys(task.names + task_names(record)))
+                stale[record.id] = StaleTask(task.id, task.job, task.model, task.prompt,
+                                             task.seed, task.status, names)
             else:
-                found.tasks.append(StaleTask(record.id, record.job, record.model, record.prompt,
-                                             record.seed, record.status, task_names(record)))
+                stale[record.id] = StaleTask(record.id, record.job, record.model, record.prompt,
+                                             record.seed, record.status, task_names(record))
+    found.kept, found.tasks = len(kept_ids), list(stale.values())
     jobs = {job.name for job in manifest.jobs}
     if found.tasks and not jobs_seen & jobs:
         raise UsageError(

@@ -15,7 +15,9 @@ from typing import Any
 from conftest import ledger_rows, provider_block, run_cli, write_manifest
 from s3server import S3Server, s3, store_env
 
-from batcher.prune import JOURNAL_NAME
+from batcher.ledger import Ledger
+from batcher.manifest import load_manifest
+from batcher.prune import JOURNAL_NAME, find_stale, manifest_ids
 from batcher.storage import lock_folder
 
 __all__ = ["s3"]  # a fixture, used by name
@@ -225,6 +227,25 @@ def test_prune_with_a_manifest_of_other_jobs_is_refused(
     assert refused.returncode == 2
     assert "none of its 5 tasks belongs to a job of" in refused.stderr
     assert len(ledger_rows(tmp_path / "out")) == 5
+
+
+def test_a_task_with_rows_in_several_ledgers_is_one_task_to_prune(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    # In a store, shards' ledgers and the unsharded one can each hold a row of the same task.
+    server = thread_server()
+    path, _old = run_then_edit(server, tmp_path)
+    copy = tmp_path / "shard.sqlite"
+    with Ledger(tmp_path / "out" / "ledger.sqlite") as ledger:
+        ledger.snapshot(copy)
+    manifest_now = load_manifest(path)
+
+    with Ledger(tmp_path / "out" / "ledger.sqlite") as one, Ledger(copy) as two:
+        found = find_stale([one, two], manifest_ids(manifest_now), manifest_now, "out",
+                           lambda name: True)
+
+    assert len(found.tasks) == 3 and found.kept == 5
+    assert len(found.names) == 6
 
 
 # --------------------------------------------------------------------------- object stores
