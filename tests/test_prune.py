@@ -322,3 +322,27 @@ def test_prune_refuses_a_store_a_run_holds(
     assert s3.keys(bucket, "held/") == keys
     dry = run_cli("prune", str(path), "--dry-run", env=env)  # reads only: no lock needed
     assert dry.returncode == 0 and "would remove 3 tasks" in dry.stdout
+
+
+def test_run_prune_into_a_store(tmp_path: Path, thread_server: Any, s3: S3Server) -> None:
+    server = thread_server()
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/ci"
+    path = manifest(server, tmp_path, output=url)
+    first = run_cli("run", str(path), "--no-progress", "--prune",  # nothing there yet
+                    env=store_env(s3.url, str(tmp_path / "c1")))
+    assert first.returncode == 0, first.stderr
+    old_keys = set(s3.keys(bucket, "ci/pics/"))
+    path = manifest(server, tmp_path, prompt=NEW, output=url)
+    before = paid(server)
+
+    done = run_cli("run", str(path), "--no-progress", "--prune",
+                   env=store_env(s3.url, str(tmp_path / "c2")))
+
+    assert done.returncode == 0, done.stderr
+    assert "removing 3 tasks" in done.stdout
+    assert paid(server) == before + 3
+    keys = s3.keys(bucket, "ci/")
+    assert old_keys.isdisjoint(keys) and len([k for k in keys if k.startswith("ci/pics/")]) == 6
+    results = s3.get(bucket, "ci/results.jsonl").decode().splitlines()
+    assert len(results) == 5 and "A lantern number" not in "".join(results)
