@@ -152,6 +152,11 @@ _EPILOGS = {
     "merge": "exit codes:\n  0    merged\n  2    a folder is not a batcher output, or its "
              "files do not match its ledger\n\nexample:\n"
              "  batcher merge out/shard-1 out/shard-2 --output out/all",
+    "prune": "exit codes:\n  0    pruned (or nothing to prune)\n  2    the manifest or the "
+             "command line is wrong, no ledger there, the output is in use by a run,\n"
+             "       or none of its tasks belongs to a job of the manifest; nothing was "
+             "removed\n"
+             "\nexample:\n  batcher prune jobs/demo.yaml --dry-run",
     "report": "exit codes:\n  0    written\n  2    no ledger in the folder\n\nexample:\n"
               "  batcher report output/demo",
 }
@@ -203,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds in-flight requests get to finish after Ctrl-C (default: 10)")
     run.add_argument("--sync-every", type=_seconds, default=30.0, metavar="S",
                      help="with a store output: seconds between ledger uploads (default: 30)")
+    run.add_argument("--prune", action="store_true",
+                     help="first remove the files and ledger rows of tasks the manifest no "
+                          "longer has (the whole manifest counts, whatever --only says; not "
+                          "with --shard: prune once, before or after the shards)")
     run.add_argument("--store-timeout", type=_seconds, default=300.0, metavar="S",
                      help="with a store output: seconds a failing store is retried before the "
                           "run stops with its tasks pending (default: 300)")
@@ -260,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", type=Path, required=True, metavar="DIR",
                        help="the folder to merge into (required)")
 
+    prune = _command(sub, "prune", "remove the files and ledger rows of tasks the manifest "
+                     "no longer has")
+    prune.add_argument("manifest", type=Path, help="a YAML manifest or a JSONL task file")
+    prune.add_argument("--output", type=_target, metavar="DIR|URL",
+                       help="the output folder or store URL (default: the manifest's)")
+    prune.add_argument("--provider", metavar="NAME",
+                       help="provider for a JSONL task file (default: vultr)")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="list what would be removed; remove nothing")
+
     report = _command(sub, "report", "write results.jsonl and index.html again")
     report.add_argument("output", type=_target, metavar="DIR|URL",
                         help="an output folder or a store URL")
@@ -280,13 +299,20 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if getattr(args, "prune", False) and args.shard is not None:
+        raise UsageError("run --prune with --shard: shards run side by side and prune needs "
+                         "the whole output; run `batcher prune MANIFEST` once, before or after "
+                         "the shards")
+    prune = getattr(args, "prune", False)
     if args.command == "run" and args.dry_run:
         args.command, args.check = "plan", False
     if args.command in {"run", "plan"}:
         options = _run_options(args)
         if args.command == "plan":
-            return commands.plan(args.manifest, args.provider, options, check=args.check)
-        return asyncio.run(commands.run(args.manifest, args.provider, options))
+            return commands.plan(args.manifest, args.provider, options, check=args.check,
+                                 prune_first=prune)
+        return asyncio.run(commands.run(args.manifest, args.provider, options,
+                                        prune_first=prune))
     if args.command == "validate":
         return commands.validate(args.manifest, args.provider)
     if args.command == "status":
@@ -299,6 +325,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return commands.merge(args.inputs, args.output)
     if args.command == "report":
         return commands.report(args.output)
+    if args.command == "prune":
+        return commands.prune(args.manifest, args.provider, args.output, dry_run=args.dry_run)
     raise UsageError(f"unknown command {args.command}")
 
 

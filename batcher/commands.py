@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -35,6 +36,9 @@ from batcher.status import (
 from batcher.store import StoreURL, output_target
 from batcher.wording import plural, usd
 
+if TYPE_CHECKING:
+    from batcher.prune import PruneSet
+
 
 def validate(path: Path, provider: str | None) -> int:
     manifest = load_manifest(path, provider=provider)
@@ -43,8 +47,15 @@ def validate(path: Path, provider: str | None) -> int:
     return 0
 
 
-async def run(path: Path, provider: str | None, options: RunOptions) -> int:
+async def run(path: Path, provider: str | None, options: RunOptions, *,
+              prune_first: bool = False) -> int:
     manifest = load_manifest(path, provider=provider)
+    if prune_first:  # a missing key or an unknown --only job stops before anything is removed
+        configs = effective_configs(manifest, options,
+                                    used_providers(manifest, options.selection.only))
+        for config in configs.values():
+            resolve_key(config)
+        await _prune(manifest, options.output, dry_run=False, required=False)
     started = time.time()
     outcome = await run_manifest(manifest, options)
     summary = outcome.summary
@@ -116,8 +127,11 @@ async def _done_and_failed_in_store(url: StoreURL) -> tuple[set[str], set[str]]:
         return ledger.statuses(lambda path, size: listing.get(path) == size)
 
 
-def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool) -> int:
+def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool,
+         prune_first: bool = False) -> int:
     manifest = load_manifest(path, provider=provider)
+    if prune_first:  # run --dry-run --prune: what the prune would remove, then the plan
+        asyncio.run(_prune(manifest, options.output, dry_run=True, required=False))
     root = output_dir(manifest, options.output)
     done, failed = _done_and_failed(root)
     configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
@@ -301,6 +315,58 @@ def merge(inputs: list[Path], output: Path) -> int:
     count = merge_outputs(inputs, output)
     print(f"merged {plural(count, 'task')} from {plural(len(inputs), 'output')} into {output}")
     return 0
+
+
+def prune(path: Path, provider: str | None, output: str | None, *, dry_run: bool) -> int:
+    manifest = load_manifest(path, provider=provider)
+    asyncio.run(_prune(manifest, output, dry_run=dry_run))
+    return 0
+
+
+PRUNE_SAMPLE = 20  # tasks listed one per line; the rest as a count
+
+
+async def _prune(manifest: Manifest, output: str | Path | None, *, dry_run: bool,
+                 required: bool = True) -> None:
+    """Prune the manifest's output (the whole manifest counts, whatever --only says); with
+    ``required`` false an output nothing has run into yet is quietly left alone."""
+    from batcher.prune import prune_folder
+
+    target = output_dir(manifest, output)
+    announce = functools.partial(_print_prune, dry_run=dry_run)
+    if isinstance(target, StoreURL):
+        from batcher.store.prune import prune_store
+
+        found = await prune_store(manifest, target, dry_run=dry_run, announce=announce,
+                                  required=required)
+    else:
+        found = prune_folder(manifest, target, dry_run=dry_run, announce=announce,
+                             required=required)
+    if not found.kept and not found.tasks and not found.names and not required:
+        return  # nothing has run into the output yet
+    if found.tasks or found.names:
+        done = "nothing removed (--dry-run)" if dry_run else "removed"
+        print(f"prune: {done}; {plural(found.kept, 'task')} kept in {found.location}")
+
+
+def _print_prune(found: PruneSet, *, dry_run: bool) -> None:
+    """What goes, said before anything goes: a line per task up to a sample, then a count."""
+    verb = "would remove" if dry_run else "removing"
+    if not found.tasks and not found.names:
+        print(f"prune: nothing to remove in {found.location}: every task there is in the "
+              "manifest")
+        return
+    print(f"prune: {verb} {plural(len(found.tasks), 'task')} the manifest no longer has "
+          f"({plural(len(found.names), 'file')}) from {found.location}")
+    for task in found.tasks[:PRUNE_SAMPLE]:
+        seed = "" if task.seed is None else f" seed {task.seed}"
+        prompt = " ".join(task.prompt.split())
+        prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        print(f"  {task.job}/{task.model}{seed} [{task.status}]: {prompt}")
+    if len(found.tasks) > PRUNE_SAMPLE:
+        print(f"  and {plural(len(found.tasks) - PRUNE_SAMPLE, 'more task')}")
+    if found.leftover:
+        print(f"  and {plural(found.leftover, 'file')} an interrupted prune left behind")
 
 
 def report(target: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,11 @@ from typing import Any
 from batcher import fastjson
 from batcher.errors import ManifestError
 from batcher.imagerefs import check_local, parse_ref
+from batcher.providers.config import ProviderConfig
+from batcher.providers.rules import check_params
+from batcher.wording import plural
 
+log = logging.getLogger(__name__)
 JOB_TYPES = ("image", "chat")
 #: Body fields that change how a result travels, not what it is: they stay out of task ids.
 TRANSPORT_FIELDS = frozenset({"response_format", "stream", "stream_options"})
@@ -79,15 +84,19 @@ def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
                                     field=exc.field) from None
 
 
-def check_jsonl(path: Path, *, max_input_bytes: int) -> int:
+def check_jsonl(path: Path, *, max_input_bytes: int,
+                provider: ProviderConfig | None = None) -> int:
     """Validate every line of a JSONL task file; returns the number of tasks.
 
-    Local input images must be images of at most ``max_input_bytes`` (the provider's).
+    Local input images must be images of at most ``max_input_bytes`` (the provider's). With
+    ``provider``, params are checked against what it documents (providers/rules.py): a value
+    it would refuse is an error; an undocumented parameter a warning, logged once per field.
 
     Two lines asking for the same result without ids would be one task twice over: an error.
     """
     seen: dict[str, int] = {}  # id -> the line that first used it
     same: dict[bytes, int] = {}  # digest of what shapes a line's result -> its line
+    warned: dict[str, list[Any]] = {}  # field -> [first line, lines, message]
     count = 0
     for task in iter_jsonl(path):
         if task.id is not None:
@@ -108,8 +117,24 @@ def check_jsonl(path: Path, *, max_input_bytes: int) -> int:
             except ValueError as exc:
                 raise ManifestError(str(exc), file=str(path), line=task.line,
                                     field=f"images[{index}]") from None
+        if provider is not None:
+            _check_rules(path, task, provider, warned)
         count += 1
+    for field, (line, lines, message) in warned.items():
+        more = f" (and {plural(lines - 1, 'more line')})" if lines > 1 else ""
+        log.warning("warning: %s", ManifestError(message + more, file=str(path), line=line,
+                                                 field=field))
     return count
+
+
+def _check_rules(path: Path, task: JsonlTask, provider: ProviderConfig,
+                 warned: dict[str, list[Any]]) -> None:
+    """Raise on a param the provider would refuse; count the undocumented ones by field."""
+    for problem in check_params(provider, task.type, (task.model,), task.params):
+        field = f"{'body' if task.id_field == 'custom_id' else 'params'}.{problem.field}"
+        if problem.error:
+            raise ManifestError(problem.message, file=str(path), line=task.line, field=field)
+        warned.setdefault(field, [task.line, 0, problem.message])[1] += 1
 
 
 def _shape_digest(task: JsonlTask) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,13 @@ class Ledger:
                     "coalesce(excluded.finished, 0) > coalesce(tasks.finished, 0))")
         finally:
             self._db.execute("DETACH DATABASE other")
+
+    def remove(self, ids: Iterable[str]) -> None:
+        """Delete the rows of ``ids`` in one transaction (``batcher prune``)."""
+        self.flush()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM tasks WHERE id = ?", ((i,) for i in ids))
 
     def snapshot(self, target: Path) -> None:
         """A consistent copy of the whole ledger at ``target`` (for publishing it)."""

@@ -7,6 +7,7 @@ JSONL file are parsed by :mod:`batcher.jsonl`.
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections.abc import Mapping
@@ -22,8 +23,10 @@ from batcher.imagerefs import check_local, parse_ref
 from batcher.jsonl import JOB_TYPES, RESERVED_PARAMS, check_jsonl
 from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
 from batcher.providers.prices import ANY_MODEL, PRICE_FIELDS, PriceList, price_from_mapping
+from batcher.providers.rules import check_params
 from batcher.store.url import parse_store_url
 
+log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 DEFAULT_JSONL_PROVIDER = "vultr"
 TOP_FIELDS = {"name", "output", "providers", "defaults", "jobs", "budget"}
@@ -386,6 +389,7 @@ def _parse_job(
     if (found := fastjson.unsendable(params)) is not None:
         field, problem = found
         raise where.child("params", raw_params).error(field, problem)
+    _check_rules(providers[provider], kind, models, raw_params, where)
     system = data.get("system")
     if system is not None and (kind != "chat" or not isinstance(system, str)):
         raise where.error("system", "only a chat job takes a system message (a string)")
@@ -411,6 +415,17 @@ def _parse_job(
         prompts=prompts, vars=job_vars, seeds=seeds, images=images, params=params,
         system=system,
     )
+
+
+def _check_rules(config: ProviderConfig, kind: str, models: tuple[str, ...],
+                 params: Mapping[str, Any], where: _Where) -> None:
+    """Params against what the provider documents (providers/rules.py): a value it would
+    refuse is an error; a parameter it does not document, a warning (sent as written)."""
+    for problem in check_params(config, kind, models, params):
+        error = where.child("params", params).error(problem.field, problem.message)
+        if problem.error:
+            raise error
+        log.warning("warning: %s", error)
 
 
 def _parse_file_job(
@@ -476,7 +491,8 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
     manifest = Manifest(name, path, output, providers, tuple(jobs), budget)
     for job in manifest.jobs:
         if job.file is not None:
-            check_jsonl(job.file, max_input_bytes=providers[job.provider].max_input_bytes)
+            check_jsonl(job.file, max_input_bytes=providers[job.provider].max_input_bytes,
+                        provider=providers[job.provider])
     return manifest
 
 
@@ -554,5 +570,6 @@ def _load_jsonl_manifest(path: Path, provider: str) -> Manifest:
         raise ManifestError("no such file", file=str(path))
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-") or "tasks"
     job = JobSpec(name=name, type="file", provider=provider, file=path)
-    check_jsonl(path, max_input_bytes=providers[provider].max_input_bytes)
+    check_jsonl(path, max_input_bytes=providers[provider].max_input_bytes,
+                provider=providers[provider])
     return Manifest(name, path, f"output/{name}", providers, (job,))

@@ -1,0 +1,187 @@
+"""``batcher prune``: remove the files and ledger rows of tasks the manifest no longer has.
+
+After a prompt edit the old prompt's tasks stay in the ledger, and so in results.jsonl and
+index.html. Prune finds every row whose id the manifest (all of it: ``--only`` and ``--shard``
+select what a run sends, not what the output keeps) no longer expands to, removes those rows,
+then their files and sidecars, and writes the listings again.
+
+Order, against a crash at any point: the names to remove are first written to a journal
+(``.batcher-prune.json``), then the rows go in one transaction, then the files, then the
+listings are written, then the journal goes. Rows go before files so that no row ever names
+a missing file: a row whose files are gone would be listed in results.jsonl and the contact
+sheet as ok, and ``status --verify`` would call the output damaged. Files left behind by a
+prune killed after its rows went are named in the journal, and the next prune removes them
+(and writes the listings) first. A name that a kept row uses is
+never removed (two tasks' names could share an 8-hex-digit hash).
+
+The folder flavour lives here; :mod:`batcher.store.prune` does the same for an object store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batcher.errors import UsageError
+from batcher.ledger import LEDGER_NAME, Ledger, Record
+from batcher.manifest import Manifest
+from batcher.plan import Selection
+from batcher.report import write_listings
+from batcher.storage import Layout, atomic_open, lock_folder
+
+JOURNAL_NAME = ".batcher-prune.json"
+
+
+@dataclass(frozen=True, slots=True)
+class StaleTask:
+    """A ledger row the manifest no longer has, and the names of its files and sidecar."""
+
+    id: str
+    job: str
+    model: str
+    prompt: str
+    seed: int | None
+    status: str
+    names: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class PruneSet:
+    """What a prune removes: rows, and names (relative to the output) no kept row uses."""
+
+    location: str
+    tasks: list[StaleTask] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
+    kept: int = 0  # rows that stay
+    leftover: int = 0  # names an earlier, interrupted prune did not get to remove
+
+
+def manifest_ids(manifest: Manifest) -> set[str]:
+    """Every task id of the whole manifest."""
+    return {task.id for task in Selection().tasks(manifest)}
+
+
+def task_names(record: Record) -> tuple[str, ...]:
+    """A row's files and its sidecar (which failed tasks do not have; removing none is fine)."""
+    sidecar = Layout(Path(".")).sidecar_name(record)
+    return (*(f.path for f in record.files), sidecar)
+
+
+def find_stale(
+    ledgers: Iterable[Ledger], ids: set[str], manifest: Manifest, location: str,
+    present: Callable[[str], bool], leftover: Iterable[str] = (),
+) -> PruneSet:
+    """The rows of ``ledgers`` whose ids are not in ``ids``, with the names only they use
+    that are ``present`` (a failed task has no sidecar, a file may have gone by hand).
+
+    Refuses (``UsageError``) when the output holds rows but none of a job the manifest has:
+    that is the wrong manifest or the wrong output, and pruning would empty it.
+    """
+    found = PruneSet(location)
+    kept_ids: set[str] = set()
+    kept_names: set[str] = set()
+    stale: dict[str, StaleTask] = {}  # a task may have a row in several ledgers (shards)
+    jobs_seen: set[str] = set()
+    for ledger in ledgers:
+        for record in ledger.records():
+            jobs_seen.add(record.job)
+            if record.id in ids:
+                kept_ids.add(record.id)
+                kept_names.update(task_names(record))
+            elif record.id in stale:
+                task = stale[record.id]
+                names = tuple(dict.fromkeys(task.names + task_names(record)))
+                stale[record.id] = StaleTask(task.id, task.job, task.model, task.prompt,
+                                             task.seed, task.status, names)
+            else:
+                stale[record.id] = StaleTask(record.id, record.job, record.model, record.prompt,
+                                             record.seed, record.status, task_names(record))
+    found.kept, found.tasks = len(kept_ids), list(stale.values())
+    jobs = {job.name for job in manifest.jobs}
+    if found.tasks and not jobs_seen & jobs:
+        raise UsageError(
+            f"{location}: none of its {len(found.tasks)} tasks belongs to a job of "
+            f"{manifest.path} (jobs: {', '.join(sorted(jobs))}); is this the manifest of that "
+            "output? Nothing was removed")
+    wanted = {name for task in found.tasks for name in task.names}
+    leftover_names = set(leftover) - wanted
+    found.names = {name for name in (wanted | leftover_names) - kept_names if present(name)}
+    found.leftover = len(leftover_names & found.names)
+    return found
+
+
+def read_journal(data: bytes | None) -> list[str]:
+    """The names a journal lists (none when there is no journal or it is unreadable)."""
+    if not data:
+        return []
+    with contextlib.suppress(ValueError):
+        names = json.loads(data)
+        if isinstance(names, list):
+            return [name for name in names if isinstance(name, str) and _safe(name)]
+    return []
+
+
+def journal_bytes(names: Iterable[str]) -> bytes:
+    return json.dumps(sorted(names), indent=0).encode()
+
+
+def _safe(name: str) -> bool:
+    """A name a ledger could hold: relative, no way out of the output."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and ".." not in parts and "" not in parts
+
+
+Announce = Callable[[PruneSet], None]
+
+
+def prune_folder(manifest: Manifest, root: Path, *, dry_run: bool, announce: Announce,
+                 required: bool = True) -> PruneSet:
+    """Prune an output folder; ``announce`` is told what goes before anything is removed.
+
+    Holds the folder's lock while it writes, so a run writing the folder makes it stop with
+    exit 2; a dry run only reads. A folder with no ledger is an error when ``required``, else
+    has nothing to prune (``run --prune`` into a new folder)."""
+    if not (root / LEDGER_NAME).is_file():
+        if not required:
+            return PruneSet(str(root))
+        raise UsageError(f"{root}: no ledger here (nothing has run into this folder yet)")
+    ids = manifest_ids(manifest)
+    journal = root / JOURNAL_NAME
+    with contextlib.ExitStack() as stack:
+        if not dry_run:
+            stack.enter_context(lock_folder(root))
+        ledger = stack.enter_context(Ledger(root / LEDGER_NAME, readonly=dry_run))
+        had_journal = journal.is_file()
+        leftover = read_journal(journal.read_bytes() if had_journal else None)
+        found = find_stale([ledger], ids, manifest, str(root),
+                           lambda name: (root / name).is_file(), leftover)
+        announce(found)
+        if dry_run or not (found.tasks or found.names or had_journal):
+            return found  # nothing changes: the listings still hold
+        with atomic_open(journal) as handle:
+            handle.write(journal_bytes(found.names))
+            handle.flush()
+            os.fsync(handle.fileno())
+        ledger.remove(task.id for task in found.tasks)
+        for name in found.names:
+            _remove_file(root, name)
+        write_listings(root, ledger)  # before the journal goes: a kill here is redone
+        journal.unlink()
+    return found
+
+
+def _remove_file(root: Path, name: str) -> None:
+    """Remove one file, then its folders while they are empty (up to the output itself)."""
+    path = root / name
+    path.unlink(missing_ok=True)
+    folder = path.parent
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone): its siblings stay
+            break
+        folder = folder.parent
