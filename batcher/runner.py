@@ -50,6 +50,7 @@ from batcher.report import JobTally, summarize
 from batcher.retry import Action, Verdict, backoff, classify, stop_reason
 from batcher.saving import Saver, task_boundary
 from batcher.storage import FileWriter, Layout, remove_leftovers
+from batcher.store.derive import Deriver
 from batcher.store.output import Output, open_output
 from batcher.tasks import Task
 from batcher.wording import plural
@@ -156,6 +157,7 @@ class Runner:
         self.counters = Counters()
         self.layout = Layout(self.root)
         self.images = InputImages()
+        self.deriver = Deriver(self.root, manifest)
         self.stopping = asyncio.Event()
         self.auth_error: AuthError | None = None
         self.crash: BaseException | None = None  # batcher's own or the store's, not the provider's
@@ -174,6 +176,7 @@ class Runner:
         if removed:
             log.info("removed %s left by an interrupted run", plural(removed, "temporary file"))
         done, failed = await self.output.statuses(self.manifest, self.options.selection)
+        await self._refresh_derived(done)
         plan = make_plan(self.manifest, self.options.selection, done, failed)
         totals = plan.totals
         log.info("%s: %d done, %d failed before, %d to run -> %s", plural(totals.total, "task"),
@@ -193,6 +196,15 @@ class Runner:
         await self.output.finish(summary)
         return Outcome(exit_code, plan, self.counters, summary, self.output.location,
                        self.root, self._message())
+
+    async def _refresh_derived(self, done: set[str]) -> None:
+        from batcher.store.rederive import refresh_derived
+
+        redone = await refresh_derived(self.manifest, self.options.selection, self.output,
+                                       self.deriver, done, self._crashed)
+        if redone:
+            log.info("derived files of %s made again from the kept images (no request)",
+                     plural(redone, "task"))
 
     def _exit_code(self, summary: dict[str, Any]) -> int:
         if self.interrupted:
@@ -454,6 +466,7 @@ class Runner:
                     answer, logged = await saver.request(provider.client, task, self.images)
                     files, response = await saver.save(task, answer)
                     record = saver.succeeded(task, files, answer, response, attempt, started)
+                    record.derived = await self.deriver.derive(task, record)
                     return record, await saver.write_sidecar(record, logged)
             finally:
                 self._in_flight.discard(worker)
