@@ -118,8 +118,8 @@ def _image_cell(record: Record) -> str:
                 f"{html.escape(record.error or record.reason or 'unknown')}</div>")
     title = html.escape(_hover(record), quote=True)
     derived = entries(record.derived)
-    parts = [f"<a href='{quote(str(e['path']))}'><img class='input' loading='lazy' "
-             f"src='{quote(str(e['path']))}' title='input image' alt='input image'></a>"
+    parts = [f"<a href='{_href(e['path'])}'><img class='input' loading='lazy' "
+             f"src='{_href(e['path'])}' title='input image' alt='input image'></a>"
              for e in derived if e.get("role") == "input"]
     for file in record.files:
         # The smallest resized copy as the thumbnail, linking to the full-size file (in the
@@ -127,11 +127,15 @@ def _image_cell(record: Record) -> str:
         own = [e for e in derived if e.get("of") == file.path]
         sizes = sorted((e for e in own if "side" in e), key=lambda e: int(e["side"]))
         full = next((e["path"] for e in own if e.get("role") == "full"), file.path)
-        href = quote(str(full))
-        src = quote(str(sizes[0]["path"])) if sizes else href
+        href = _href(full)
+        src = _href(sizes[0]["path"]) if sizes else href
         parts.append(f"<a href='{href}'><img loading='lazy' src='{src}' title='{title}' "
                      f"alt='{html.escape(record.prompt, quote=True)}'></a>")
     return "".join(parts)
+
+
+def _href(path: object) -> str:
+    return quote(str(path), safe="/@")  # "@" of "<stem>@thumb.webp" is fine in a path
 
 
 def _chat_table(root: Path, records: list[Record]) -> Iterator[str]:

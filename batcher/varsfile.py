@@ -123,7 +123,10 @@ def _yaml_rows(path: Path) -> Iterator[Row]:
     if not isinstance(data, list):
         raise _error(path, None, "a YAML vars_file must be a list of mappings")
     for index, item in enumerate(data):
-        line = getattr(item, "line", None) or index + 1
+        line = getattr(item, "line", None)  # a mapping knows its line; a stray scalar does not
+        if line is None:
+            raise _error(path, None, f"row {index + 1}: each row must be a non-empty mapping "
+                         "of column: value")
         yield _row_of(path, line, item)
 
 
