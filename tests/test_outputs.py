@@ -5,6 +5,7 @@ filled in per row, derived files (formats, sizes, metadata), re-deriving with no
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -15,6 +16,9 @@ from typing import Any
 import pytest
 from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
 from PIL import Image
+from s3server import s3, store_env
+
+__all__ = ["s3"]  # a fixture, used by name
 
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
@@ -421,3 +425,42 @@ def test_kill_9_never_leaves_a_partial_derived_file_under_a_final_name(
         assert {e["role"] for e in derived_of(row)} == {"full", "size:thumb", "size:card"}
         for entry in derived_of(row):
             assert sha256(out / entry["path"]) == entry["sha256"]
+
+
+# --------------------------------------------------------------------------- object stores
+
+
+def test_derived_files_go_to_the_store_and_are_redone_there_on_a_fresh_machine(
+    tmp_path: Path, thread_server: Any, s3: Any
+) -> None:
+    server = thread_server()
+    bucket = s3.bucket()
+    text = manifest(server, grid_job("{format: webp, sizes: {thumb: 64, card: 128}}"))
+    path = write_manifest(tmp_path, text.replace("output: out", f"output: s3://{bucket}/a"))
+    first = run_cli("run", str(path), "--no-progress",
+                    env=store_env(s3.url, str(tmp_path / "cache-a")))
+    assert first.returncode == 0, first.stderr
+    keys = s3.keys(bucket, "a/")
+    assert len([k for k in keys if k.endswith("@card.webp")]) == 4
+    assert len([k for k in keys if k.endswith(".webp")]) == 12
+    paid = len(generations(server))
+
+    write_manifest(tmp_path, text.replace("output: out", f"output: s3://{bucket}/a")
+                   .replace("card: 128", "banner: 200").replace("thumb: 64", "mini: 32"))
+    again = run_cli("run", str(path), "--no-progress",
+                    env=store_env(s3.url, str(tmp_path / "cache-b")))
+
+    assert again.returncode == 0, again.stderr
+    assert len(generations(server)) == paid
+    keys = s3.keys(bucket, "a/")
+    assert not [k for k in keys if "@card." in k or "@thumb." in k]
+    banners = [k for k in keys if k.endswith("@banner.webp")]
+    assert len(banners) == 4
+    with Image.open(io.BytesIO(s3.get(bucket, banners[0]))) as image:
+        assert max(image.size) == 200
+    assert b"@mini.webp" in s3.get(bucket, "a/index.html")  # the sheet was written again
+    sidecar = json.loads(s3.get(bucket, banners[0].replace("@banner.webp", ".json")))
+    assert "banner" in sidecar["derived"]["spec"]
+    verify = run_cli("status", f"s3://{bucket}/a", "--verify",
+                     env=store_env(s3.url, str(tmp_path / "cache-c")))
+    assert verify.returncode == 0, verify.stdout + verify.stderr

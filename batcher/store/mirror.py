@@ -107,6 +107,7 @@ class StoreOutput:
         self._had_listings = False
         self._adopted = 0
         self._listing: dict[str, int] = {}  # the store's files and sizes when the run began
+        self._kept = 0  # tasks uploaded by this run (ran, or derived files made again)
         self.failure: BaseException | None = None  # the store went down, or the lock was lost
         self._on_failure: Callable[[BaseException], None] | None = None
 
@@ -218,6 +219,7 @@ class StoreOutput:
             self.failure = self.failure or exc
             failed(exc)
         else:
+            self._kept += 1
             kept(record)
         finally:
             self._slots.release()
@@ -274,7 +276,7 @@ class StoreOutput:
             return
         await self.publish()
         await self.store.put_bytes(self.summary_name, data)
-        if summary["ran"] or self._adopted or not self._had_listings:  # else they still hold
+        if summary["ran"] or self._kept or self._adopted or not self._had_listings:  # else same
             await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
         self._finished = True
 
