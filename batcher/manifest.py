@@ -511,7 +511,8 @@ def _check_combinations(job: JobSpec, where: _Where, base_dir: Path, max_bytes: 
         return
     system = placeholders(job.system or "")
     uses = {frozenset((placeholders(p) | system | image_names) - var_names) for p in job.prompts}
-    check_rows(job.vars_file, [u for u in uses if u], var_names, check_row)
+    check_rows(job.vars_file, [u for u in uses if u], var_names,
+               check_row if templated else None)
 
 
 def _parse_file_job(
