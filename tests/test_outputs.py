@@ -464,3 +464,18 @@ def test_derived_files_go_to_the_store_and_are_redone_there_on_a_fresh_machine(
     verify = run_cli("status", f"s3://{bucket}/a", "--verify",
                      env=store_env(s3.url, str(tmp_path / "cache-c")))
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_merge_brings_the_derived_files_of_each_shard(tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server()
+    path = write_manifest(tmp_path, manifest(server, grid_job("{format: webp, sizes: {t: 32}}")))
+    for shard in ("1/2", "2/2"):
+        result = run_cli("run", str(path), "--shard", shard, "--output", f"s{shard[0]}",
+                         "--no-progress")
+        assert result.returncode == 0, result.stderr
+    merged = run_cli("merge", "s1", "s2", "--output", "all")
+    assert merged.returncode == 0, merged.stderr
+    assert len(list((tmp_path / "all").rglob("*@t.webp"))) == 4
+    assert run_cli("status", "all", "--verify").returncode == 0
+    again = run_cli("run", str(path), "--output", "all", "--no-progress")
+    assert again.returncode == 0 and len(generations(server)) == 4
