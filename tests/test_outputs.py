@@ -479,3 +479,52 @@ def test_merge_brings_the_derived_files_of_each_shard(tmp_path: Path, thread_ser
     assert run_cli("status", "all", "--verify").returncode == 0
     again = run_cli("run", str(path), "--output", "all", "--no-progress")
     assert again.returncode == 0 and len(generations(server)) == 4
+
+
+async def test_a_jsonl_file_job_takes_outputs_from_defaults(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    server = await server_factory()
+    (tmp_path / "tasks.jsonl").write_text(
+        json.dumps({"id": "pic-1", "type": "image", "model": "flux.1-schnell", "prompt": "a kite",
+                    "params": {"size": "256x256", "response_format": "b64_json"}}) + "\n"
+        + json.dumps({"id": "cap-1", "type": "chat", "model": "llama-3.1-8b-instruct",
+                      "prompt": "hi"}) + "\n")
+    path = write_manifest(tmp_path, manifest(
+        server, "  - name: listed\n    file: tasks.jsonl\n",
+        extra_top="defaults:\n  provider: test\n  outputs: {format: jpeg, sizes: {s: 50}}\n"))
+
+    assert (await run_manifest(path)).exit_code == 0
+
+    rows = {row["id"]: row for row in ledger_rows(tmp_path / "out")}
+    assert {e["role"] for e in derived_of(rows["pic-1"])} == {"full", "size:s"}
+    for entry in derived_of(rows["pic-1"]):
+        assert MAGIC["jpeg"]((tmp_path / "out" / entry["path"]).read_bytes())
+    assert derived_of(rows["cap-1"]) == []
+
+
+async def test_a_ledger_naming_a_derived_file_outside_the_output_never_deletes_it(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    import sqlite3
+
+    server = await server_factory()
+    path = write_manifest(tmp_path, manifest(server, grid_job("{format: webp}", seeds=1)))
+    assert (await run_manifest(path)).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    db = sqlite3.connect(tmp_path / "out" / "ledger.sqlite")
+    with db:
+        for task_id, derived in db.execute("SELECT id, derived FROM tasks").fetchall():
+            value = json.loads(derived)
+            value["files"].append({"path": "../victim.txt", "size": 7, "sha256": "0" * 64,
+                                   "role": "full", "of": "x"})
+            db.execute("UPDATE tasks SET derived = ? WHERE id = ?", (json.dumps(value), task_id))
+    db.close()
+    write_manifest(tmp_path, manifest(server, grid_job("{format: avif}", seeds=1)))
+
+    assert (await run_manifest(path)).exit_code == 0
+    assert victim.read_text() == "keep me"
+    assert len(list((tmp_path / "out").rglob("*.avif"))) == 2
+    assert not list((tmp_path / "out").rglob("*.webp"))
+    assert len(generations(server)) == 2

@@ -39,10 +39,16 @@ def stale_ids(output: Output, deriver: Deriver, done: set[str]) -> set[str]:
         if task_id not in done or job not in deriver.specs:
             continue  # a failed task, or a job the manifest no longer has (prune's business)
         have = derived.get("spec") if isinstance(derived, dict) else None
-        if have != deriver.spec(job) or not all(
-                output.present(str(e["path"]), int(e["size"])) for e in entries(derived)):
+        if have != deriver.spec(job) or not all(_present(output, e) for e in entries(derived)):
             stale.add(task_id)
     return stale
+
+
+def _present(output: Output, entry: dict[str, Any]) -> bool:
+    try:
+        return output.present(str(entry["path"]), int(entry["size"]))
+    except (KeyError, TypeError, ValueError):  # an entry batcher did not write: make it again
+        return False
 
 
 async def refresh_derived(
@@ -81,9 +87,17 @@ async def _redo(tasks: list[Task], output: Output, deriver: Deriver,
             record.derived = await deriver.derive(by_id[record.id], record)
             keep = {str(e["path"]) for e in entries(record.derived)} | {
                 f.path for f in record.files}
+            layout = Layout(output.root)
             for entry in old:
-                if entry["path"] not in keep and entry.get("role") != "input":
-                    await output.remove(str(entry["path"]))
+                path = str(entry.get("path"))
+                if path in keep or entry.get("role") == "input":
+                    continue
+                try:
+                    layout.resolve(path)  # a ledger row never names a file outside the output
+                except ValueError:
+                    log.warning("task %s: not removing %s: outside the output", record.id, path)
+                    continue
+                await output.remove(path)
             record.attempts = 0  # the ledger adds attempts: this run sent nothing
             sidecar = await asyncio.to_thread(rewrite_sidecar, output.root, record)
             await output.keep(record, sidecar, output.ledger.record, failed)
