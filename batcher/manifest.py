@@ -402,6 +402,9 @@ def _parse_outputs(value: Any, where: _Where) -> Outputs:
         raise sub.error("metadata", f"must be true or false, not {metadata!r}")
     if fmt is None and quality is not None and not sizes:
         raise sub.error("quality", "applies to a format or sizes; set format or sizes too")
+    if fmt is None and metadata and not sizes:
+        raise sub.error("metadata", "goes into derived files, and the image as delivered is "
+                        "never rewritten: set format or sizes too")
     return Outputs(fmt, quality, tuple(sizes), metadata)
 
 

@@ -44,6 +44,8 @@ def job_spec(outputs: Outputs | None, with_inputs: bool) -> str | None:
 
     Compared as text with the ``spec`` a ledger row records: equal means nothing to redo.
     """
+    if outputs is not None and outputs.format is None and not outputs.sizes:
+        outputs = None  # nothing to derive (the manifest refuses quality or metadata alone)
     if outputs is None and not with_inputs:
         return None
     spec = {"outputs": outputs.as_dict() if outputs is not None else None,

@@ -357,6 +357,8 @@ BAD_OUTPUTS = [
     ("\n      sizes:\n        thumb: -5", 10, "jobs[0].outputs.sizes.thumb: the longest side"),
     ("{sizes: {Thumb/1: 64}}", 8, "jobs[0].outputs.sizes.Thumb/1: a size's name"),
     ("{metadata: 'yes'}", 8, "jobs[0].outputs.metadata: must be true or false"),
+    ("{metadata: true}", 8, "jobs[0].outputs.metadata: goes into derived files"),
+    ("{quality: 50}", 8, "jobs[0].outputs.quality: applies to a format or sizes"),
     ("\n      format: webp\n      colour: red", 10, "jobs[0].outputs.colour: unknown field"),
     ("[webp]", 8, "jobs[0].outputs: must be a mapping"),
 ]
