@@ -530,3 +530,26 @@ async def test_a_ledger_naming_a_derived_file_outside_the_output_never_deletes_i
     assert len(list((tmp_path / "out").rglob("*.avif"))) == 2
     assert not list((tmp_path / "out").rglob("*.webp"))
     assert len(generations(server)) == 2
+
+
+def test_an_image_pillow_cannot_decode_fails_its_derivation_not_the_task(tmp_path: Path) -> None:
+    from batcher.ledger import FileRecord, Record
+    from batcher.outputs import Outputs
+    from batcher.store.derive import derive_sync
+
+    bad = b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10
+    good = render_png("fine", 64, 64)
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "bad.png").write_bytes(bad)
+    (tmp_path / "j" / "good.png").write_bytes(good)
+    record = Record(id="t1", job="j", provider="p", kind="image", model="m", prompt="x",
+                    seed=None, status="ok", attempts=1,
+                    files=[FileRecord("j/bad.png", len(bad), "0"),
+                           FileRecord("j/good.png", len(good), "0")])
+
+    derived = derive_sync(tmp_path, record, Outputs("webp", None, (("t", 16),), True), [], "s")
+
+    assert "j/bad.png" in derived["error"]
+    assert sorted(e["path"] for e in derived["files"]) == ["j/good.webp", "j/good@t.webp"]
+    assert not list(tmp_path.rglob("bad.webp")) and not list(tmp_path.rglob(".tmp-*"))
+    assert (tmp_path / "j" / "bad.png").read_bytes() == bad
