@@ -140,23 +140,29 @@ def check_rows(
     and ``check_row`` passes (the row's input images). Memory: 8 bytes and a set entry a row.
     """
     seen: list[set[bytes]] = [set() for _ in uses]
+    ordered = [sorted(used) for used in uses]
+    checked: Any = None  # the last row's columns, checked (a CSV's are the header's)
     count = 0
     for row in iter_rows(path):
         count += 1
-        clash = var_names & row.values.keys()
-        if clash:
-            raise _error(path, row.line, "is also a var under vars; rename one", min(clash))
-        for used, keys in zip(uses, seen, strict=True):
-            missing = used - row.values.keys()
-            if missing:
-                name = min(missing)
-                raise _error(path, row.line, f"no value for {{{name}}}, which the job's "
-                             "prompts, system or images use", name)
-            key = hashlib.blake2b("\x1f".join(row.values[n] for n in sorted(used)).encode(),
+        columns = row.values.keys()
+        if columns != checked:
+            clash = var_names & columns
+            if clash:
+                raise _error(path, row.line, "is also a var under vars; rename one", min(clash))
+            for used in uses:
+                missing = used - columns
+                if missing:
+                    name = min(missing)
+                    raise _error(path, row.line, f"no value for {{{name}}}, which the job's "
+                                 "prompts, system or images use", name)
+            checked = columns
+        for names, keys in zip(ordered, seen, strict=True):
+            key = hashlib.blake2b("\x1f".join([row.values[n] for n in names]).encode(),
                                   digest_size=8).digest()
             if key in keys:
                 raise _error(path, row.line, "repeats an earlier row's values for "
-                             f"{', '.join(sorted(used))}: both rows would make the same tasks")
+                             f"{', '.join(names)}: both rows would make the same tasks")
             keys.add(key)
         if check_row is not None:
             check_row(row)
