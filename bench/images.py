@@ -41,7 +41,8 @@ def main() -> None:
                     seeds: {args.tasks}
                     params: {{size: 1024x1024, response_format: {fmt}}}
             """)
-            result = run_child(batcher("run", "images.yaml", "--no-progress"), folder)
+            result = run_child(batcher("run", "images.yaml", "--no-progress"), folder,
+                               own_rss=True)
             files = list((folder / "output/images/big").rglob("*.png"))
             size = sum(f.stat().st_size for f in files) / len(files) / 1024 if files else 0
             print(f"images {fmt}: {args.tasks} 1024x1024 images (avg {size:.0f} KiB) at "
@@ -77,10 +78,10 @@ def derive(api_url: str, tasks: int, concurrency: int) -> None:
     folder = workdir("images-derive")
     write(folder / "derive.yaml", derive_manifest(api_url, tasks, concurrency, rate="null",
                                                   outputs=None))
-    first = run_child(batcher("run", "derive.yaml", "--no-progress"), folder)
+    first = run_child(batcher("run", "derive.yaml", "--no-progress"), folder, own_rss=True)
     write(folder / "derive.yaml", derive_manifest(api_url, tasks, concurrency, rate="null",
                                                   outputs=OUTPUTS))
-    result = run_child(batcher("run", "derive.yaml", "--no-progress"), folder)
+    result = run_child(batcher("run", "derive.yaml", "--no-progress"), folder, own_rss=True)
     made = len(list((folder / "output/derive/big").rglob("*.webp")))
     print(f"derive: {tasks} 1024x1024 originals -> WebP + 2 sizes ({made} files) with no "
           f"request: {tasks / result.seconds:.1f} images/s, peak RSS {result.peak_rss_mb:.0f} "
@@ -90,7 +91,8 @@ def derive(api_url: str, tasks: int, concurrency: int) -> None:
         folder = workdir(f"images-paced-{'outputs' if outputs else 'plain'}")
         write(folder / "derive.yaml", derive_manifest(api_url, tasks, concurrency, rate="20/s",
                                                       outputs=outputs))
-        result = run_child(batcher("run", "derive.yaml", "--no-progress"), folder)
+        result = run_child(batcher("run", "derive.yaml", "--no-progress"), folder,
+                           own_rss=True)
         print(f"paced 20/s, {'with' if outputs else 'without'} outputs: {tasks} tasks at "
               f"{tasks / result.seconds:.1f} tasks/s, peak RSS {result.peak_rss_mb:.0f} MB, "
               f"exit {result.exit_code}")

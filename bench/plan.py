@@ -52,7 +52,7 @@ def main() -> None:
             prompt: "A studio photo of {name} ({sku})"
             params: {size: 512x512}
     """)
-    result = run_child(batcher("plan", str(path)), folder)
+    result = run_child(batcher("plan", str(path)), folder, own_rss=True)
     if result.exit_code != 0:
         raise SystemExit(result.stderr)
     print(f"plan: a vars_file of {rows:,} CSV rows in {result.seconds:.2f} s, peak RSS "
