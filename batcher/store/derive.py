@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import io
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,8 @@ class Deriver:
 
     def __init__(self, root: Path, manifest: Manifest) -> None:
         self.root = root
+        # Derivation is CPU-bound: more at once than cores only holds more images in memory.
+        self._gate = asyncio.Semaphore(os.cpu_count() or 2)
         self.jobs: dict[str, JobSpec] = {job.name: job for job in manifest.jobs}
         self.specs: dict[str, str | None] = {
             job.name: job_spec(job.outputs, job.type == "image" and bool(job.images))
@@ -206,7 +209,8 @@ class Deriver:
         if spec is None or record.status != "ok":
             return None
         job = self.jobs[task.job]
-        return await asyncio.to_thread(self._derive, task, record, job.outputs, spec)
+        async with self._gate:
+            return await asyncio.to_thread(self._derive, task, record, job.outputs, spec)
 
     def _derive(self, task: Task, record: Record, outputs: Outputs | None,
                 spec: str) -> dict[str, Any]:

@@ -76,7 +76,7 @@ async def _redo(tasks: list[Task], output: Output, deriver: Deriver,
                 failed: Callable[[BaseException], None]) -> int:
     by_id = {task.id: task for task in tasks}
     records = output.ledger.records_by_id(list(by_id))
-    gate = asyncio.Semaphore(os.cpu_count() or 2)
+    gate = asyncio.Semaphore(os.cpu_count() or 2)  # fetches from a store, too, a few at once
 
     async def redo(record: Record) -> bool:
         async with gate:
