@@ -466,6 +466,7 @@ class Runner:
                     answer, logged = await saver.request(provider.client, task, self.images)
                     files, response = await saver.save(task, answer)
                     record = saver.succeeded(task, files, answer, response, attempt, started)
+                    del answer  # its base64 images are not held while derived files wait
                     record.derived = await self.deriver.derive(task, record)
                     return record, await saver.write_sidecar(record, logged)
             finally:
