@@ -553,3 +553,19 @@ def test_an_image_pillow_cannot_decode_fails_its_derivation_not_the_task(tmp_pat
     assert sorted(e["path"] for e in derived["files"]) == ["j/good.webp", "j/good@t.webp"]
     assert not list(tmp_path.rglob("bad.webp")) and not list(tmp_path.rglob(".tmp-*"))
     assert (tmp_path / "j" / "bad.png").read_bytes() == bad
+
+
+def test_the_xmp_packet_is_well_formed_whatever_the_prompt_holds() -> None:
+    from xml.dom.minidom import parseString
+
+    from batcher.store.derive import xmp_packet
+
+    prompt = 'a <tea> & "cups"\nsecond line \x01 ünïcode ✓'
+    packet = xmp_packet({"prompt": prompt, "model": "m<1>", "task_id": "t", "batcher_version": "1"})
+    body = packet.split(b"?>", 1)[1].rsplit(b"<?xpacket", 1)[0]
+    dom = parseString(body)
+    [description] = dom.getElementsByTagName("rdf:Description")
+    assert description.getAttribute("batcher:model") == "m<1>"
+    [item] = dom.getElementsByTagName("rdf:li")
+    assert item.firstChild is not None
+    assert item.firstChild.nodeValue == prompt.replace("\x01", "")

@@ -15,11 +15,13 @@ for and its delivered image is kept; the ``error`` of its ``derived`` value says
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import importlib.metadata
 import io
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,10 @@ _PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG", "avif": "AVIF"}
 _EXT = {"png": "png", "webp": "webp", "jpeg": "jpg", "avif": "avif"}
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
 XMP_NS = "https://batcher.invalid/ns/1.0/"
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # XML 1.0 forbids these
 
 
+@functools.cache
 def _version() -> str:
     try:
         return importlib.metadata.version("batcher")
@@ -61,6 +65,7 @@ def metadata_of(record: Record) -> dict[str, str]:
 def xmp_packet(meta: Mapping[str, str]) -> bytes:
     """An XMP packet: the prompt as dc:description (where viewers look), the rest as batcher:
     properties."""
+    meta = {key: _NOT_XML.sub("", value) for key, value in meta.items()}
     attrs = " ".join(f"batcher:{key}={quoteattr(value)}" for key, value in meta.items())
     return (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
