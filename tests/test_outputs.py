@@ -569,3 +569,28 @@ def test_the_xmp_packet_is_well_formed_whatever_the_prompt_holds() -> None:
     [item] = dom.getElementsByTagName("rdf:li")
     assert item.firstChild is not None
     assert item.firstChild.nodeValue == prompt.replace("\x01", "")
+
+
+async def test_outputs_added_to_a_run_finished_by_an_older_batcher_need_no_request(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    import sqlite3
+
+    server = await server_factory()
+    plain = manifest(server, grid_job("{}").replace("    outputs: {}\n", ""))
+    path = write_manifest(tmp_path, plain)
+    assert (await run_manifest(path)).exit_code == 0
+    out = tmp_path / "out"
+    db = sqlite3.connect(out / "ledger.sqlite")  # the ledger as a batcher before outputs wrote it
+    db.execute("ALTER TABLE tasks DROP COLUMN derived")
+    db.close()
+    status = run_cli("status", str(path), "--verify")
+    assert status.returncode == 0, status.stderr
+
+    write_manifest(tmp_path, manifest(server, grid_job("{format: webp, sizes: {t: 32}}")))
+    outcome = await run_manifest(path)
+
+    assert outcome.exit_code == 0 and outcome.summary["ran"] == 0
+    assert len(generations(server)) == 4
+    rows = ledger_rows(out)
+    assert all({e["role"] for e in derived_of(row)} == {"full", "size:t"} for row in rows)
