@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 # older batcher gains them when opened for writing; read-only, and in another shard's older
 # ledger, they read as NULL. A new column goes here, as a Record field (after the others, in the
 # same order) and at the end of Record.as_row.
-ADDED_COLUMNS: dict[str, str] = {"request_id": "TEXT", "cost_usd": "REAL"}
+ADDED_COLUMNS: dict[str, str] = {"request_id": "TEXT", "cost_usd": "REAL", "derived": "TEXT"}
 
 _COLUMNS = (
     "id", "job", "provider", "kind", "model", "prompt", "seed", "vars", "params", "status",
@@ -105,6 +105,7 @@ class Record:
     # What this task's run paid for it in USD, retries and re-generations included; None when
     # a price was unknown (never 0 for unknown).
     cost_usd: float | None = None
+    derived: Mapping[str, Any] | None = None  # files made from the images (batcher.outputs)
 
     def as_dict(self) -> dict[str, Any]:
         """The record as plain JSON values (a task's sidecar carries this)."""
@@ -132,7 +133,7 @@ class Record:
             self.reason, self.error, self.error_code, self.http_status,
             _dumps([[f.path, f.size, f.sha256] for f in self.files]),
             _dumps(self.usage), _dumps(self.response), self.started, self.finished, self.elapsed,
-            self.request_id, self.cost_usd,
+            self.request_id, self.cost_usd, _dumps(self.derived),
         )
 
     @classmethod
@@ -150,7 +151,7 @@ class Record:
 _JSON_FIELDS: tuple[tuple[int, Callable[[], Any]], ...] = tuple(
     (index, {"vars": dict, "params": dict, "files": list}.get(f.name, lambda: None))
     for index, f in enumerate(fields(Record))
-    if f.name in {"vars", "params", "files", "usage", "response"}
+    if f.name in {"vars", "params", "files", "usage", "response", "derived"}
 )
 _FILES = [f.name for f in fields(Record)].index("files")
 
@@ -308,6 +309,24 @@ class Ledger:
     def last_finished(self) -> float:
         """When the newest record was written (0 for an empty ledger)."""
         return float(self._db.execute("SELECT max(finished) FROM tasks").fetchone()[0] or 0)
+
+    def derived_states(self) -> Iterator[tuple[str, str, Any]]:
+        """(id, job, derived) of every ok row, ``derived`` decoded (None when empty)."""
+        if "NULL AS derived" in self._select_records:  # an older ledger opened read-only
+            return
+        query = "SELECT id, job, derived FROM tasks WHERE status = 'ok'"
+        for task_id, job, derived in self._db.execute(query):
+            yield task_id, job, fastjson.loads(derived) if derived else None
+
+    def records_by_id(self, ids: Sequence[str]) -> list[Record]:
+        """The records of ``ids`` (those the ledger has)."""
+        found: list[Record] = []
+        for start in range(0, len(ids), 500):  # SQLite caps the parameters of one query
+            chunk = ids[start:start + 500]
+            query = self._select_records.replace(
+                " ORDER BY rowid", f" WHERE id IN ({', '.join('?' * len(chunk))})")
+            found.extend(Record.from_row(row) for row in self._db.execute(query, chunk))
+        return found
 
     def raw_rows(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM tasks").fetchall()

@@ -7,6 +7,7 @@ JSONL file are parsed by :mod:`batcher.jsonl`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import string
@@ -21,6 +22,7 @@ from batcher import fastjson
 from batcher.errors import ManifestError, UsageError
 from batcher.imagerefs import check_local, parse_ref
 from batcher.jsonl import JOB_TYPES, RESERVED_PARAMS, check_jsonl
+from batcher.outputs import AS_DELIVERED, FORMATS, Outputs
 from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
 from batcher.providers.prices import ANY_MODEL, PRICE_FIELDS, PriceList, price_from_mapping
 from batcher.providers.rules import check_params
@@ -32,8 +34,11 @@ DEFAULT_JSONL_PROVIDER = "vultr"
 TOP_FIELDS = {"name", "output", "providers", "defaults", "jobs", "budget"}
 JOB_FIELDS = {
     "name", "type", "provider", "model", "models", "prompt", "prompts", "vars", "seeds",
-    "images", "params", "system", "file",
+    "images", "params", "system", "file", "vars_file", "outputs",
 }
+FILE_JOB_FIELDS = {"name", "file", "provider", "type", "outputs"}
+OUTPUT_FIELDS = {"format", "quality", "sizes", "metadata"}
+MAX_SIDE = 16384  # px: a resized copy's longest side
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,8 @@ class JobSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     system: str | None = None
     file: Path | None = None
+    vars_file: Path | None = None  # rows of placeholders (batcher.varsfile)
+    outputs: Outputs | None = None  # files derived from each delivered image
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +161,11 @@ def _load_yaml(path: Path) -> Any:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def load_yaml_with_lines(path: Path) -> Any:
+    """A YAML file loaded safely, its mappings remembering their lines (for vars files)."""
+    return _load_yaml(path)
 
 
 def _check_depth(text: str, path: Path) -> None:
@@ -356,10 +368,63 @@ def _parse_images(value: Any, where: _Where, base_dir: Path, max_bytes: int) -> 
         raise where.error("images", "must be a non-empty list of files, http(s) URLs or data URIs")
     for index, entry in enumerate(value):
         try:
+            if isinstance(entry, str) and placeholders(entry):
+                continue  # a template: checked for each combination it is filled with
             check_local(parse_ref(entry), base_dir, max_bytes)
         except ValueError as exc:
             raise where.error(f"images[{index}]", str(exc)) from None
     return tuple(value)
+
+
+def _parse_outputs(value: Any, where: _Where) -> Outputs:
+    data = _require_mapping(value, where, "outputs")
+    sub = where.child("outputs", data)
+    _check_fields(data, OUTPUT_FIELDS, sub)
+    fmt = data.get("format")
+    if isinstance(fmt, str) and fmt.lower() == "jpg":
+        fmt = "jpeg"
+    if fmt is not None and not (isinstance(fmt, str) and fmt.lower() in (*FORMATS, *AS_DELIVERED)):
+        raise sub.error("format", f"must be one of {', '.join(FORMATS)} (or leave it out: the "
+                        f"image as delivered), not {fmt!r}")
+    fmt = None if fmt is None or fmt.lower() in AS_DELIVERED else fmt.lower()
+    quality = data.get("quality")
+    if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int)
+                                or not 1 <= quality <= 100):
+        raise sub.error("quality", f"must be a whole number from 1 to 100, not {quality!r}")
+    sizes_data = _require_mapping(data.get("sizes", {}), sub, "sizes")
+    sizes_where = sub.child("sizes", sizes_data)
+    sizes = []
+    for name, side in sizes_data.items():
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+            raise sizes_where.error(name, "a size's name goes into file names: a-z, 0-9, _ "
+                                    "and - only, at most 32 characters")
+        if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_SIDE:
+            raise sizes_where.error(name, f"the longest side in px, a whole number from 1 to "
+                                    f"{MAX_SIDE}, not {side!r}")
+        sizes.append((name, side))
+    metadata = data.get("metadata", False)
+    if not isinstance(metadata, bool):
+        raise sub.error("metadata", f"must be true or false, not {metadata!r}")
+    if fmt is None and quality is not None and not sizes:
+        raise sub.error("quality", "applies to a format or sizes; set format or sizes too")
+    if fmt is None and metadata and not sizes:
+        raise sub.error("metadata", "goes into derived files, and the image as delivered is "
+                        "never rewritten: set format or sizes too")
+    return Outputs(fmt, quality, tuple(sizes), metadata)
+
+
+def _parse_vars_file(value: Any, where: _Where, base_dir: Path) -> Path:
+    from batcher.varsfile import SUFFIXES
+
+    if not isinstance(value, str) or not value:
+        raise where.error("vars_file", "must be the path of a CSV, JSONL or YAML file")
+    path = (base_dir / value).expanduser()
+    if path.suffix.lower() not in SUFFIXES:
+        raise where.error("vars_file", f"{value}: must end in {', '.join(SUFFIXES)}")
+    if not path.is_file():
+        raise where.error("vars_file", f"{value}: no such file (paths are relative to the "
+                          "manifest)")
+    return path
 
 
 def _parse_job(
@@ -397,24 +462,66 @@ def _parse_job(
     images = _parse_images(data["images"], where, base_dir, max_bytes) if "images" in data else ()
     if images and kind != "image":
         raise where.error("images", "only image jobs take input images")
+    outputs = None
+    if "outputs" in data and kind == "image":
+        outputs = _parse_outputs(data["outputs"], where)
+    elif "outputs" in data and "outputs" not in getattr(data, "inherited", ()):
+        raise where.error("outputs", "only image jobs take outputs")
+    vars_file = _parse_vars_file(data["vars_file"], where, base_dir) if "vars_file" in data \
+        else None
     var_names = {name for name, _ in job_vars}
     for key, texts in (("prompts" if "prompts" in data else "prompt", prompts),
-                       ("system", (system,) if system else ())):
+                       ("system", (system,) if system else ()), ("images", images)):
         for text in texts:
             try:
                 missing = placeholders(text) - var_names
             except ValueError as exc:
                 raise where.error(key, str(exc)) from None
-            if missing:
+            if missing and vars_file is None:
                 raise where.error(
                     key, f"{{{sorted(missing)[0]}}} has no var of that name "
-                    "(add it under vars, or write {{ and }} for literal braces)",
+                    "(add it under vars or as a column of a vars_file, or write {{ and }} "
+                    "for literal braces)",
                 )
-    return JobSpec(
+    job = JobSpec(
         name=name, type=kind, provider=provider, line=where.line(), models=models,
         prompts=prompts, vars=job_vars, seeds=seeds, images=images, params=params,
-        system=system,
+        system=system, vars_file=vars_file, outputs=outputs,
     )
+    _check_combinations(job, where, base_dir, max_bytes)
+    return job
+
+
+def _check_combinations(job: JobSpec, where: _Where, base_dir: Path, max_bytes: int) -> None:
+    """Stream the vars_file once (every row fills every template) and check each input image
+    a template makes."""
+    from batcher.varsfile import Row, check_rows
+
+    var_names = frozenset(name for name, _ in job.vars)
+    image_names = set().union(*(placeholders(i) for i in job.images))
+    templated = [(index, entry) for index, entry in enumerate(job.images) if placeholders(entry)]
+    image_vars = [(n, values) for n, values in job.vars if n in image_names]
+
+    def check_row(row: Row) -> None:
+        for combo in itertools.product(*(values for _, values in image_vars)):
+            filled = {**row.values, **dict(zip((n for n, _ in image_vars), combo, strict=True))}
+            for index, entry in templated:
+                try:
+                    check_local(parse_ref(entry.format_map(filled)), base_dir, max_bytes)
+                except ValueError as exc:
+                    if job.vars_file is None:
+                        raise where.error(f"images[{index}]", str(exc)) from None
+                    raise ManifestError(str(exc), file=str(job.vars_file), line=row.line,
+                                        field=where.field(f"images[{index}]")) from None
+
+    if job.vars_file is None:
+        if templated:
+            check_row(Row(0, {}))
+        return
+    system = placeholders(job.system or "")
+    uses = {frozenset((placeholders(p) | system | image_names) - var_names) for p in job.prompts}
+    check_rows(job.vars_file, [u for u in uses if u], var_names,
+               check_row if templated else None)
 
 
 def _check_rules(config: ProviderConfig, kind: str, models: tuple[str, ...],
@@ -432,7 +539,7 @@ def _parse_file_job(
     data: Mapping[str, Any], where: _Where, base_dir: Path, name: str, provider: str
 ) -> JobSpec:
     for key in data:
-        if key not in {"name", "file", "provider", "type"}:
+        if key not in FILE_JOB_FIELDS:
             raise where.error(key, "a job with a file takes its tasks from the file; remove this")
     ref = data["file"]
     if not isinstance(ref, str) or not ref:
@@ -440,7 +547,9 @@ def _parse_file_job(
     path = (base_dir / ref).expanduser()
     if not path.is_file():
         raise where.error("file", f"{ref}: no such file (paths are relative to the manifest)")
-    return JobSpec(name=name, type="file", provider=provider, line=where.line(), file=path)
+    outputs = _parse_outputs(data["outputs"], where) if "outputs" in data else None
+    return JobSpec(name=name, type="file", provider=provider, line=where.line(), file=path,
+                   outputs=outputs)
 
 
 # --------------------------------------------------------------------------- manifests
@@ -501,10 +610,10 @@ def _with_defaults(
 ) -> _Mapping:
     """The job's fields over the defaults, each remembering the line it came from.
 
-    A job of listed tasks (``file``) takes only ``provider`` from the defaults: the grid fields
-    describe prompts it does not have.
+    A job of listed tasks (``file``) takes only ``provider`` and ``outputs`` from the defaults:
+    the grid fields describe prompts it does not have.
     """
-    usable = {"provider"} if "file" in job else set(defaults)
+    usable = {"provider", "outputs"} if "file" in job else set(defaults)
     merged = _Mapping({k: v for k, v in defaults.items() if k in usable})
     merged.update(job)
     merged.line = getattr(job, "line", None)

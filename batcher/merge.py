@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 from batcher.errors import UsageError
 from batcher.ledger import LEDGER_NAME, Ledger
+from batcher.outputs import entries
 from batcher.report import SUMMARY_NAME, write_listings, write_text_atomic
 from batcher.storage import Layout, lock_folder, temporary_name
 
@@ -64,6 +65,12 @@ def merge_outputs(inputs: list[Path], output: Path) -> int:
             source = Layout(folder)
             for path, _size, _sha in json.loads(row["files"]):
                 _place(source.resolve(path), target_layout.resolve(path))
+            columns = row.keys()  # a sqlite3.Row: "in row" would search its values
+            derived = json.loads(row["derived"]) if "derived" in columns and \
+                row["derived"] else None
+            for entry in entries(derived):  # one missing is made again by the next run
+                if source.resolve(entry["path"]).is_file():
+                    _place(source.resolve(entry["path"]), target_layout.resolve(entry["path"]))
             sidecar = source.sidecar_name(SimpleNamespace(
                 id=row["id"], job=row["job"], model=row["model"], prompt=row["prompt"],
                 seed=row["seed"]))

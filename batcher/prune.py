@@ -29,6 +29,7 @@ from pathlib import Path
 from batcher.errors import UsageError
 from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.manifest import Manifest
+from batcher.outputs import derived_files
 from batcher.plan import Selection
 from batcher.report import write_listings
 from batcher.storage import Layout, atomic_open, lock_folder
@@ -66,9 +67,11 @@ def manifest_ids(manifest: Manifest) -> set[str]:
 
 
 def task_names(record: Record) -> tuple[str, ...]:
-    """A row's files and its sidecar (which failed tasks do not have; removing none is fine)."""
+    """A row's files, its derived files and its sidecar (which failed tasks do not have;
+    removing none is fine). An edit's input thumbnails are shared by every task of the same
+    input: they go only with the last row that names them."""
     sidecar = Layout(Path(".")).sidecar_name(record)
-    return (*(f.path for f in record.files), sidecar)
+    return (*(f.path for f in record.files), *(f.path for f in derived_files(record)), sidecar)
 
 
 def find_stale(

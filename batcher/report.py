@@ -139,6 +139,7 @@ def _metadata(record: Record) -> dict[str, Any]:
         "job": record.job, "model": record.model, "seed": record.seed, "prompt": record.prompt,
         "vars": dict(record.vars), "cost_usd": record.cost_usd,
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in record.files],
+        **({"derived": list(record.derived.get("files", []))} if record.derived else {}),
     }
 
 

@@ -59,6 +59,7 @@ from batcher.spend import (
     failed_attempt_cost,
 )
 from batcher.storage import FileWriter, Layout, remove_leftovers
+from batcher.store.derive import Deriver
 from batcher.store.output import Output, open_output
 from batcher.tasks import Task, shard_of
 from batcher.wording import plural, usd
@@ -177,6 +178,7 @@ class Runner:
         self.counters = Counters()
         self.layout = Layout(self.root)
         self.images = InputImages()
+        self.deriver = Deriver(self.root, manifest)
         self.stopping = asyncio.Event()
         self.auth_error: AuthError | None = None
         self.crash: BaseException | None = None  # batcher's own or the store's, not the provider's
@@ -199,6 +201,7 @@ class Runner:
         if removed:
             log.info("removed %s left by an interrupted run", plural(removed, "temporary file"))
         done, failed = await self.output.statuses(self.manifest, self.options.selection)
+        await self._refresh_derived(done)
         plan = make_plan(self.manifest, self.options.selection, done, failed,
                          prices={name: c.prices for name, c in self.configs.items()})
         self._check_budget(plan)
@@ -243,6 +246,15 @@ class Runner:
             if job in spent and (shard is None or shard_of(task_id, shard[1]) == shard[0]):
                 spent[job].add(cost)
         return spent
+
+    async def _refresh_derived(self, done: set[str]) -> None:
+        from batcher.store.rederive import refresh_derived
+
+        redone = await refresh_derived(self.manifest, self.options.selection, self.output,
+                                       self.deriver, done, self._crashed)
+        if redone:
+            log.info("derived files of %s made again from the kept images (no request)",
+                     plural(redone, "task"))
 
     def _exit_code(self, summary: dict[str, Any]) -> int:
         if self.interrupted:
@@ -537,6 +549,8 @@ class Runner:
                     files, response = await saver.save(task, answer)
                     record = saver.succeeded(task, files, answer, response, attempt, started)
                     record.cost_usd = bill.usd
+                    del answer  # its base64 images are not held while derived files wait
+                    record.derived = await self.deriver.derive(task, record)
                     return record, await saver.write_sidecar(record, logged)
             finally:
                 if not settled:  # cancelled in flight, or batcher's own error: maybe paid

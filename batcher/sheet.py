@@ -1,7 +1,8 @@
 """index.html: a contact sheet of a run, self-contained, with relative links only.
 
 Image jobs are grids: one row per prompt (vars filled in), one column per model and seed, each
-cell a lazy-loaded thumbnail linking to the full image, the task id and params on hover. Chat
+cell a lazy-loaded thumbnail (the smallest derived size, when the job has sizes) linking to the
+full image, the task id and params on hover, after an edit task's input images. Chat
 jobs are a table of prompt and completion. Failed tasks stand in place with their reason.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from batcher.ledger import Record
+from batcher.outputs import entries
 from batcher.spend import Cost
 from batcher.wording import usd
 
@@ -28,6 +30,7 @@ table{border-collapse:collapse;background:#fff}
 th,td{border:1px solid #ddd;padding:.4rem;vertical-align:top;text-align:left;font-size:.85rem}
 th{background:#f0f0f0}td.prompt{max-width:22rem}
 img{width:160px;height:160px;object-fit:cover;display:block;background:#eee}
+img.input{width:64px;height:64px;display:inline-block;margin:0 .2rem .2rem 0;opacity:.9}
 .failed{color:#a00;max-width:160px;word-break:break-word}.muted{color:#888}
 pre{white-space:pre-wrap;margin:0;max-width:48rem}
 """
@@ -127,12 +130,25 @@ def _image_cell(record: Record) -> str:
         return (f"<div class='failed' title='{html.escape(record.id)}'>failed: "
                 f"{html.escape(record.error or record.reason or 'unknown')}</div>")
     title = html.escape(_hover(record), quote=True)
-    parts = []
+    derived = entries(record.derived)
+    parts = [f"<a href='{_href(e['path'])}'><img class='input' loading='lazy' "
+             f"src='{_href(e['path'])}' title='input image' alt='input image'></a>"
+             for e in derived if e.get("role") == "input"]
     for file in record.files:
-        href = quote(file.path)
-        parts.append(f"<a href='{href}'><img loading='lazy' src='{href}' title='{title}' "
+        # The smallest resized copy as the thumbnail, linking to the full-size file (in the
+        # job's format when it has one).
+        own = [e for e in derived if e.get("of") == file.path]
+        sizes = sorted((e for e in own if "side" in e), key=lambda e: int(e["side"]))
+        full = next((e["path"] for e in own if e.get("role") == "full"), file.path)
+        href = _href(full)
+        src = _href(sizes[0]["path"]) if sizes else href
+        parts.append(f"<a href='{href}'><img loading='lazy' src='{src}' title='{title}' "
                      f"alt='{html.escape(record.prompt, quote=True)}'></a>")
     return "".join(parts)
+
+
+def _href(path: object) -> str:
+    return quote(str(path), safe="/@")  # "@" of "<stem>@thumb.webp" is fine in a path
 
 
 def _chat_table(root: Path, records: list[Record]) -> Iterator[str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
+from batcher.outputs import derived_files
 from batcher.plan import Selection
 from batcher.report import SUMMARY_NAME
 from batcher.spend import Cost
@@ -67,7 +68,7 @@ def problem(record: Record, file: FileRecord, actual: str | None) -> list[dict[s
 def verify_folder(root: Path) -> Verify:
     """Re-hash each file of a record under ``root``."""
     def verify(record: Record) -> list[dict[str, str]]:
-        return [p for file in record.files
+        return [p for file in [*record.files, *derived_files(record)]
                 for p in problem(record, file, _sha256(root / file.path))]
     return verify
 

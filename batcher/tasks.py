@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batcher.errors import ManifestError
 from batcher.imagerefs import FILE, digest, parse_ref
 from batcher.jsonl import TRANSPORT_FIELDS, iter_jsonl
 from batcher.manifest import JobSpec, Manifest, placeholders
@@ -114,7 +115,10 @@ def chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
 
 
 class ImageDigests:
-    """sha256 of input images, each local file read once per expansion."""
+    """sha256 of input images, each local file read once per expansion (while the cache holds
+    it: images filled in from a vars file's rows may be a million files)."""
+
+    CACHE = 4096
 
     def __init__(self) -> None:
         self._cache: dict[Path, str] = {}
@@ -130,6 +134,8 @@ class ImageDigests:
         found = self._cache.get(path)
         if found is None:
             found = digest(ref, path.read_bytes())
+            if len(self._cache) >= self.CACHE:
+                self._cache.clear()
             self._cache[path] = found
         return found
 
@@ -153,19 +159,45 @@ def expand(manifest: Manifest, *, only: str | None = None) -> Iterator[Task]:
 
 
 def _expand_grid(job: JobSpec, base_dir: Path, digests: ImageDigests) -> Iterator[Task]:
-    base = _base_hasher(job.name, job.provider, job.type, job.params,
-                        digests.of(job.images, base_dir))
+    image_names = set().union(*(placeholders(entry) for entry in job.images))
+    fixed = None if image_names else _base_hasher(
+        job.name, job.provider, job.type, job.params, digests.of(job.images, base_dir))
+    var_names = {name for name, _ in job.vars}
     seeds: tuple[int | None, ...] = job.seeds if job.seeds is not None else (None,)
     for template in job.prompts:
-        # A prompt repeats only over the vars it (or the system message) uses: "a logo" beside
-        # "a {city} poster" is one task, not one per city.
-        used = placeholders(template) | placeholders(job.system or "")
+        # A prompt repeats only over the vars it (or the system message, or an input image)
+        # uses: "a logo" beside "a {city} poster" is one task, not one per city.
+        used = placeholders(template) | placeholders(job.system or "") | image_names
         grid = [(name, values) for name, values in job.vars if name in used]
         names = [name for name, _ in grid]
-        # product() is lazy: a grid of a million combinations is walked, never stored.
-        for combo in itertools.product(*(values for _, values in grid)):
-            filled = dict(zip(names, combo, strict=True))
-            yield from _grid_cell(job, base, template, filled, seeds, base_dir)
+        for row in _rows(job, used - var_names):
+            # product() is lazy, and so are the rows: a million combinations are walked,
+            # never stored.
+            for combo in itertools.product(*(values for _, values in grid)):
+                filled = {**row, **dict(zip(names, combo, strict=True))}
+                images = job.images
+                base = fixed
+                if base is None:
+                    images = tuple(entry.format_map(filled) for entry in job.images)
+                    base = _base_hasher(job.name, job.provider, job.type, job.params,
+                                        digests.of(images, base_dir))
+                yield from _grid_cell(job, base, template, filled, seeds, base_dir, images)
+
+
+def _rows(job: JobSpec, names: set[str]) -> Iterator[dict[str, str]]:
+    """The values of ``names`` in each row of the job's vars_file, read as consumed; one empty
+    row when the job has none, or the prompt takes nothing from it."""
+    if job.vars_file is None or not names:
+        yield {}
+        return
+    from batcher.varsfile import iter_rows
+
+    for row in iter_rows(job.vars_file):
+        missing = names - row.values.keys()
+        if missing:  # validation read the file; it changed since
+            raise ManifestError(f"no value for {{{min(missing)}}}", file=str(job.vars_file),
+                                line=row.line, field=min(missing))
+        yield {name: row.values[name] for name in row.values if name in names}
 
 
 def _grid_cell(
@@ -175,6 +207,7 @@ def _grid_cell(
     filled: dict[str, str],
     seeds: tuple[int | None, ...],
     base_dir: Path,
+    images: tuple[str, ...],
 ) -> Iterator[Task]:
     """The tasks of one filled-in prompt: every model, every seed."""
     prompt = template.format_map(filled)
@@ -188,7 +221,7 @@ def _grid_cell(
             yield Task(
                 id=_finish(with_model.copy(), seed), job=job.name, kind=job.type,
                 provider=job.provider, model=model, prompt=prompt, seed=seed, params=params,
-                images=job.images, system=system, vars=pairs, base_dir=base_dir,
+                images=images, system=system, vars=pairs, base_dir=base_dir,
             )
 
 

@@ -84,9 +84,37 @@ class Measured:
     stderr: str
 
 
-def run_child(args: list[str], cwd: Path, *, kill_after: float | None = None) -> Measured:
-    """Run a command, measuring its wall time and its own peak RSS (not the bench's)."""
+# Linux records in a process's peak RSS the peak of the memory it replaces at exec; subprocess
+# starts children with vfork, so a child's ru_maxrss starts at the bench's own peak (hundreds of
+# MB while the server thread renders photo-sized images). A small launcher forks the command
+# from itself and reports the command's own figure.
+_LAUNCHER = """
+import os, sys
+out, args = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    os.execv(args[0], args)
+_, status, usage = os.wait4(pid, 0)
+with open(out, "w") as handle:
+    handle.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def run_child(args: list[str], cwd: Path, *, kill_after: float | None = None,
+              own_rss: bool = False) -> Measured:
+    """Run a command, measuring its wall time and its peak RSS.
+
+    Without ``own_rss`` the peak is the kernel's figure for the child, which starts at the
+    bench's own peak (see ``_LAUNCHER``); with it, the command's own, through the launcher
+    (which adds its start-up, some 20 ms, to the wall time). Not with ``kill_after``.
+    """
     started = time.perf_counter()
+    rss_file = cwd / f".rss-{os.getpid()}"
+    if own_rss:
+        assert kill_after is None, "a kill would hit the launcher"
+        args = [sys.executable, "-c", _LAUNCHER, str(rss_file), *args]
     process = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if kill_after is not None:
@@ -100,6 +128,9 @@ def run_child(args: list[str], cwd: Path, *, kill_after: float | None = None) ->
     except ChildProcessError:  # already reaped elsewhere (a killed child): no usage to read
         code, peak = process.wait(), float("nan")
     process.returncode = code  # keep Popen from waiting on a pid that is gone
+    if own_rss:
+        peak = int(rss_file.read_text()) / 1024
+        rss_file.unlink()
     return Measured(time.perf_counter() - started, peak, code, stderr)
 
 

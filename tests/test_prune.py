@@ -15,6 +15,7 @@ from typing import Any
 from conftest import ledger_rows, provider_block, run_cli, write_manifest
 from s3server import S3Server, s3, store_env
 
+from batcher.imagegen import render_png
 from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
 from batcher.prune import JOURNAL_NAME, find_stale, manifest_ids
@@ -346,3 +347,44 @@ def test_run_prune_into_a_store(tmp_path: Path, thread_server: Any, s3: S3Server
     assert old_keys.isdisjoint(keys) and len([k for k in keys if k.startswith("ci/pics/")]) == 6
     results = s3.get(bucket, "ci/results.jsonl").decode().splitlines()
     assert len(results) == 5 and "A lantern number" not in "".join(results)
+
+
+def test_prune_removes_derived_files_with_their_task_and_keeps_shared_input_thumbnails(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    server = thread_server()
+    (tmp_path / "ref.png").write_bytes(render_png("ref", 64, 64))
+
+    def edit_manifest(prompts: list[str]) -> Path:
+        text = "name: prune\noutput: out\n" + provider_block(server) + textwrap.dedent(f"""\
+            jobs:
+              - name: edits
+                type: image
+                provider: test
+                model: black-forest-labs/flux-kontext-max/multi
+                prompts: {json.dumps(prompts)}
+                images: [ref.png]
+                params: {{response_format: b64_json}}
+                outputs: {{format: webp, sizes: {{thumb: 32}}}}
+            """)
+        return write_manifest(tmp_path, text)
+
+    assert run_cli("run", str(edit_manifest(["Make it red", "Make it blue"])),
+                   "--no-progress").returncode == 0
+    rows = {row["prompt"]: row for row in ledger_rows(tmp_path / "out", decode=True)}
+    derived = {prompt: [entry["path"] for entry in json.loads(row["derived"])["files"]]
+               for prompt, row in rows.items()}
+    inputs = [p for p in derived["Make it red"] if "/inputs/" in p]
+    assert inputs and inputs == [p for p in derived["Make it blue"] if "/inputs/" in p]
+    gone = [p for p in derived["Make it red"] if "/inputs/" not in p]
+    assert any(p.endswith(".webp") for p in gone) and any("@thumb" in p for p in gone)
+    for name in (*gone, *inputs):
+        assert (tmp_path / "out" / name).is_file(), name
+
+    pruned = run_cli("prune", str(edit_manifest(["Make it blue"])))
+
+    assert pruned.returncode == 0, pruned.stderr
+    for name in gone:
+        assert not (tmp_path / "out" / name).exists(), name
+    for name in (*derived["Make it blue"], *inputs):  # the kept task's, and the shared input's
+        assert (tmp_path / "out" / name).is_file(), name

@@ -57,7 +57,9 @@ def test_every_image_and_completion_is_on_the_sheet_by_relative_link(tmp_path: P
     page.feed((output / "index.html").read_text())
     images = sorted(p.relative_to(output).as_posix() for p in output.rglob("*.png"))
     assert len(images) == 8 + 4 + 1  # posters 2x2x2, postcards 2 seeds x n=2, one edit
-    assert sorted(set(page.images)) == images
+    inputs = sorted({src for src in page.images if "/inputs/" in src})
+    assert len(inputs) == 2  # the edit's two input images, beside its result
+    assert sorted(set(page.images) - set(inputs)) == images
     for src in page.images + page.links:
         assert not re.match(r"^[a-z]+:|^/", src), f"not a relative link: {src}"
         assert (output / src).is_file()
@@ -69,7 +71,7 @@ def test_every_image_and_completion_is_on_the_sheet_by_relative_link(tmp_path: P
 def test_thumbnails_tell_their_task_vars_and_params_on_hover(tmp_path: Path) -> None:
     output = _run_demo(tmp_path)
     html = (output / "index.html").read_text()
-    titles = re.findall(r"<img [^>]*title='([^']*)'", html)
+    titles = re.findall(r"<img loading[^>]*title='([^']*)'", html)  # not the edit's inputs
     assert len(titles) == 13
     amsterdam = [t for t in titles if "city = Amsterdam" in t]
     assert amsterdam and all("size: &quot;256x256&quot;" in t for t in amsterdam)

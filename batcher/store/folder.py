@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from batcher.ledger import LEDGER_NAME, Ledger, Record
+from batcher.ledger import LEDGER_NAME, Ledger, Record, on_disk
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.report import write_reports
@@ -22,6 +22,7 @@ class FolderOutput:
         self.root = root
         self.ledger = ledger
         self.location = str(root)
+        self.present = on_disk(root)
 
     async def statuses(self, manifest: Manifest, selection: Selection) -> tuple[set[str], set[str]]:
         return self.ledger.statuses(self.root)
@@ -34,6 +35,12 @@ class FolderOutput:
 
     async def drain(self) -> None:
         """Nothing waits: a folder's files are in place before their task is kept."""
+
+    async def fetch(self, path: str) -> bool:
+        return (self.root / path).is_file()
+
+    async def remove(self, path: str) -> None:
+        (self.root / path).unlink(missing_ok=True)
 
     async def finish(self, summary: dict[str, Any]) -> None:
         write_reports(self.root, self.ledger, summary)

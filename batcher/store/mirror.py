@@ -27,6 +27,7 @@ from batcher import fastjson
 from batcher.errors import StoreError, UsageError
 from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.manifest import Manifest
+from batcher.outputs import derived_files
 from batcher.plan import Selection
 from batcher.report import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME, write_listings
 from batcher.storage import Layout, lock_folder, slugify
@@ -105,6 +106,8 @@ class StoreOutput:
         self._finished = False
         self._had_listings = False
         self._adopted = 0
+        self._listing: dict[str, int] = {}  # the store's files and sizes when the run began
+        self._kept = 0  # tasks uploaded by this run (ran, or derived files made again)
         self.failure: BaseException | None = None  # the store went down, or the lock was lost
         self._on_failure: Callable[[BaseException], None] | None = None
 
@@ -133,7 +136,7 @@ class StoreOutput:
     async def statuses(self, manifest: Manifest, selection: Selection) -> tuple[set[str], set[str]]:
         """Done and failed over every ledger in the store, files checked against the store's
         listing; finished tasks that only a sidecar tells of are adopted into this ledger."""
-        listing = await self.store.sizes()
+        listing = self._listing = await self.store.sizes()
         self._had_listings = RESULTS_NAME in listing and INDEX_NAME in listing
         others = [name for name in listing if _is_ledger(name) and name != self.ledger_name]
         view = merged_view(self.ledger, await restore_ledgers(
@@ -208,7 +211,7 @@ class StoreOutput:
         try:
             if self.failure is not None:  # the store is down: the run is stopping
                 return
-            for file in record.files:
+            for file in [*record.files, *derived_files(record)]:
                 await self.store.put_file(file.path, self.root / file.path)
             if sidecar is not None:  # last: its presence says every file arrived
                 await self.store.put_file(sidecar, self.root / sidecar)
@@ -216,9 +219,21 @@ class StoreOutput:
             self.failure = self.failure or exc
             failed(exc)
         else:
+            self._kept += 1
             kept(record)
         finally:
             self._slots.release()
+
+    def present(self, path: str, size: int) -> bool:
+        return self._listing.get(path) == size
+
+    async def fetch(self, path: str) -> bool:
+        local = self.root / path
+        return local.is_file() or await self.store.get_file(path, local)
+
+    async def remove(self, path: str) -> None:
+        await self.store.delete(path)
+        (self.root / path).unlink(missing_ok=True)
 
     async def drain(self) -> None:
         """Wait for the uploads under way (each bounded by the store's retry deadline)."""
@@ -261,7 +276,7 @@ class StoreOutput:
             return
         await self.publish()
         await self.store.put_bytes(self.summary_name, data)
-        if summary["ran"] or self._adopted or not self._had_listings:  # else they still hold
+        if summary["ran"] or self._kept or self._adopted or not self._had_listings:  # else same
             await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
         self._finished = True
 
@@ -309,7 +324,7 @@ async def verify_store(store: ObjectStore, ledger: Ledger) -> dict[str, list[dic
 
     found: dict[str, list[dict[str, str]]] = {}
     for record in ledger.records():
-        for file in record.files if record.status == "ok" else ():
+        for file in [*record.files, *derived_files(record)] if record.status == "ok" else ():
             digest: str | None = None
             try:
                 hasher = hashlib.sha256()

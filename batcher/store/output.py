@@ -38,6 +38,16 @@ class Output(Protocol):
     async def drain(self) -> None:
         """Wait until every task handed to :meth:`keep` is kept or failed."""
 
+    def present(self, path: str, size: int) -> bool:
+        """Whether a file named in the ledger is kept at its recorded size."""
+
+    async def fetch(self, path: str) -> bool:
+        """Make a kept file present under ``root`` (a store's may be only in the store);
+        False when it is nowhere."""
+
+    async def remove(self, path: str) -> None:
+        """Delete a file no longer wanted (a derived file of an old ``outputs``)."""
+
     async def finish(self, summary: dict[str, Any]) -> None:
         """Write (and publish) the summary, the listings and the ledger at the end of a run."""
 
