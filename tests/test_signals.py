@@ -49,6 +49,12 @@ def answered(server: LocalServer) -> int:
     return sum(1 for r in records if r.path.endswith(IMAGES) and r.status == 200)
 
 
+def in_flight(server: LocalServer) -> int:
+    """Generations the server has received and not answered yet."""
+    records = list(server.stats.requests)
+    return sum(1 for r in records if r.path.endswith(IMAGES) and r.status == 0)
+
+
 def wait_until(proc: subprocess.Popen[str], condition, what: str, limit: float = 30) -> None:
     deadline = time.monotonic() + limit
     while not condition():
@@ -96,10 +102,13 @@ def test_signal_stops_gracefully_and_the_same_command_resumes(thread_server, sig
     manifest = manifest_for(server)
     root = Path.cwd() / "output" / "sig"
     proc = start_cli("run", str(manifest), "--no-progress")
-    wait_until(proc, lambda: answered(server) >= 8, "some results")
+    # The signal comes while a request is in flight (answers arrive four at a time: right
+    # after the eighth, every worker may be saving, with nothing sent yet).
+    wait_until(proc, lambda: answered(server) >= 8 and in_flight(server) > 0,
+               "some results and a request in flight")
 
-    proc.send_signal(signum)
     answered_before = answered(server)
+    proc.send_signal(signum)
     _, stderr = finish(proc, EXIT_WAIT)
 
     assert proc.returncode == 130, stderr
