@@ -20,8 +20,8 @@ from typing import Any
 
 from batcher.errors import ManifestError
 from batcher.imagerefs import FILE, digest, parse_ref
-from batcher.jsonl import TRANSPORT_FIELDS, iter_jsonl
 from batcher.manifest import JobSpec, Manifest, placeholders
+from batcher.manifest.jsonl import TRANSPORT_FIELDS, iter_jsonl
 
 ENDPOINTS = {"image": "/images/generations", "chat": "/chat/completions"}
 ID_LENGTH = 32
@@ -190,7 +190,7 @@ def _rows(job: JobSpec, names: set[str]) -> Iterator[dict[str, str]]:
     if job.vars_file is None or not names:
         yield {}
         return
-    from batcher.varsfile import iter_rows
+    from batcher.manifest.varsfile import iter_rows
 
     for row in iter_rows(job.vars_file):
         missing = names - row.values.keys()

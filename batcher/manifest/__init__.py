@@ -1,0 +1,14 @@
+"""Everything a user writes, loaded and checked before a request is sent: YAML manifests
+(:mod:`.load`, :mod:`.jobs`, :mod:`.fields`, :mod:`.yamllines`), JSONL task files
+(:mod:`.jsonl`) and vars files (:mod:`.varsfile`).
+
+A manifest that cannot be run raises :class:`~batcher.errors.ManifestError` naming the file,
+the line and the field.
+"""
+
+from batcher.manifest.fields import placeholders
+from batcher.manifest.jobs import JobSpec
+from batcher.manifest.load import Manifest, load_manifest
+from batcher.manifest.yamllines import load_yaml_with_lines
+
+__all__ = ["JobSpec", "Manifest", "load_manifest", "load_yaml_with_lines", "placeholders"]
