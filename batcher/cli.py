@@ -19,9 +19,9 @@ from typing import Any
 
 from batcher import commands
 from batcher.errors import BatcherError, Interrupted, UsageError
-from batcher.limits import Rate, parse_rate
 from batcher.plan import Selection
-from batcher.runner import RunOptions
+from batcher.run.limits import Rate, parse_rate
+from batcher.run.pool import RunOptions
 from batcher.store import parse_store_url
 
 log = logging.getLogger("batcher")

@@ -17,15 +17,10 @@ import aiohttp
 
 from batcher.errors import AuthError, BatcherError, Interrupted, ProviderError, UsageError
 from batcher.ledger import LEDGER_NAME, Ledger
-from batcher.limits import Rate
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import Counts, Plan, make_plan, output_dir
 from batcher.providers import OpenAICompatible, builtin_providers, open_clients, resolve_key
-from batcher.report import SUMMARY_NAME
-from batcher.retry import Action, classify
-from batcher.runner import RunOptions, effective_configs, used_providers
-from batcher.runner import run as run_manifest
-from batcher.status import (
+from batcher.reports.status import (
     ledger_status,
     print_status,
     read_summary,
@@ -33,6 +28,11 @@ from batcher.status import (
     run_in_progress,
     verify_folder,
 )
+from batcher.reports.summary import SUMMARY_NAME
+from batcher.run.limits import Rate
+from batcher.run.pool import RunOptions, effective_configs, used_providers
+from batcher.run.pool import run as run_manifest
+from batcher.run.retry import Action, classify
 from batcher.store import StoreURL, output_target
 from batcher.wording import plural, usd
 
@@ -310,7 +310,7 @@ async def _store_status(url: StoreURL, manifest: Manifest | None, *,
 
 
 def merge(inputs: list[Path], output: Path) -> int:
-    from batcher.merge import merge_outputs
+    from batcher.reports.merge import merge_outputs
 
     count = merge_outputs(inputs, output)
     print(f"merged {plural(count, 'task')} from {plural(len(inputs), 'output')} into {output}")
@@ -370,7 +370,7 @@ def _print_prune(found: PruneSet, *, dry_run: bool) -> None:
 
 
 def report(target: str) -> int:
-    from batcher.report import write_listings
+    from batcher.reports.summary import write_listings
 
     output = output_target(target)
     if isinstance(output, StoreURL):

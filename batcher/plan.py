@@ -8,10 +8,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batcher.limits import Rate
 from batcher.manifest import Manifest
 from batcher.providers.prices import PriceList
-from batcher.spend import Cost, estimate
+from batcher.run.limits import Rate
+from batcher.run.spend import Cost, estimate
 from batcher.store.url import StoreURL, output_target
 from batcher.tasks import Task, expand
 

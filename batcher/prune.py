@@ -31,7 +31,7 @@ from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
-from batcher.report import write_listings
+from batcher.reports.summary import write_listings
 from batcher.storage import Layout, atomic_open, lock_folder
 
 JOURNAL_NAME = ".batcher-prune.json"

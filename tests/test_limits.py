@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from batcher.limits import Pacer, Rate, parse_rate
+from batcher.run.limits import Pacer, Rate, parse_rate
 
 # --------------------------------------------------------------------------- parse_rate
 

@@ -30,7 +30,7 @@ from scripted import (
 )
 
 from batcher.manifest import load_manifest
-from batcher.runner import RunOptions, run
+from batcher.run.pool import RunOptions, run
 
 GOOD_B64 = base64.b64encode(GOOD_PNG).decode()
 CHAT_OK = {"choices": [{"message": {"content": "hi"}}]}

@@ -18,7 +18,7 @@ from batcher.errors import (
     ResponseError,
     TransportError,
 )
-from batcher.retry import (
+from batcher.run.retry import (
     BACKOFF_BASE,
     BACKOFF_CAP,
     Action,

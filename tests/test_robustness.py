@@ -27,9 +27,9 @@ from aiohttp import web
 from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
 
 from batcher.imagegen import render_png
-from batcher.limits import Pacer, Rate
 from batcher.manifest import load_manifest
-from batcher.runner import Outcome, RunOptions, run
+from batcher.run.limits import Pacer, Rate
+from batcher.run.pool import Outcome, RunOptions, run
 
 IMAGES = "/images/generations"
 CHAT = "/chat/completions"

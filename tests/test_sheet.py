@@ -197,8 +197,8 @@ def test_chromium_renders_the_sheet_with_every_image_loaded(tmp_path: Path) -> N
             return result["result"]["value"], base64.b64decode(shot["data"])
 
     state, screenshot = asyncio.run(look())
-    assert state["count"] == 13
-    assert state["loaded"] == 13, state
+    assert state["count"] == 13 + 2  # the demo's images and the edit's two input thumbnails
+    assert state["loaded"] == 15, state
     assert state["rows"] >= 5
     assert screenshot.startswith(b"\x89PNG")
     assert _distinct_pixels(screenshot) > 50, "the screenshot looks blank"

@@ -17,8 +17,8 @@ from batcher.errors import ManifestError
 from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
 from batcher.plan import Selection, make_plan
-from batcher.runner import Outcome, RunOptions, run
-from batcher.spend import DEFAULT_OUTPUT_TOKENS
+from batcher.run.pool import Outcome, RunOptions, run
+from batcher.run.spend import DEFAULT_OUTPUT_TOKENS
 
 __all__ = ["s3"]  # a fixture, used by name
 

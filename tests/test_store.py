@@ -379,8 +379,10 @@ def test_the_contact_sheet_opens_from_the_bucket_with_every_image_decoded(
             return dict(answer["result"]["value"])
 
     state = asyncio.run(look())
-    assert state["count"] == 13  # the demo's images, each by a relative link into the bucket
-    assert state["loaded"] == 13, state
+    # The demo's 13 images and the edit's 2 input thumbnails, each by a relative link into the
+    # bucket.
+    assert state["count"] == 15
+    assert state["loaded"] == 15, state
     assert "demo" in state["title"]
 
 

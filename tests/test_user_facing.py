@@ -203,10 +203,10 @@ def test_verbose_works_before_and_after_the_command(tmp_path: Path, thread_serve
     before = run_cli("-v", "run", str(path), "--no-progress")
 
     # Debug logs name their logger: batcher's own format with -v.
-    assert quiet.returncode == 0 and "INFO batcher.runner: " not in quiet.stderr
+    assert quiet.returncode == 0 and "INFO batcher.run.pool: " not in quiet.stderr
     for done in (after, before):
         assert done.returncode == 0, done.stderr
-        assert "INFO batcher.runner: 3 tasks: " in done.stderr, done.stderr
+        assert "INFO batcher.run.pool: 3 tasks: " in done.stderr, done.stderr
 
 
 def test_serve_logs_each_request_with_its_injected_fault() -> None:

@@ -10,8 +10,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from batcher.errors import ConfigError
-from batcher.limits import Rate, parse_rate
 from batcher.providers.prices import PriceList
+from batcher.run.limits import Rate, parse_rate
 
 #: Set by ``provider: local``: the runner starts the built-in server and fills the URL in.
 LOCAL_URL = "local:"

@@ -19,7 +19,7 @@ from batcher import fastjson
 from batcher.errors import HTTPStatusError, ResponseError, TransportError
 from batcher.providers.base import ChatAnswer, ImageAnswer, ImageItem
 from batcher.providers.config import ProviderConfig
-from batcher.retry import parse_retry_after
+from batcher.run.retry import parse_retry_after
 
 MAX_ERROR_MESSAGE = 500
 MAX_ERROR_BODY = 64 * 1024

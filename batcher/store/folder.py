@@ -11,7 +11,7 @@ from typing import Any
 from batcher.ledger import LEDGER_NAME, Ledger, Record, on_disk
 from batcher.manifest import Manifest
 from batcher.plan import Selection
-from batcher.report import write_reports
+from batcher.reports.summary import write_reports
 from batcher.storage import lock_folder
 
 

@@ -29,7 +29,7 @@ from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
-from batcher.report import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME, write_listings
+from batcher.reports.summary import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME, write_listings
 from batcher.storage import Layout, lock_folder, slugify
 from batcher.store.lock import LockLost, StoreLock
 from batcher.store.objects import ObjectStore, StoreURL
@@ -320,7 +320,7 @@ async def upload_listings(store: ObjectStore, root: Path, ledger: Ledger) -> Non
 
 async def verify_store(store: ObjectStore, ledger: Ledger) -> dict[str, list[dict[str, str]]]:
     """Re-hash every ok task's files in the store (streamed); the problems found, by task."""
-    from batcher.status import problem
+    from batcher.reports.status import problem
 
     found: dict[str, list[dict[str, str]]] = {}
     for record in ledger.records():

@@ -37,7 +37,7 @@ from obstore.exceptions import (
 from obstore.store import from_url
 
 from batcher.errors import StoreError, UsageError
-from batcher.retry import backoff
+from batcher.run.retry import backoff
 from batcher.storage import atomic_open
 from batcher.store.url import StoreURL
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from batcher.errors import UsageError
 from batcher.ledger import LEDGER_NAME, Ledger
 from batcher.outputs import entries
-from batcher.report import SUMMARY_NAME, write_listings, write_text_atomic
+from batcher.reports.summary import SUMMARY_NAME, write_listings, write_text_atomic
 from batcher.storage import Layout, lock_folder, temporary_name
 
 _COUNTS = ("total", "ok", "failed", "pending", "skipped", "ran", "requests", "retries",

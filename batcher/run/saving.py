@@ -16,11 +16,11 @@ from typing import Any
 
 from batcher import fastjson
 from batcher.bodies import InputImages, build_body
-from batcher.download import Downloader
 from batcher.errors import HTTPStatusError, InternalError, ProviderError, ResponseError
 from batcher.imagegen import image_kind
 from batcher.ledger import FileRecord, Record
 from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
+from batcher.providers.download import Downloader
 from batcher.storage import FileWriter, Layout
 from batcher.tasks import Task
 

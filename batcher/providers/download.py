@@ -18,7 +18,7 @@ import yarl
 from batcher.errors import DownloadError
 from batcher.imagegen import image_kind
 from batcher.imagerefs import check_url
-from batcher.retry import backoff
+from batcher.run.retry import backoff
 from batcher.storage import AtomicFile
 
 CHUNK = 256 * 1024

@@ -15,9 +15,9 @@ from typing import Any
 from batcher import fastjson
 from batcher.ledger import Ledger, Record
 from batcher.plan import Plan
-from batcher.progress import Counters
-from batcher.sheet import ContactSheet
-from batcher.spend import Cost, Spend
+from batcher.reports.progress import Counters
+from batcher.reports.sheet import ContactSheet
+from batcher.run.spend import Cost, Spend
 from batcher.storage import atomic_open
 
 SUMMARY_NAME = "summary.json"

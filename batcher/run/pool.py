@@ -2,8 +2,8 @@
 
 Each provider has its own producer, walking the manifest's expansion for that provider's tasks,
 and as many workers as its concurrency, so a slow provider never holds back a fast one.
-Retries, 429 pauses and the decision to stop come from :mod:`batcher.retry`; pacing from
-:mod:`batcher.limits`.
+Retries, 429 pauses and the decision to stop come from :mod:`batcher.run.retry`; pacing from
+:mod:`batcher.run.limits`.
 
 Shutdown has two stages: the first signal stops new requests, cancels the workers that have
 nothing in flight (waiting for a turn, a 429 pause or a backoff) and gives the others a grace
@@ -29,7 +29,6 @@ from typing import Any
 import aiohttp
 
 from batcher.bodies import InputImages
-from batcher.download import Downloader
 from batcher.errors import (
     AuthError,
     BatcherError,
@@ -40,17 +39,18 @@ from batcher.errors import (
     UsageError,
 )
 from batcher.ledger import Record
-from batcher.limits import Pacer, Rate
 from batcher.manifest import Manifest
 from batcher.plan import Plan, Selection, make_plan, output_dir
-from batcher.progress import Counters, Progress
 from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.base import ImageAnswer
 from batcher.providers.config import ProviderConfig, resolve_key
-from batcher.report import JobTally, summarize
-from batcher.retry import Action, Verdict, backoff, classify, stop_reason
-from batcher.saving import Saver, task_boundary
-from batcher.spend import (
+from batcher.providers.download import Downloader
+from batcher.reports.progress import Counters, Progress
+from batcher.reports.summary import JobTally, summarize
+from batcher.run.limits import Pacer, Rate
+from batcher.run.retry import Action, Verdict, backoff, classify, stop_reason
+from batcher.run.saving import Saver, task_boundary
+from batcher.run.spend import (
     Cost,
     OverBudget,
     Spend,

@@ -15,8 +15,8 @@ from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
-from batcher.report import SUMMARY_NAME
-from batcher.spend import Cost
+from batcher.reports.summary import SUMMARY_NAME
+from batcher.run.spend import Cost
 from batcher.storage import LOCK_NAME
 from batcher.wording import usd
 
