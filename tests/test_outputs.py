@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -427,6 +428,46 @@ def test_kill_9_never_leaves_a_partial_derived_file_under_a_final_name(
         assert {e["role"] for e in derived_of(row)} == {"full", "size:thumb", "size:card"}
         for entry in derived_of(row):
             assert sha256(out / entry["path"]) == entry["sha256"]
+
+
+def test_a_kill_while_deriving_never_makes_the_next_run_pay_for_the_kept_image(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    # One task at a time with slow derivations (AVIF of a grainy 1024 px image): the kill
+    # lands while a task's image is saved and its derived files are being made.
+    server = thread_server(image_grain=True)
+    text = ("name: assets\noutput: out\n" + provider_block(server, concurrency=1) + "jobs:\n"
+            + grid_job("{format: avif, quality: 90, sizes: {a: 1000, b: 900}}", seeds=3,
+                       size="1024x1024"))
+    path = write_manifest(tmp_path, text)
+    out = tmp_path / "out"
+    proc = start_cli("run", str(path), "--no-progress")
+    deadline = time.monotonic() + 60
+
+    def deriving() -> bool:  # a task is in the ledger and its derived files are not there yet
+        try:
+            rows = [row for row in ledger_rows(out) if row["status"] == "ok"]
+        except sqlite3.Error:  # not there yet, or being created
+            return False
+        return any(not derived_of(row) for row in rows)
+
+    while not deriving():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "never saw a task kept before its derived files"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = {row["id"] for row in ledger_rows(out) if row["status"] == "ok"}
+    sent = len(generations(server))
+
+    result = run_cli("run", str(path), "--no-progress")
+
+    assert result.returncode == 0, result.stderr
+    # Only the tasks the ledger did not have were sent again; the kept ones were derived from
+    # their saved images with no request.
+    assert len(generations(server)) - sent == 6 - len(kept)
+    rows = ledger_rows(out)
+    assert len(rows) == 6 and all(len(derived_of(row)) == 3 for row in rows)  # full, a, b
 
 
 # --------------------------------------------------------------------------- object stores

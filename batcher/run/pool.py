@@ -61,6 +61,7 @@ from batcher.run.spend import (
 from batcher.storage import FileWriter, Layout, remove_leftovers
 from batcher.store.derive import Deriver
 from batcher.store.output import Output, open_output
+from batcher.store.rederive import refresh_derived, replace_derived
 from batcher.tasks import Task, shard_of
 from batcher.wording import plural, usd
 
@@ -248,8 +249,6 @@ class Runner:
         return spent
 
     async def _refresh_derived(self, done: set[str]) -> None:
-        from batcher.store.rederive import refresh_derived
-
         redone = await refresh_derived(self.manifest, self.options.selection, self.output,
                                        self.deriver, done, self._crashed)
         if redone:
@@ -423,6 +422,11 @@ class Runner:
                     record, sidecar = kept
                     await self.output.keep(record, sidecar, functools.partial(
                         self._kept, was_failed=task.id in failed), self._crashed)
+                    if record.status == "ok" and self.deriver.spec(task.job) is not None:
+                        # After the paid image is kept: a kill while deriving loses only
+                        # derived files, which the next run makes with no request.
+                        await replace_derived(self.output, self.deriver, task, record,
+                                              self._crashed)
         except Exception as exc:  # batcher's own fault (a full disk, a bug): stop, never hang
             self._crashed(exc)
 
@@ -549,8 +553,6 @@ class Runner:
                     files, response = await saver.save(task, answer)
                     record = saver.succeeded(task, files, answer, response, attempt, started)
                     record.cost_usd = bill.usd
-                    del answer  # its base64 images are not held while derived files wait
-                    record.derived = await self.deriver.derive(task, record)
                     return record, await saver.write_sidecar(record, logged)
             finally:
                 if not settled:  # cancelled in flight, or batcher's own error: maybe paid

@@ -108,6 +108,7 @@ class StoreOutput:
         self._adopted = 0
         self._listing: dict[str, int] = {}  # the store's files and sizes when the run began
         self._kept = 0  # tasks uploaded by this run (ran, or derived files made again)
+        self._uploaded: dict[str, str] = {}  # path -> sha256 of every file this run put
         self.failure: BaseException | None = None  # the store went down, or the lock was lost
         self._on_failure: Callable[[BaseException], None] | None = None
 
@@ -212,7 +213,10 @@ class StoreOutput:
             if self.failure is not None:  # the store is down: the run is stopping
                 return
             for file in [*record.files, *derived_files(record)]:
+                if self._uploaded.get(file.path) == file.sha256:
+                    continue  # kept again with its derived files: this file is there already
                 await self.store.put_file(file.path, self.root / file.path)
+                self._uploaded[file.path] = file.sha256
             if sidecar is not None:  # last: its presence says every file arrived
                 await self.store.put_file(sidecar, self.root / sidecar)
         except Exception as exc:  # the store stayed down, or the working copy lost a file

@@ -83,28 +83,36 @@ async def _redo(tasks: list[Task], output: Output, deriver: Deriver,
             for file in record.files:
                 if not await output.fetch(file.path):
                     return False  # the delivered file is gone: the task runs again next time
-            old = entries(record.derived)
-            record.derived = await deriver.derive(by_id[record.id], record)
-            keep = {str(e["path"]) for e in entries(record.derived)} | {
-                f.path for f in record.files}
-            layout = Layout(output.root)
-            for entry in old:
-                path = str(entry.get("path"))
-                if path in keep or entry.get("role") == "input":
-                    continue
-                try:
-                    layout.resolve(path)  # a ledger row never names a file outside the output
-                except ValueError:
-                    log.warning("task %s: not removing %s: outside the output", record.id, path)
-                    continue
-                await output.remove(path)
-            record.attempts = 0  # the ledger adds attempts: this run sent nothing
-            sidecar = await asyncio.to_thread(rewrite_sidecar, output.root, record)
-            await output.keep(record, sidecar, output.ledger.record, failed)
+            await replace_derived(output, deriver, by_id[record.id], record, failed)
             return True
 
     done = await asyncio.gather(*(redo(record) for record in records))
     return sum(done)
+
+
+async def replace_derived(output: Output, deriver: Deriver, task: Task, record: Record,
+                          failed: Callable[[BaseException], None]) -> None:
+    """Make a kept task's derived files now, remove those of its old ``derived`` no longer
+    wanted, and keep the record again (ledger, sidecar, store) with the new ones. The task
+    itself is already kept: a kill in here loses derived files, which the next run makes
+    again, never a paid image."""
+    old = entries(record.derived)
+    record.derived = await deriver.derive(task, record)
+    keep = {str(e["path"]) for e in entries(record.derived)} | {f.path for f in record.files}
+    layout = Layout(output.root)
+    for entry in old:
+        path = str(entry.get("path"))
+        if path in keep or entry.get("role") == "input":
+            continue
+        try:
+            layout.resolve(path)  # a ledger row never names a file outside the output
+        except ValueError:
+            log.warning("task %s: not removing %s: outside the output", record.id, path)
+            continue
+        await output.remove(path)
+    record.attempts = 0  # the ledger adds attempts: nothing was sent for this
+    sidecar = await asyncio.to_thread(rewrite_sidecar, output.root, record)
+    await output.keep(record, sidecar, output.ledger.record, failed)
 
 
 def rewrite_sidecar(root: Path, record: Record) -> str:
