@@ -66,7 +66,7 @@ async def run(path: Path, provider: str | None, options: RunOptions, *,
         f"{summary['elapsed_s']:.1f} s -> {outcome.output}",
         file=sys.stderr,
     )
-    spend = _spend_line(summary)
+    spend = _spend_line(summary, outcome.counters.priced)
     if spend:
         print(f"batcher: {spend}", file=sys.stderr)
     if outcome.message:
@@ -78,16 +78,20 @@ async def run(path: Path, provider: str | None, options: RunOptions, *,
     return outcome.exit_code
 
 
-def _spend_line(summary: dict[str, Any]) -> str | None:
-    """What the run spent, said only when some price was known or a budget was set."""
-    run, total, unknown = summary["cost_usd"], summary["cost_total_usd"], summary["cost_unknown"]
-    if run is None and total is None and summary["budget_usd"] is None:
+def _spend_line(summary: dict[str, Any], priced: bool) -> str | None:
+    """What the run spent, said when the run had prices or a budget."""
+    if not priced and summary["budget_usd"] is None:
         return None  # no price at all: summary.json says unknown, a line would be noise
+
     def amount(value: float | None) -> str:
         return "unknown" if value is None else usd(value)
-    text = f"spent {amount(run)} this run; {amount(total)} for the {summary['ok']} ok tasks"
-    if unknown:
-        text += f" ({unknown} of them of unknown price)"
+
+    text = f"spent {amount(summary['cost_usd'])} this run"
+    if summary["cost_unknown_requests"]:
+        text += f" (+ {plural(summary['cost_unknown_requests'], 'request')} of unknown price)"
+    text += f"; {amount(summary['cost_total_usd'])} for the {summary['ok']} ok tasks"
+    if summary["cost_unknown"]:
+        text += f" ({summary['cost_unknown']} of them of unknown price)"
     if summary["budget_usd"] is not None:
         text += f"; budget {usd(summary['budget_usd'])}"
     return text
@@ -176,11 +180,11 @@ def _print_estimate(result: Plan, budget: float | None) -> None:
         print(f"estimated cost: {_estimate(totals)}{note}")
     if totals.unknown:
         models = sorted({model for (_job, model), c in result.by_model.items() if c.unknown})
-        print(f"no price for {', '.join(models)}: their cost is unknown "
-              "(add prices: under the provider in the manifest)")
+        print(f"cost unknown for {', '.join(models)}: no price (add prices: under the "
+              "provider in the manifest), or an image model priced by tokens")
     if budget is not None:
         if totals.unknown:
-            verdict = "cannot be kept: a model has no price (run refuses it)"
+            verdict = "cannot be kept: a model's cost is unknown (run refuses it)"
         elif totals.cost.usd > budget:
             verdict = "the estimate passes it: a run stops when it is reached"
         else:

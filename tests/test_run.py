@@ -303,10 +303,12 @@ async def test_summary_and_results_add_up_with_a_failing_job(
     # nothing, whatever the price.
     assert summary["jobs"]["good"] == {
         "total": 4, "ok": 4, "failed": 0, "pending": 0, "skipped": 0, "ran": 4,
-        "cost_usd": None, "cost_total_usd": None, "cost_unknown": 4}
+        "cost_usd": None, "cost_unknown_requests": 4, "cost_total_usd": None,
+        "cost_unknown": 4}
     assert summary["jobs"]["bad"] == {
         "total": 3, "ok": 0, "failed": 3, "pending": 0, "skipped": 0, "ran": 3,
-        "cost_usd": 0.0, "cost_total_usd": 0.0, "cost_unknown": 0}
+        "cost_usd": 0.0, "cost_unknown_requests": 0, "cost_total_usd": 0.0,
+        "cost_unknown": 0}
     assert summary["requests"] == len(generation_posts(server)) == 7  # a 400 is not retried
     assert summary["retries"] == 0 and summary["rate_limited"] == 0
     assert summary["exit_code"] == 1

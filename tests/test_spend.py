@@ -13,12 +13,13 @@ import pytest
 from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
 from s3server import S3Server, s3, store_env
 
-from batcher.errors import ManifestError
+from batcher.errors import ManifestError, UsageError
 from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
 from batcher.plan import Selection, make_plan
+from batcher.providers.prices import Price
 from batcher.run.pool import Outcome, RunOptions, run
-from batcher.run.spend import DEFAULT_OUTPUT_TOKENS
+from batcher.run.spend import DEFAULT_OUTPUT_TOKENS, answer_cost
 
 __all__ = ["s3"]  # a fixture, used by name
 
@@ -93,7 +94,7 @@ def test_plan_estimates_per_model_job_and_total_with_unknown_prices_shown_as_unk
     total = [line for line in done.stdout.splitlines() if line.startswith("total")][0]
     assert total.endswith("+ 2 unknown")
     assert "upper estimate" in done.stdout
-    assert "no price for local-image" in done.stdout
+    assert "cost unknown for local-image" in done.stdout
     assert posts(server) == 0 and posts(server, CHAT) == 0  # plan sends nothing
 
 
@@ -267,6 +268,74 @@ async def test_retries_after_a_5xx_count_toward_the_budget_and_a_429_does_not(
     outcome = await run_manifest(path, output=other / "out")
     assert outcome.summary["rate_limited"] == 2
     assert math.isclose(outcome.summary["cost_usd"], 2 * IMAGE_PRICE)
+
+
+async def test_an_image_model_priced_by_tokens_costs_its_usage_and_cannot_take_a_budget(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    # Priced like gpt-image models: by tokens. The built-in server's image answers carry no
+    # usage, so what they cost is unknown; an estimate for a budget is impossible.
+    server = await server_factory()
+    prices = "prices:\n  flux.1-schnell: {input: 5, output: 40}\n"
+    path = manifest(tmp_path, server, images_job("shots", 2), prices=prices)
+    with pytest.raises(UsageError, match="priced by tokens"):
+        await run_manifest(path, budget=1)
+    assert posts(server) == 0
+    outcome = await run_manifest(path)
+    assert outcome.summary["cost_usd"] is None and outcome.summary["cost_unknown"] == 2
+    assert answer_cost("image", Price(input=5, output=40), images=1,
+                       usage={"input_tokens": 100, "output_tokens": 1000}) == \
+        (100 * 5 + 1000 * 40) / 1e6
+
+
+async def test_a_chat_estimate_counts_every_choice_it_asks_for(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    server = await server_factory()
+    path = manifest(tmp_path, server, chat_job("captions", ["x" * 40], max_tokens=100)
+                    .replace("max_tokens: 100", "max_tokens: 100, n: 3"))
+    plan = make_plan(load_manifest(path), Selection(), set(), set())
+    one_choice = (10 * CHAT_IN + 100 * CHAT_OUT) / 1e6
+    assert math.isclose(plan.totals.cost.usd, one_choice + 2 * 100 * CHAT_OUT / 1e6)
+
+
+async def test_paid_attempts_of_tasks_left_pending_are_in_the_runs_spend(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    # Every first attempt fails with a 500 (counted as paid): four start, fail, and one retry
+    # fits the budget; the other three tasks stay pending, and what their first attempts cost
+    # is still this run's spend.
+    server = await server_factory(fault_rate=1.0, fault_kinds=("500",))
+    path = manifest(tmp_path, server, images_job("shots", 8), concurrency=4)
+    outcome = await run_manifest(path, budget=0.05)
+    summary = outcome.summary
+    assert summary["ok"] == 1 and summary["pending"] == 7
+    paid = posts(server) * IMAGE_PRICE
+    assert posts(server) == 5 and math.isclose(summary["cost_usd"], paid, abs_tol=1e-6)
+    assert math.isclose(summary["jobs"]["shots"]["cost_usd"], paid, abs_tol=1e-6)
+    assert outcome.message is not None and "spent $0.05 this run" in outcome.message
+    assert math.isclose(summary["cost_total_usd"], 2 * IMAGE_PRICE)  # the ok task, twice
+
+
+def test_a_run_of_unknown_price_says_so_beside_the_known_part(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    server = thread_server()
+    jobs = images_job("shots", 2) + images_job("free", 2, model="local-image")
+    path = manifest(tmp_path, server, jobs)
+
+    done = run_cli("run", str(path), "--no-progress", cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    summary = summary_of(tmp_path)
+    assert math.isclose(summary["cost_usd"], 2 * IMAGE_PRICE, abs_tol=1e-6)
+    assert summary["cost_unknown_requests"] == 2 and summary["cost_unknown"] == 2
+    assert summary["jobs"]["free"]["cost_usd"] is None
+    assert "spent $0.02 this run (+ 2 requests of unknown price)" in done.stderr
+    only = run_cli("run", str(path), "--no-progress", "--only", "free", "--output", "again",
+                   cwd=tmp_path)
+    assert only.returncode == 0, only.stderr
+    assert "spent unknown this run (+ 2 requests of unknown price)" in only.stderr
 
 
 async def test_a_regeneration_after_a_lost_download_is_paid_and_counted(

@@ -40,7 +40,7 @@ class JobTally:
     ok: int = 0
     failed: int = 0
     failed_before: int = 0  # of those that ran, how many had failed in an earlier run
-    cost: Cost = field(default_factory=Cost)  # what the tasks that ran cost
+    cost: Cost = field(default_factory=Cost)  # what this run's requests cost, one per attempt
 
 
 def summarize(
@@ -49,9 +49,11 @@ def summarize(
 ) -> dict[str, Any]:
     """The summary of the whole selection after a run: ok + failed + pending = total.
 
-    Spend: ``cost_usd`` is what this run's tasks cost, ``cost_total_usd`` what every ok task
-    cost when it ran, ``cost_unknown`` how many ok tasks have no known cost; a cost that is
-    wholly unknown is null, never 0. Per job, and over all jobs.
+    Spend: ``cost_usd`` is what this run's requests cost (retries, re-generations and the
+    attempts of tasks left pending included), ``cost_unknown_requests`` how many of them had
+    no known cost, ``cost_total_usd`` what every ok task cost when it ran, ``cost_unknown`` how
+    many ok tasks have no known cost; a cost that is wholly unknown is null, never 0. Per job,
+    and over all jobs.
     """
     jobs: dict[str, Any] = {}
     run_cost, total_cost = Cost(), Cost()
@@ -79,7 +81,8 @@ def summarize(
 
 
 def _costs(run: Cost, total: Cost) -> dict[str, Any]:
-    return {"cost_usd": run.value, "cost_total_usd": total.value, "cost_unknown": total.unknown}
+    return {"cost_usd": run.value, "cost_unknown_requests": run.unknown,
+            "cost_total_usd": total.value, "cost_unknown": total.unknown}
 
 
 def write_reports(root: Path, ledger: Ledger, summary: dict[str, Any]) -> None:

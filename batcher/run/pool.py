@@ -227,16 +227,27 @@ class Runner:
                        self.root, self._message())
 
     def _check_budget(self, plan: Plan) -> None:
-        """A budget cannot be kept with a price it does not know: refuse before any request."""
+        """A budget cannot be kept with a cost it cannot estimate: refuse before any request."""
         if self.spend.limit is None:
             return
         providers = {job.name: job.provider for job in self.manifest.jobs}
-        unknown = sorted({f"{providers[job]}/{model}"
+        unknown = sorted({(providers[job], model)
                           for (job, model), counts in plan.by_model.items() if counts.unknown})
-        if unknown:
-            raise UsageError(
-                f"a budget of {usd(self.spend.limit)} needs a price for every model it runs; "
-                f"no price for {', '.join(unknown)} (add them under providers: NAME: prices:)")
+        if not unknown:
+            return
+        unpriced = [f"{name}/{model}" for name, model in unknown
+                    if self.configs[name].prices.of(model) is None]
+        by_tokens = [f"{name}/{model}" for name, model in unknown
+                     if self.configs[name].prices.of(model) is not None]
+        why = []
+        if unpriced:
+            why.append(f"no price for {', '.join(unpriced)} (add them under providers: NAME: "
+                       "prices:)")
+        if by_tokens:
+            why.append(f"{', '.join(by_tokens)} priced by tokens: an image's tokens cannot be "
+                       "estimated before it is made (give an image or request price)")
+        raise UsageError(f"a budget of {usd(self.spend.limit)} needs an estimate for every "
+                         f"model it runs; {'; '.join(why)}")
 
     def _spent_by_job(self, plan: Plan) -> dict[str, Cost]:
         """What every ok task of the run's jobs (and shard) cost when it ran, from the ledger."""
@@ -454,7 +465,6 @@ class Runner:
         tally.ok += ok
         tally.failed += not ok
         tally.failed_before += was_failed
-        tally.cost.add(record.cost_usd)
 
     async def _execute(
         self, provider: _Provider, task: Task, saver: Saver
@@ -543,11 +553,11 @@ class Runner:
                     try:
                         answer, logged = await saver.request(provider.client, task, self.images)
                     except ProviderError as error:
-                        settled = self._charge(bill, reservation,
+                        settled = self._charge(task, bill, reservation,
                                                failed_attempt_cost(error, estimated))
                         raise
                     images = len(answer.items) if isinstance(answer, ImageAnswer) else 0
-                    settled = self._charge(bill, reservation, None if price is None else
+                    settled = self._charge(task, bill, reservation, None if price is None else
                                            answer_cost(task.kind, price, images=images,
                                                        usage=answer.usage))
                     files, response = await saver.save(task, answer)
@@ -559,9 +569,13 @@ class Runner:
                     self.spend.abandon(reservation)
                 self._in_flight.discard(worker)
 
-    def _charge(self, bill: _Bill, reservation: float | None, cost: float | None) -> bool:
+    def _charge(self, task: Task, bill: _Bill, reservation: float | None,
+                cost: float | None) -> bool:
+        """What one attempt cost goes to the budget, the task's bill and its job's spend
+        (tasks left pending included: their attempts were paid too)."""
         self.spend.settle(reservation, cost)
         bill.add(cost)
+        self._tally.setdefault(task.job, JobTally()).cost.add(cost)
         self.counters.spent_usd = self.spend.spent
         return True
 

@@ -57,34 +57,39 @@ def output_bound(task: Task) -> int:
     return DEFAULT_OUTPUT_TOKENS
 
 
-def images_asked(task: Task) -> int:
+def answers_asked(task: Task) -> int:
+    """How many images (or chat choices) the task asks for: its ``n``, else 1."""
     value = (task.params or {}).get("n", 1)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
-def estimate(task: Task, price: Price) -> float:
+def estimate(task: Task, price: Price) -> float | None:
     """What one request of the task costs at most: images n x price; chat the estimated input
-    plus the output bound (an upper estimate)."""
+    plus the output bound for each of its n choices (an upper estimate). ``None`` for an image
+    model priced by tokens: what an image's output tokens will be cannot be told beforehand."""
+    n = answers_asked(task)
     if task.kind == "chat":
         return price.request + (input_tokens(task) * price.input
-                                + output_bound(task) * price.output) / TOKENS_PER_PRICE
-    return price.request + images_asked(task) * price.image
+                                + n * output_bound(task) * price.output) / TOKENS_PER_PRICE
+    if price.input or price.output:
+        return None
+    return price.request + n * price.image
 
 
 def answer_cost(
     kind: str, price: Price, *, images: int, usage: Mapping[str, Any] | None
 ) -> float | None:
-    """What an answer cost: images by the number returned, chat by its ``usage``. ``None``
-    when a token price applies and the answer did not say how many tokens it used."""
-    if kind != "chat":
-        return price.request + images * price.image
+    """What an answer cost: images by the number returned (and by their ``usage`` where the
+    model is priced by tokens), chat by its ``usage``. ``None`` when a token price applies
+    and the answer did not say how many tokens it used."""
+    cost = price.request + (images * price.image if kind != "chat" else 0.0)
     if not (price.input or price.output):
-        return price.request
+        return cost
     tokens = _usage_tokens(usage)
     if tokens is None:
         return None
     prompt, completion = tokens
-    return price.request + (prompt * price.input + completion * price.output) / TOKENS_PER_PRICE
+    return cost + (prompt * price.input + completion * price.output) / TOKENS_PER_PRICE
 
 
 def failed_attempt_cost(error: ProviderError, estimated: float | None) -> float | None:
