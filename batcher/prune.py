@@ -112,7 +112,10 @@ def find_stale(
             "output? Nothing was removed")
     wanted = {name for task in found.tasks for name in task.names}
     leftover_names = set(leftover) - wanted
-    found.names = {name for name in (wanted | leftover_names) - kept_names if present(name)}
+    # A ledger can arrive from elsewhere (a store, a merge): a name that leads out of the
+    # output is never removed, whatever a row says.
+    found.names = {name for name in (wanted | leftover_names) - kept_names
+                   if _safe(name) and present(name)}
     found.leftover = len(leftover_names & found.names)
     return found
 

@@ -315,6 +315,8 @@ BAD_ROWS = [
     ("rows.yaml", "- {sku: A1, name: x}\n-  sku: A2\n   nam: y\n",
      "rows.yaml:2: name: no value for {name}"),
     ("rows.csv", "sku,name,tone\nA1,x,y\n", "rows.csv:2: tone: is also a var under vars"),
+    ("rows.jsonl", '{"sku": "A1", "name": "\\ud800"}\n',
+     "rows.jsonl:1: name: holds a character that is not valid Unicode"),
 ]
 
 
@@ -351,6 +353,34 @@ def test_a_rows_missing_input_image_names_the_row(tmp_path: Path) -> None:
     assert "rows.csv:3: jobs[0].images[0]: refs/Z9.png: no such file" in result.stderr
 
 
+def test_rows_whose_input_images_have_the_same_bytes_are_the_same_tasks(
+    tmp_path: Path,
+) -> None:
+    refs = _write_refs(tmp_path, ["A1"])
+    (tmp_path / "refs" / "copy.png").write_bytes((tmp_path / "refs" / "A1.png").read_bytes())
+    (tmp_path / "rows.csv").write_text("sku\nA1\ncopy\n")
+    path = write_manifest(tmp_path, (
+        "name: t\njobs:\n  - name: j\n    type: image\n    provider: local\n"
+        f"    model: {EDIT_MODEL}\n    vars_file: rows.csv\n    prompt: a box\n"
+        '    images: ["refs/{sku}.png"]\n'
+    ))
+    assert refs
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2
+    assert "rows.csv:3: repeats an earlier row's values for sku (its input images by content)" \
+        in result.stderr, result.stderr
+
+
+def test_rows_are_told_apart_by_their_values_not_a_joined_string(tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_text('{"a": "x\\u001fy", "b": "z"}\n'
+                                         '{"a": "x", "b": "y\\u001fz"}\n')
+    path = write_manifest(tmp_path, (
+        "name: t\njobs:\n  - name: j\n    type: image\n    provider: local\n"
+        '    model: flux.1-schnell\n    vars_file: rows.jsonl\n    prompt: "{a} {b}"\n'))
+    result = run_cli("validate", str(path))
+    assert result.returncode == 0, result.stderr
+
+
 BAD_OUTPUTS = [
     ("{format: gif}", 8, "jobs[0].outputs.format: must be one of png, webp, jpeg, avif"),
     ("{format: webp, quality: 0}", 8, "jobs[0].outputs.quality: must be a whole number"),
@@ -362,6 +392,7 @@ BAD_OUTPUTS = [
     ("{quality: 50}", 8, "jobs[0].outputs.quality: applies to a format or sizes"),
     ("\n      format: webp\n      colour: red", 10, "jobs[0].outputs.colour: unknown field"),
     ("[webp]", 8, "jobs[0].outputs: must be a mapping"),
+    ("{format: png, sizes: {full: 64}}", 8, "jobs[0].outputs.sizes.full: 'full' names the"),
 ]
 
 

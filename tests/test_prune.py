@@ -388,3 +388,26 @@ def test_prune_removes_derived_files_with_their_task_and_keeps_shared_input_thum
         assert not (tmp_path / "out" / name).exists(), name
     for name in (*derived["Make it blue"], *inputs):  # the kept task's, and the shared input's
         assert (tmp_path / "out" / name).is_file(), name
+
+
+def test_a_ledger_row_naming_a_file_outside_the_output_never_makes_prune_remove_it(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    server = thread_server()
+    path, old = run_then_edit(server, tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    # A ledger that came from elsewhere (a store, a merge) names files outside the output.
+    with sqlite3.connect(tmp_path / "out" / "ledger.sqlite") as db:
+        for row in old:
+            files = [*row["files"], ["../victim.txt", 7, "0" * 64], [str(victim), 7, "0" * 64]]
+            derived = {"spec": "x", "files": [{"path": "../victim.txt", "size": 7,
+                                               "sha256": "0" * 64}]}
+            db.execute("UPDATE tasks SET files = ?, derived = ? WHERE id = ?",
+                       (json.dumps(files), json.dumps(derived), row["id"]))
+
+    pruned = run_cli("prune", str(path))
+
+    assert pruned.returncode == 0, pruned.stderr
+    assert victim.read_text() == "keep me"
+    assert len(ledger_rows(tmp_path / "out")) == 5  # the stale rows went all the same

@@ -3,6 +3,7 @@ outputs) into a :class:`JobSpec`, a prompt grid or a JSONL ``file`` of tasks."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import re
@@ -13,7 +14,7 @@ from typing import Any
 
 from batcher import fastjson
 from batcher.errors import ManifestError
-from batcher.imagerefs import check_local, parse_ref
+from batcher.imagerefs import FILE, check_local, digest, parse_ref
 from batcher.manifest.fields import (
     Where,
     check_fields,
@@ -128,6 +129,9 @@ def _parse_outputs(value: Any, where: Where) -> Outputs:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
             raise sizes_where.error(name, "a size's name goes into file names: a-z, 0-9, _ "
                                     "and - only, at most 32 characters")
+        if name == "full":  # <stem>@full.<ext> is the full-size copy's name
+            raise sizes_where.error(name, "'full' names the full-size copy; call the size "
+                                    "something else")
         if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_SIDE:
             raise sizes_where.error(name, f"the longest side in px, a whole number from 1 to "
                                     f"{MAX_SIDE}, not {side!r}")
@@ -232,17 +236,26 @@ def _check_combinations(job: JobSpec, where: Where, base_dir: Path, max_bytes: i
     templated = [(index, entry) for index, entry in enumerate(job.images) if placeholders(entry)]
     image_vars = [(n, values) for n, values in job.vars if n in image_names]
 
-    def check_row(row: Row) -> None:
+    def check_row(row: Row) -> bytes:
+        """Check the row's input images; returns what a task id knows of them (their
+        content: two rows naming files of the same bytes make the same tasks)."""
+        known = hashlib.sha256()
         for combo in itertools.product(*(values for _, values in image_vars)):
             filled = {**row.values, **dict(zip((n for n, _ in image_vars), combo, strict=True))}
             for index, entry in templated:
                 try:
-                    check_local(parse_ref(entry.format_map(filled)), base_dir, max_bytes)
-                except ValueError as exc:
+                    ref = parse_ref(entry.format_map(filled))
+                    check_local(ref, base_dir, max_bytes)
+                    data = ref.path(base_dir).read_bytes() if ref.kind == FILE else None
+                except (ValueError, OSError) as exc:
+                    message = str(exc) if isinstance(exc, ValueError) else \
+                        f"cannot read the image: {exc.strerror}"
                     if job.vars_file is None:
-                        raise where.error(f"images[{index}]", str(exc)) from None
-                    raise ManifestError(str(exc), file=str(job.vars_file), line=row.line,
+                        raise where.error(f"images[{index}]", message) from None
+                    raise ManifestError(message, file=str(job.vars_file), line=row.line,
                                         field=where.field(f"images[{index}]")) from None
+                known.update(digest(ref, data).encode() + b"\n")
+        return known.digest()
 
     if job.vars_file is None:
         if templated:
@@ -250,8 +263,10 @@ def _check_combinations(job: JobSpec, where: Where, base_dir: Path, max_bytes: i
         return
     system = placeholders(job.system or "")
     uses = {frozenset((placeholders(p) | system | image_names) - var_names) for p in job.prompts}
+    in_text = set().union(system, *(placeholders(p) for p in job.prompts))
     check_rows(job.vars_file, [u for u in uses if u], var_names,
-               check_row if templated else None)
+               check_row if templated else None,
+               image_only=frozenset(image_names - in_text) if templated else frozenset())
 
 
 def _check_rules(config: ProviderConfig, kind: str, models: tuple[str, ...],

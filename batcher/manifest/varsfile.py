@@ -59,7 +59,13 @@ def _check_name(path: Path, line: int, name: Any) -> str:
 def _text(path: Path, line: int, name: str, value: Any) -> str:
     if isinstance(value, bool) or value is None or isinstance(value, (Mapping, list)):
         raise _error(path, line, "values must be strings or numbers", name)
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (\ud800) that JSON can spell
+        raise _error(path, line, "holds a character that is not valid Unicode (a lone "
+                     "surrogate)", name) from None
+    return text
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
@@ -132,12 +138,15 @@ def _yaml_rows(path: Path) -> Iterator[Row]:
 
 def check_rows(
     path: Path, uses: list[frozenset[str]], var_names: frozenset[str],
-    check_row: Callable[[Row], None] | None,
+    check_row: Callable[[Row], bytes] | None, image_only: frozenset[str] = frozenset(),
 ) -> None:
     """Read the file once: each row has a value for every placeholder a template takes from it
     (``uses``: per template, the names not under ``vars``), no row repeats an earlier row's
     values for what a template uses (the two would be the same tasks), no column is also a var,
-    and ``check_row`` passes (the row's input images). Memory: 8 bytes and a set entry a row.
+    and ``check_row`` passes (the row's input images). ``check_row`` returns what a task id
+    knows of the row's images (their content), which stands for the names only images use
+    (``image_only``): two rows naming different files of the same bytes are the same tasks.
+    Memory: 8 bytes and a set entry a row.
     """
     seen: list[set[bytes]] = [set() for _ in uses]
     ordered = [sorted(used) for used in uses]
@@ -157,14 +166,15 @@ def check_rows(
                     raise _error(path, row.line, f"no value for {{{name}}}, which the job's "
                                  "prompts, system or images use", name)
             checked = columns
+        images = check_row(row) if check_row is not None else b""
         for names, keys in zip(ordered, seen, strict=True):
-            key = hashlib.blake2b("\x1f".join([row.values[n] for n in names]).encode(),
+            values = [row.values[n] for n in names if n not in image_only]
+            key = hashlib.blake2b(fastjson.dumps_bytes(values) + images,
                                   digest_size=8).digest()
             if key in keys:
-                raise _error(path, row.line, "repeats an earlier row's values for "
-                             f"{', '.join(names)}: both rows would make the same tasks")
+                what = ", ".join(names) + (" (its input images by content)" if images else "")
+                raise _error(path, row.line, f"repeats an earlier row's values for {what}: "
+                             "both rows would make the same tasks")
             keys.add(key)
-        if check_row is not None:
-            check_row(row)
     if not count:
         raise _error(path, None, "empty file: a vars_file needs at least one row")
