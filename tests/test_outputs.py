@@ -577,6 +577,26 @@ async def test_a_jsonl_file_job_takes_outputs_from_defaults(
     assert derived_of(rows["cap-1"]) == []
 
 
+async def test_a_ledger_naming_a_delivered_file_outside_the_output_is_never_derived_from(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    server = await server_factory()
+    path = write_manifest(tmp_path, manifest(server, grid_job("{format: webp}", seeds=1)))
+    assert (await run_manifest(path)).exit_code == 0
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(render_png("outside", 64, 64))
+    with sqlite3.connect(tmp_path / "out" / "ledger.sqlite") as db:
+        for (task_id,) in db.execute("SELECT id FROM tasks").fetchall():
+            files = [["../outside.png", outside.stat().st_size, sha256(outside)]]
+            db.execute("UPDATE tasks SET files = ? WHERE id = ?", (json.dumps(files), task_id))
+    write_manifest(tmp_path, manifest(server, grid_job("{format: avif}", seeds=1)))
+
+    await run_manifest(path)
+
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("outside")) == [
+        "outside.png"]
+
+
 async def test_a_ledger_naming_a_derived_file_outside_the_output_never_deletes_it(
     tmp_path: Path, server_factory: Any
 ) -> None:

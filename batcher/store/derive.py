@@ -33,7 +33,7 @@ from batcher.imagerefs import DATA, FILE, data_uri_bytes, parse_ref
 from batcher.ledger import Record
 from batcher.manifest import JobSpec, Manifest
 from batcher.outputs import DELIVERED_KINDS, INPUT_SIDE, Outputs, job_spec
-from batcher.storage import atomic_open, slugify
+from batcher.storage import Layout, atomic_open, slugify
 from batcher.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,14 @@ def derive_sync(
     errors: list[str] = []
     if outputs is not None:
         meta = metadata_of(record) if outputs.metadata else None
+        layout = Layout(root)
         for original in record.files:
             kind = _delivered_kind(original.path)
+            try:
+                layout.resolve(original.path)  # a ledger from elsewhere may name anything
+            except ValueError as exc:
+                errors.append(str(exc))
+                continue
             if kind is not None:
                 files.extend(_derive_one(root, original.path, kind, outputs, meta, errors))
     for sha, data in inputs:
