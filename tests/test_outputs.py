@@ -540,6 +540,37 @@ def test_derived_files_go_to_the_store_and_are_redone_there_on_a_fresh_machine(
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+@pytest.mark.parametrize("where", ["folder", "store"])
+def test_derived_files_keep_the_tasks_attempts_and_cost(
+    tmp_path: Path, thread_server: Any, s3: Any, where: str
+) -> None:
+    # Every body fails once (a 500) and then succeeds: two attempts, two paid estimates.
+    server = thread_server(fault_rate=1.0, fault_kinds=("500",))
+    output = "out" if where == "folder" else f"s3://{s3.bucket()}/a"
+    text = manifest(server, grid_job("{format: webp, sizes: {thumb: 64}}"))
+    text = text.replace("output: out", f"output: {output}").replace(
+        "    concurrency: 4\n", "    concurrency: 4\n    prices: {'*': {image: 0.5}}\n")
+    path = write_manifest(tmp_path, text)
+    env = store_env(s3.url, str(tmp_path / "cache"))
+    done = run_cli("run", str(path), "--no-progress", env=env)
+    assert done.returncode == 0, done.stderr
+    if where == "folder":
+        rows = ledger_rows(tmp_path / "out", decode=True)
+    else:
+        copy = tmp_path / "ledger.copy"
+        copy.write_bytes(s3.get(output.split("/")[2], "a/ledger.sqlite"))
+        with sqlite3.connect(copy) as db:
+            db.row_factory = sqlite3.Row
+            rows = [dict(row) for row in db.execute("SELECT * FROM tasks")]
+    assert len(rows) == 4
+    for row in rows:
+        assert row["attempts"] == 2 and row["cost_usd"] == 1.0, row["id"]
+        assert len(derived_of(row)) == 2
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text()) if where == "folder" \
+        else json.loads(s3.get(output.split("/")[2], "a/summary.json"))
+    assert summary["ok"] == summary["ran"] == 4 and summary["cost_usd"] == 4.0
+
+
 def test_merge_brings_the_derived_files_of_each_shard(tmp_path: Path, thread_server: Any) -> None:
     server = thread_server()
     path = write_manifest(tmp_path, manifest(server, grid_job("{format: webp, sizes: {t: 32}}")))

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,8 @@ async def replace_derived(output: Output, deriver: Deriver, task: Task, record: 
     itself is already kept: a kill in here loses derived files, which the next run makes
     again, never a paid image."""
     old = entries(record.derived)
-    record.derived = await deriver.derive(task, record)
+    # A new record: the one passed in may still be on its way to the store and the ledger.
+    record = replace(record, derived=await deriver.derive(task, record))
     keep = {str(e["path"]) for e in entries(record.derived)} | {f.path for f in record.files}
     layout = Layout(output.root)
     for entry in old:
@@ -110,9 +112,9 @@ async def replace_derived(output: Output, deriver: Deriver, task: Task, record: 
             log.warning("task %s: not removing %s: outside the output", record.id, path)
             continue
         await output.remove(path)
-    record.attempts = 0  # the ledger adds attempts: nothing was sent for this
     sidecar = await asyncio.to_thread(rewrite_sidecar, output.root, record)
-    await output.keep(record, sidecar, output.ledger.record, failed)
+    # The ledger adds attempts up, and nothing was sent for this; the sidecar keeps the count.
+    await output.keep(replace(record, attempts=0), sidecar, output.ledger.record, failed)
 
 
 def rewrite_sidecar(root: Path, record: Record) -> str:
