@@ -53,15 +53,25 @@ def job_spec(outputs: Outputs | None, with_inputs: bool) -> str | None:
     return json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
 
-def entries(derived: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The entries of a ``derived`` value (none for an old ledger's NULL)."""
-    if not derived:
+def entries(derived: Any) -> list[dict[str, Any]]:
+    """The entries of a ``derived`` value (none for an old ledger's NULL, or for a value
+    batcher did not write: a ledger may come from elsewhere)."""
+    if not isinstance(derived, Mapping):
         return []
     files = derived.get("files")
-    return [entry for entry in files if isinstance(entry, dict)] if isinstance(files, list) else []
+    if not isinstance(files, list):
+        return []
+    return [entry for entry in files
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str)]
 
 
 def derived_files(record: Record) -> list[FileRecord]:
-    """A record's derived files as FileRecords (to upload, verify or remove)."""
-    return [FileRecord(str(e["path"]), int(e["size"]), str(e["sha256"]))
-            for e in entries(record.derived)]
+    """A record's derived files as FileRecords (to upload, verify or remove); an entry that is
+    not one batcher writes is left out."""
+    files = []
+    for entry in entries(record.derived):
+        path, size, sha = entry.get("path"), entry.get("size"), entry.get("sha256")
+        if isinstance(path, str) and isinstance(size, int) and not isinstance(size, bool) \
+                and isinstance(sha, str):
+            files.append(FileRecord(path, size, sha))
+    return files

@@ -49,6 +49,11 @@ class S3Server:
             found.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
         return found
 
+    def modified(self, bucket: str, key: str) -> float:
+        """When the object was last put (the store keeps whole seconds)."""
+        head = self.client.head_object(Bucket=bucket, Key=key)
+        return float(head["LastModified"].timestamp())
+
     def put(self, bucket: str, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=bucket, Key=key, Body=data)
 

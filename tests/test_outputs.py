@@ -540,6 +540,65 @@ def test_derived_files_go_to_the_store_and_are_redone_there_on_a_fresh_machine(
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_rederiving_in_a_store_puts_only_the_new_files_and_the_sidecars(
+    tmp_path: Path, thread_server: Any, s3: Any
+) -> None:
+    server = thread_server()
+    bucket = s3.bucket()
+    text = manifest(server, grid_job("{format: webp}")).replace(
+        "output: out", f"output: s3://{bucket}/a")
+    path = write_manifest(tmp_path, text)
+    assert run_cli("run", str(path), "--no-progress",
+                   env=store_env(s3.url, str(tmp_path / "cache-a"))).returncode == 0
+    originals = {key: s3.modified(bucket, key) for key in s3.keys(bucket, "a/")
+                 if key.endswith(".png")}
+    assert len(originals) == 4
+    time.sleep(1.1)  # the store's times are whole seconds
+
+    write_manifest(tmp_path, text.replace("{format: webp}", "{format: jpeg}"))
+    again = run_cli("run", str(path), "--no-progress",
+                    env=store_env(s3.url, str(tmp_path / "cache-b")))
+
+    assert again.returncode == 0, again.stderr
+    assert {key: s3.modified(bucket, key) for key in originals} == originals  # not put again
+    keys = s3.keys(bucket, "a/")
+    assert len([k for k in keys if k.endswith(".jpg")]) == 4
+    assert not [k for k in keys if k.endswith(".webp")]
+
+
+def test_rederiving_in_a_folder_writes_the_listings_again(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    server = thread_server()
+    text = manifest(server, grid_job("{format: webp}"))
+    path = write_manifest(tmp_path, text)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    write_manifest(tmp_path, text.replace("{format: webp}", "{format: jpeg}"))
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    for name in ("results.jsonl", "index.html"):
+        listing = (tmp_path / "out" / name).read_text()
+        assert ".jpg" in listing and ".webp" not in listing, name
+
+
+def test_a_derived_value_batcher_did_not_write_is_ignored_not_a_traceback(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    server = thread_server()
+    path = write_manifest(tmp_path, manifest(server, grid_job("{format: webp}")))
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    odd = ["[1, 2]", '{"files": [{"path": "a.webp", "size": "abc", "sha256": "x"}]}',
+           '{"files": [{"size": 3}, 7, {"path": "b.webp", "side": "big", "role": "size:x"}]}']
+    with sqlite3.connect(tmp_path / "out" / "ledger.sqlite") as db:
+        ids = [task_id for (task_id,) in db.execute("SELECT id FROM tasks")]
+        for task_id, value in zip(ids, odd, strict=False):
+            db.execute("UPDATE tasks SET derived = ? WHERE id = ?", (value, task_id))
+    for command in (["status", "out", "--verify"], ["report", "out"], ["prune", str(path)]):
+        done = run_cli(*command)
+        assert done.returncode in (0, 1) and "Traceback" not in done.stderr, command
+    again = run_cli("run", str(path), "--no-progress")
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+
+
 @pytest.mark.parametrize("where", ["folder", "store"])
 def test_derived_files_keep_the_tasks_attempts_and_cost(
     tmp_path: Path, thread_server: Any, s3: Any, where: str

@@ -138,7 +138,8 @@ def _image_cell(record: Record) -> str:
         # The smallest resized copy as the thumbnail, linking to the full-size file (in the
         # job's format when it has one).
         own = [e for e in derived if e.get("of") == file.path]
-        sizes = sorted((e for e in own if "side" in e), key=lambda e: int(e["side"]))
+        sizes = sorted((e for e in own if isinstance(e.get("side"), int)),
+                       key=lambda e: int(e["side"]))
         full = next((e["path"] for e in own if e.get("role") == "full"), file.path)
         href = _href(full)
         src = _href(sizes[0]["path"]) if sizes else href

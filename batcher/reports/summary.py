@@ -14,6 +14,7 @@ from typing import Any
 
 from batcher import fastjson
 from batcher.ledger import Ledger, Record
+from batcher.outputs import entries
 from batcher.plan import Plan
 from batcher.reports.progress import Counters
 from batcher.reports.sheet import ContactSheet
@@ -85,11 +86,13 @@ def _costs(run: Cost, total: Cost) -> dict[str, Any]:
             "cost_total_usd": total.value, "cost_unknown": total.unknown}
 
 
-def write_reports(root: Path, ledger: Ledger, summary: dict[str, Any]) -> None:
-    """Write summary.json, and results.jsonl and index.html unless no record is newer than
-    them (a re-run of a finished run then reads no rows)."""
+def write_reports(
+    root: Path, ledger: Ledger, summary: dict[str, Any], *, rewrite: bool = False
+) -> None:
+    """Write summary.json, and results.jsonl and index.html when ``rewrite`` or a task ran, or
+    a record is newer than them (a re-run of a finished run then reads no rows)."""
     write_text_atomic(root / SUMMARY_NAME, [json.dumps(summary, indent=2), "\n"])
-    if summary["ran"] or _listings_stale(root, ledger):
+    if rewrite or summary["ran"] or _listings_stale(root, ledger):
         write_listings(root, ledger)
 
 
@@ -142,7 +145,7 @@ def _metadata(record: Record) -> dict[str, Any]:
         "job": record.job, "model": record.model, "seed": record.seed, "prompt": record.prompt,
         "vars": dict(record.vars), "cost_usd": record.cost_usd,
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in record.files],
-        **({"derived": list(record.derived.get("files", []))} if record.derived else {}),
+        **({"derived": derived} if (derived := entries(record.derived)) else {}),
     }
 
 

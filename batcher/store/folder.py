@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from batcher.ledger import LEDGER_NAME, Ledger, Record, on_disk
+from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record, on_disk
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.reports.summary import write_reports
@@ -23,14 +23,16 @@ class FolderOutput:
         self.ledger = ledger
         self.location = str(root)
         self.present = on_disk(root)
+        self._kept = 0  # tasks kept by this run (ran, or derived files made again)
 
     async def statuses(self, manifest: Manifest, selection: Selection) -> tuple[set[str], set[str]]:
         return self.ledger.statuses(self.root)
 
     async def keep(
         self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
-        failed: Callable[[BaseException], None],
+        failed: Callable[[BaseException], None], *, files: list[FileRecord] | None = None,
     ) -> None:
+        self._kept += 1
         kept(record)
 
     async def drain(self) -> None:
@@ -43,7 +45,8 @@ class FolderOutput:
         (self.root / path).unlink(missing_ok=True)
 
     async def finish(self, summary: dict[str, Any]) -> None:
-        write_reports(self.root, self.ledger, summary)
+        # Tasks kept again with new derived files change the listings though none ran.
+        write_reports(self.root, self.ledger, summary, rewrite=self._kept > 0)
 
 
 @contextlib.asynccontextmanager

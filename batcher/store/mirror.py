@@ -25,7 +25,7 @@ from typing import Any
 
 from batcher import fastjson
 from batcher.errors import StoreError, UsageError
-from batcher.ledger import LEDGER_NAME, Ledger, Record
+from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
@@ -108,7 +108,6 @@ class StoreOutput:
         self._adopted = 0
         self._listing: dict[str, int] = {}  # the store's files and sizes when the run began
         self._kept = 0  # tasks uploaded by this run (ran, or derived files made again)
-        self._uploaded: dict[str, str] = {}  # path -> sha256 of every file this run put
         self.failure: BaseException | None = None  # the store went down, or the lock was lost
         self._on_failure: Callable[[BaseException], None] | None = None
 
@@ -193,7 +192,7 @@ class StoreOutput:
 
     async def keep(
         self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
-        failed: Callable[[BaseException], None],
+        failed: Callable[[BaseException], None], *, files: list[FileRecord] | None = None,
     ) -> None:
         """Upload an ok task's files, then its sidecar, then call ``kept``; a failure has no
         files and is kept at once. Waits only while every upload slot is taken."""
@@ -201,22 +200,21 @@ class StoreOutput:
             kept(record)
             return
         await self._slots.acquire()
-        upload = asyncio.create_task(self._upload(record, sidecar, kept, failed))
+        if files is None:
+            files = [*record.files, *derived_files(record)]
+        upload = asyncio.create_task(self._upload(files, record, sidecar, kept, failed))
         self._uploads.add(upload)
         upload.add_done_callback(self._uploads.discard)
 
-    async def _upload(self, record: Record, sidecar: str | None,
+    async def _upload(self, files: list[FileRecord], record: Record, sidecar: str | None,
                       kept: Callable[[Record], None],
                       failed: Callable[[BaseException], None]) -> None:
         self._on_failure = failed
         try:
             if self.failure is not None:  # the store is down: the run is stopping
                 return
-            for file in [*record.files, *derived_files(record)]:
-                if self._uploaded.get(file.path) == file.sha256:
-                    continue  # kept again with its derived files: this file is there already
+            for file in files:
                 await self.store.put_file(file.path, self.root / file.path)
-                self._uploaded[file.path] = file.sha256
             if sidecar is not None:  # last: its presence says every file arrived
                 await self.store.put_file(sidecar, self.root / sidecar)
         except Exception as exc:  # the store stayed down, or the working copy lost a file

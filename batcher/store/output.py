@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from batcher.ledger import Ledger, Record
+from batcher.ledger import FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.store.url import StoreURL
@@ -30,10 +30,11 @@ class Output(Protocol):
 
     async def keep(
         self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
-        failed: Callable[[BaseException], None],
+        failed: Callable[[BaseException], None], *, files: list[FileRecord] | None = None,
     ) -> None:
         """Make a finished task's files durable, then call ``kept`` (maybe later); on a store
-        failure call ``failed`` instead, and the task stays pending."""
+        failure call ``failed`` instead, and the task stays pending. ``files``: only these
+        are new (a task kept again with its derived files); default, all of the record's."""
 
     async def drain(self) -> None:
         """Wait until every task handed to :meth:`keep` is kept or failed."""

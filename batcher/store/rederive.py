@@ -21,7 +21,7 @@ from typing import Any
 from batcher import fastjson
 from batcher.ledger import Record
 from batcher.manifest import Manifest
-from batcher.outputs import entries
+from batcher.outputs import derived_files, entries
 from batcher.plan import Selection
 from batcher.storage import Layout, atomic_open
 from batcher.store.derive import Deriver
@@ -114,7 +114,8 @@ async def replace_derived(output: Output, deriver: Deriver, task: Task, record: 
         await output.remove(path)
     sidecar = await asyncio.to_thread(rewrite_sidecar, output.root, record)
     # The ledger adds attempts up, and nothing was sent for this; the sidecar keeps the count.
-    await output.keep(replace(record, attempts=0), sidecar, output.ledger.record, failed)
+    await output.keep(replace(record, attempts=0), sidecar, output.ledger.record, failed,
+                      files=derived_files(record))
 
 
 def rewrite_sidecar(root: Path, record: Record) -> str:
