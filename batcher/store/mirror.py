@@ -59,7 +59,7 @@ def _names(shard: tuple[int, int] | None) -> tuple[str, str, str, str]:
             f"{LEDGERS}{part}.summary.json", part)
 
 
-def _is_ledger(name: str) -> bool:
+def is_ledger(name: str) -> bool:
     return name == LEDGER_NAME or (name.startswith(LEDGERS) and name.endswith(".sqlite"))
 
 
@@ -138,7 +138,7 @@ class StoreOutput:
         listing; finished tasks that only a sidecar tells of are adopted into this ledger."""
         listing = self._listing = await self.store.sizes()
         self._had_listings = RESULTS_NAME in listing and INDEX_NAME in listing
-        others = [name for name in listing if _is_ledger(name) and name != self.ledger_name]
+        others = [name for name in listing if is_ledger(name) and name != self.ledger_name]
         view = merged_view(self.ledger, await restore_ledgers(
             self.store, self.root / "others", others), self.root)
         try:
@@ -301,7 +301,7 @@ class StoreOutput:
 async def write_store_listings(store: ObjectStore, root: Path, own: Ledger,
                                own_name: str) -> None:
     """results.jsonl and index.html over every ledger in the store, written and uploaded."""
-    names = [name for name in await store.sizes(LEDGERS.rstrip("/")) if _is_ledger(name)]
+    names = [name for name in await store.sizes(LEDGERS.rstrip("/")) if is_ledger(name)]
     names.append(LEDGER_NAME)
     others = await restore_ledgers(store, root / "others",
                                    [name for name in names if name != own_name])
@@ -339,6 +339,17 @@ async def verify_store(store: ObjectStore, ledger: Ledger) -> dict[str, list[dic
     return found
 
 
+async def first_listing(store: ObjectStore) -> dict[str, int]:
+    """The store's files and sizes, read before anything is sent: a store that cannot be read
+    (no such bucket, credentials refused) is a usage error, exit 2."""
+    try:
+        return await store.sizes()
+    except FileNotFoundError:
+        raise UsageError(f"{store.url}: no such bucket or container") from None
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+
+
 @contextlib.asynccontextmanager
 async def read_store(
     url: StoreURL, *, required: bool = True
@@ -348,13 +359,8 @@ async def read_store(
     ledger is an error when ``required``, else reads as an empty ledger."""
     store = ObjectStore(url)
     root = cache_root(url, f"read-{os.getpid()}")
-    try:
-        listing = await store.sizes()
-    except FileNotFoundError:
-        raise UsageError(f"{url}: no such bucket or container") from None
-    except StoreError as exc:
-        raise UsageError(str(exc)) from None
-    paths = await restore_ledgers(store, root, sorted(n for n in listing if _is_ledger(n)))
+    listing = await first_listing(store)
+    paths = await restore_ledgers(store, root, sorted(n for n in listing if is_ledger(n)))
     if not paths and required:
         shutil.rmtree(root, ignore_errors=True)
         raise UsageError(f"{url}: no ledger here (nothing has run into it yet)")

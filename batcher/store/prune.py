@@ -32,8 +32,9 @@ from batcher.store.lock import StoreLock
 from batcher.store.mirror import (
     DEFAULT_SYNC_EVERY,
     LOCK_NAME,
-    _is_ledger,
     cache_root,
+    first_listing,
+    is_ledger,
     merged_view,
     upload_listings,
 )
@@ -56,13 +57,8 @@ async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
     told what goes before anything is removed. A store with no ledger is an error when
     ``required``, else has nothing to prune."""
     store = ObjectStore(url)
-    try:
-        listing = await store.sizes()
-    except FileNotFoundError:
-        raise UsageError(f"{url}: no such bucket or container") from None
-    except StoreError as exc:
-        raise UsageError(str(exc)) from None
-    names = sorted(name for name in listing if _is_ledger(name))
+    listing = await first_listing(store)
+    names = sorted(name for name in listing if is_ledger(name))
     if not names:
         if not required:
             return PruneSet(str(url))
