@@ -33,6 +33,7 @@ from batcher.run.limits import Rate
 from batcher.run.pool import RunOptions, effective_configs, used_providers
 from batcher.run.pool import run as run_manifest
 from batcher.run.retry import Action, classify
+from batcher.run.spend import cost_text
 from batcher.store import StoreURL, output_target
 from batcher.wording import plural, usd
 
@@ -82,14 +83,10 @@ def _spend_line(summary: dict[str, Any], priced: bool) -> str | None:
     """What the run spent, said when the run had prices or a budget."""
     if not priced and summary["budget_usd"] is None:
         return None  # no price at all: summary.json says unknown, a line would be noise
-
-    def amount(value: float | None) -> str:
-        return "unknown" if value is None else usd(value)
-
-    text = f"spent {amount(summary['cost_usd'])} this run"
+    text = f"spent {cost_text(summary['cost_usd'])} this run"
     if summary["cost_unknown_requests"]:
         text += f" (+ {plural(summary['cost_unknown_requests'], 'request')} of unknown price)"
-    text += f"; {amount(summary['cost_total_usd'])} for the {summary['ok']} ok tasks"
+    text += f"; {cost_text(summary['cost_total_usd'])} for the {summary['ok']} ok tasks"
     if summary["cost_unknown"]:
         text += f" ({summary['cost_unknown']} of them of unknown price)"
     if summary["budget_usd"] is not None:

@@ -16,9 +16,8 @@ from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
 from batcher.reports.summary import SUMMARY_NAME
-from batcher.run.spend import Cost
+from batcher.run.spend import Cost, cost_text
 from batcher.storage import LOCK_NAME
-from batcher.wording import usd
 
 
 def _sha256(path: Path) -> str | None:
@@ -203,10 +202,9 @@ def run_failures(root: Path, since: float, *, top: int = 5) -> tuple[list[Failur
 
 
 def _spent(row: dict[str, Any]) -> str:
-    amount, unknown = row["cost_usd"], row["cost_unknown"]
-    if amount is None:
-        return "unknown" if unknown else "-"
-    return f"{usd(amount)} + {unknown} unknown" if unknown else usd(amount)
+    if row["cost_usd"] is None and not row["cost_unknown"]:
+        return "-"
+    return cost_text(row["cost_usd"], row["cost_unknown"])
 
 
 def print_status(report: dict[str, Any]) -> None:

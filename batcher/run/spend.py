@@ -148,12 +148,15 @@ class Cost:
 
     def text(self, *, upper: bool = False) -> str:
         """For people: ``$1.23``, ``$1.23 + 4 unknown``, ``unknown``, ``$0.00``."""
-        if self.unknown and not self.known:
-            return "unknown"
-        amount = usd(self.usd)
-        if upper:
-            amount = f"<= {amount}"
-        return f"{amount} + {self.unknown} unknown" if self.unknown else amount
+        return cost_text(self.value, self.unknown, upper=upper)
+
+
+def cost_text(amount: float | None, unknown: int = 0, *, upper: bool = False) -> str:
+    """An amount that may be partly or wholly unknown, for people (``None``: unknown)."""
+    if amount is None:
+        return "unknown"
+    text = f"<= {usd(amount)}" if upper else usd(amount)
+    return f"{text} + {unknown} unknown" if unknown else text
 
 
 # --------------------------------------------------------------------------- the budget
