@@ -122,7 +122,7 @@ def make_plan(
         if not sends:
             continue
         counts.to_run += 1
-        price = prices[task.provider].of(task.model) if task.provider in prices else None
+        price = prices[task.provider].of(task.model, task.kind) if task.provider in prices else None
         counts.cost.add(None if price is None else estimate(task, price))
         counts.upper |= task.kind == "chat"
         plan.to_run_by_provider[task.provider] = plan.to_run_by_provider.get(task.provider, 0) + 1

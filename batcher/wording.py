@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def plural(count: int, noun: str, many: str | None = None) -> str:
     """``count`` and ``noun``, plural unless the count is one: 1 job, 2 jobs, 0 retries."""
@@ -14,7 +16,10 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
 
 
 def usd(amount: float) -> str:
-    """An amount in USD for people: cents, or the digits that matter under a cent."""
-    if amount == 0 or amount >= 0.01:
+    """An amount in USD for people: cents from $1 up, three significant digits below (so
+    $0.018 reads ``$0.0180``, never ``$0.02``); ``$0.00`` for nothing."""
+    if amount == 0 or abs(amount) >= 1:
         return f"${amount:,.2f}"
-    return f"${amount:.6f}".rstrip("0")
+    decimals = max(2 - math.floor(math.log10(abs(amount))), 2)
+    text = f"{amount:.{decimals}f}"
+    return f"${text}" if abs(float(text)) < 1 else f"${amount:,.2f}"

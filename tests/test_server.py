@@ -79,7 +79,11 @@ async def b64_image(
 ) -> bytes:
     status, answer, _ = await post(session, server, IMAGES, body, headers=headers)
     assert status == 200, answer
-    return base64.b64decode(answer["data"][0]["b64_json"], validate=True)
+    b64 = answer["data"][0]["b64_json"]
+    if body.get("model") == EDIT_MODEL:  # Modelverse's documented shape: a data URI
+        assert b64.startswith("data:image/png;base64,") and answer["data"][0]["url"]
+        b64 = b64.partition(",")[2]
+    return base64.b64decode(b64, validate=True)
 
 
 # --- images -------------------------------------------------------------------------------------

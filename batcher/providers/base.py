@@ -27,10 +27,15 @@ class ImageAnswer:
 
 @dataclass(frozen=True, slots=True)
 class ChatAnswer:
-    text: str
+    texts: tuple[str, ...]  # every choice's content, by its index (n > 1 gives several)
     body: Mapping[str, Any]  # the completion object (assembled from chunks when streamed)
     usage: Mapping[str, Any] | None = None
     request_id: str | None = None  # the provider's x-request-id header, where it sent one
+
+    @property
+    def text(self) -> str:
+        """The first choice's content."""
+        return self.texts[0]
 
 
 class Provider(Protocol):

@@ -33,6 +33,9 @@ class ProviderConfig:
     retries: int = 5
     max_wait: float = 120.0
     download_cap: int = 50 * 1024 * 1024
+    # The most bytes one API answer may hold once decoded (gzip inflation counted): a real
+    # answer never comes near it; a larger one fails its task (too_large), read no further.
+    max_response_bytes: int = 64 * 1024 * 1024
     regenerations: int = 1  # generations paid again when their images cannot be downloaded
     max_input_bytes: int = 20 * 1024 * 1024  # largest local input image, before any request
     # The body field a task's seed travels in; None ("none" in a manifest) for an API that
@@ -68,8 +71,8 @@ def builtin_providers() -> dict[str, ProviderConfig]:
 _FIELD_TYPES = {
     "base_url": str, "api_key_env": str, "api_key_file": str, "rate_limit": str,
     "concurrency": int, "timeout": float, "connect_timeout": float, "retries": int,
-    "max_wait": float, "download_cap": int, "regenerations": int, "max_input_bytes": int,
-    "seed_param": str,
+    "max_wait": float, "download_cap": int, "max_response_bytes": int, "regenerations": int,
+    "max_input_bytes": int, "seed_param": str,
 }
 
 _KIND_NAMES = {str: "a string", int: "a whole number", float: "a number"}
@@ -122,7 +125,8 @@ def _checked(key: str, value: Any) -> Any:
             return parse_rate(value)
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
-    if key in {"concurrency", "download_cap", "max_input_bytes"} and value < 1:
+    if key in {"concurrency", "download_cap", "max_input_bytes", "max_response_bytes"} \
+            and value < 1:
         raise ValueError(f"{key}: must be at least 1")
     if key in {"retries", "regenerations"} and value < 0:
         raise ValueError(f"{key}: must be 0 or more")

@@ -7,6 +7,7 @@ client makes to its own base URL; redirects are never followed, so it cannot lea
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -23,6 +24,12 @@ from batcher.run.retry import parse_retry_after
 
 MAX_ERROR_MESSAGE = 500
 MAX_ERROR_BODY = 64 * 1024
+READ_CHUNK = 256 * 1024
+MAX_CHOICES = 128  # a streamed choice index beyond this is a bad answer, not a list to fill
+# An image sent as a data URI (Modelverse's b64_json): the base64 after the comma is the image.
+_DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+# A Modelverse error names its request id in error.param; a field name is not one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{7,199}")
 
 
 class OpenAICompatible:
@@ -45,6 +52,7 @@ class OpenAICompatible:
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeout, sock_connect=config.connect_timeout
         )
+        self._cap = config.max_response_bytes
 
     # ------------------------------------------------------------------ endpoints
 
@@ -60,7 +68,7 @@ class OpenAICompatible:
 
     async def list_models(self) -> list[str]:
         async with self._request("GET", "/models") as response:
-            data = _decode_json(await response.read())
+            data = _decode_json(await read_capped(response, self._cap))
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list):
             raise ResponseError("the model list has no data array", reason="bad_response")
@@ -80,13 +88,18 @@ class OpenAICompatible:
                 timeout=self._timeout, allow_redirects=False,
             ) as response:
                 if response.status >= 300:
-                    error = await _status_error(response)
+                    error = await _status_error(response, sent=body or {})
                     if self._key:  # a provider may echo the key back in its message
                         error.message = error.message.replace(self._key, "[api key]")
                         if self._key in fastjson.dumps(error.body):
                             error.body = None  # results.jsonl then shows the scrubbed message
                     raise error
                 yield response
+        except aiohttp.ConnectionTimeoutError as exc:  # the connection never opened: unsent
+            raise TransportError(
+                f"no connection within {self.config.connect_timeout:g} s", reason="connection",
+                reached=False,
+            ) from exc
         except TimeoutError as exc:
             raise TransportError(
                 f"no answer within {self.config.timeout:g} s", reason="timeout"
@@ -102,41 +115,117 @@ class OpenAICompatible:
     async def _post_json(self, path: str, body: Mapping[str, Any]) -> tuple[Any, str | None]:
         """The decoded answer and its request id."""
         async with self._request("POST", path, body) as response:
-            return _decode_json(await response.read()), request_id_of(response)
+            return _decode_json(await read_capped(response, self._cap)), request_id_of(response)
 
     async def _stream_chat(self, body: Mapping[str, Any]) -> ChatAnswer:
-        parts: list[str] = []
-        last: dict[str, Any] = {}
-        usage = None
-        finished = False
         async with self._request("POST", "/chat/completions", body) as response:
             request_id = request_id_of(response)
+            if not _is_event_stream(response):
+                # Some compatible servers ignore "stream": a whole completion is as good.
+                data = _decode_json(await read_capped(response, self._cap))
+                return replace(parse_chat_answer(data), request_id=request_id)
+            stream = _Stream()
             try:
-                async for raw_line in response.content:
-                    line = raw_line.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
+                async for payload in _events(response, self._cap):
                     if payload == b"[DONE]":
-                        finished = True
+                        stream.finished = True
                         break
-                    last = _stream_chunk(_decode_json(payload))
-                    usage = last.get("usage") or usage
-                    parts.extend(_delta_texts(last))
+                    stream.add(_stream_chunk(_decode_json(payload)))
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 raise TransportError(f"the stream broke off: {exc}", reason="truncated") from exc
-        if not finished:
+        return replace(stream.answer(), request_id=request_id)
+
+
+async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The answer's body, decoded (gzip inflated), refused once it passes ``cap`` bytes: the
+    read stops there, so a huge or highly compressed answer never takes more memory."""
+    length = response.content_length
+    if length is not None and length > cap and not response.headers.get("Content-Encoding"):
+        raise _too_large(cap)
+    body = bytearray()
+    async for block in response.content.iter_chunked(READ_CHUNK):
+        if len(body) + len(block) > cap:
+            raise _too_large(cap)
+        body += block
+    return bytes(body)
+
+
+def _too_large(cap: int) -> ResponseError:
+    return ResponseError(f"the answer is over max_response_bytes ({cap:,} bytes once decoded); "
+                         "it was not read further", reason="too_large")
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Up to ``limit`` bytes of an (error) answer, the rest left unread."""
+    body = bytearray()
+    async for block in response.content.iter_chunked(READ_CHUNK):
+        body += block[: limit - len(body)]
+        if len(body) >= limit:
+            break
+    return bytes(body)
+
+
+def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    """Whether a streamed request got server-sent events (else a whole JSON answer)."""
+    kind = response.content_type.lower()
+    return kind == "text/event-stream" or "json" not in kind
+
+
+async def _events(response: aiohttp.ClientResponse, cap: int) -> AsyncIterator[bytes]:
+    """The ``data:`` payloads of a server-sent event stream, at most ``cap`` bytes in all (a
+    line longer than that included)."""
+    pending = b""
+    read = 0
+    async for block in response.content.iter_chunked(READ_CHUNK):
+        read += len(block)
+        if read > cap:
+            raise _too_large(cap)
+        *lines, pending = (pending + block).split(b"\n")
+        for raw_line in lines:
+            line = raw_line.strip()
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    line = pending.strip()
+    if line.startswith(b"data:"):
+        yield line[5:].strip()
+
+
+class _Stream:
+    """A streamed completion put together from its chunks, each choice by its ``index``."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, list[str]] = {}
+        self.finish: dict[int, Any] = {}
+        self.last: dict[str, Any] = {}
+        self.usage: Any = None
+        self.finished = False
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.last = chunk
+        self.usage = chunk.get("usage") or self.usage
+        for index, text, finish in _delta_texts(chunk):
+            self.parts.setdefault(index, [])
+            if text:
+                self.parts[index].append(text)
+            if finish is not None:
+                self.finish[index] = finish
+
+    def answer(self) -> ChatAnswer:
+        if not self.finished:
             raise TransportError("the stream ended without [DONE]", reason="truncated")
-        text = "".join(parts)
-        if usage is not None and not isinstance(usage, dict):
+        if self.usage is not None and not isinstance(self.usage, dict):
             raise ResponseError("the stream's usage is not an object", reason="bad_response")
+        count = max(self.parts, default=0) + 1
+        texts = tuple("".join(self.parts.get(index, [])) for index in range(count))
         completion = {
-            "id": last.get("id"), "object": "chat.completion", "model": last.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop"}],
-            "usage": usage,
+            "id": self.last.get("id"), "object": "chat.completion",
+            "model": self.last.get("model"),
+            "choices": [{"index": index, "message": {"role": "assistant", "content": text},
+                         "finish_reason": self.finish.get(index, "stop")}
+                        for index, text in enumerate(texts)],
+            "usage": self.usage,
         }
-        return ChatAnswer(text=text, body=_kept(completion), usage=usage, request_id=request_id)
+        return ChatAnswer(texts=texts, body=_kept(completion), usage=self.usage)
 
 
 def request_id_of(response: aiohttp.ClientResponse) -> str | None:
@@ -152,18 +241,23 @@ def _stream_chunk(chunk: Any) -> dict[str, Any]:
     return chunk
 
 
-def _delta_texts(chunk: dict[str, Any]) -> list[str]:
-    """The content pieces of one stream chunk; a chunk of another shape is a bad answer."""
+def _delta_texts(chunk: dict[str, Any]) -> list[tuple[int, str, Any]]:
+    """(choice index, content piece, finish_reason) of one stream chunk; a chunk of another
+    shape is a bad answer."""
     choices = chunk.get("choices")
     if choices is None:
         return []  # the usage chunk has no choices
     if not isinstance(choices, list):
         raise ResponseError("a stream chunk's choices is not a list", reason="bad_response")
     texts = []
-    for choice in choices:
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if delta is None and isinstance(choice, dict):
-            continue  # a choice with only a finish_reason
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            raise ResponseError("a stream chunk's choice is not an object", reason="bad_response")
+        index = _choice_index(choice, position)
+        delta = choice.get("delta")
+        if delta is None:
+            texts.append((index, "", choice.get("finish_reason")))  # only a finish_reason
+            continue
         if not isinstance(delta, dict):
             raise ResponseError("a stream chunk's choice has no delta object",
                                 reason="bad_response")
@@ -171,9 +265,17 @@ def _delta_texts(chunk: dict[str, Any]) -> list[str]:
         if content is not None and not isinstance(content, str):
             raise ResponseError("a stream chunk's delta.content is not a string",
                                 reason="bad_response")
-        if content:
-            texts.append(content)
+        texts.append((index, content or "", choice.get("finish_reason")))
     return texts
+
+
+def _choice_index(choice: dict[str, Any], position: int) -> int:
+    """A choice's ``index`` (its position where it has none)."""
+    index = choice.get("index", position)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_CHOICES:
+        raise ResponseError(f"a choice's index is not a count below {MAX_CHOICES}: "
+                            f"{_show(index)}", reason="bad_response")
+    return index
 
 
 def _show(value: Any) -> str:
@@ -206,10 +308,14 @@ def _decode_json(raw: bytes) -> Any:
         ) from exc
 
 
-async def _status_error(response: aiohttp.ClientResponse) -> HTTPStatusError:
-    """Turn a non-2xx answer into an error carrying the provider's own message and code."""
+async def _status_error(
+    response: aiohttp.ClientResponse, *, sent: Mapping[str, Any]
+) -> HTTPStatusError:
+    """Turn a non-2xx answer into an error carrying the provider's own message and code; its
+    request id is the ``x-request-id`` header, else (Modelverse) ``error.param`` where that
+    names no field of the request ``sent``."""
     try:
-        raw = await response.read()
+        raw = await _read_at_most(response, MAX_ERROR_BODY + 1)
     except aiohttp.ClientError:
         raw = b""
     message, code = _error_fields(raw)
@@ -221,8 +327,17 @@ async def _status_error(response: aiohttp.ClientResponse) -> HTTPStatusError:
     return HTTPStatusError(
         response.status, message[:MAX_ERROR_MESSAGE], code=code,
         retry_after=parse_retry_after(response.headers),
-        request_id=request_id_of(response), body=body,
+        request_id=request_id_of(response) or _param_request_id(body, sent), body=body,
     )
+
+
+def _param_request_id(body: dict[str, Any] | None, sent: Mapping[str, Any]) -> str | None:
+    """``error.param`` when it is a request id: an id-like string, not a field sent."""
+    error = body.get("error") if body is not None else None
+    param = error.get("param") if isinstance(error, dict) else None
+    if not isinstance(param, str) or param in sent or not _REQUEST_ID.fullmatch(param):
+        return None
+    return param if any(char.isdigit() for char in param) else None
 
 
 def _error_body(raw: bytes) -> dict[str, Any] | None:
@@ -292,6 +407,8 @@ def parse_image_answer(data: Any) -> ImageAnswer:
     for item in items:
         b64 = item.get("b64_json") if isinstance(item, dict) else None
         url = item.get("url") if isinstance(item, dict) else None
+        if isinstance(b64, str) and (prefix := _DATA_URI.match(b64)):
+            b64 = b64[prefix.end():]  # Modelverse sends data:image/png;base64,...
         if isinstance(b64, str) and b64:
             images.append(ImageItem(b64=b64))
         elif isinstance(url, str) and url:
@@ -305,12 +422,22 @@ def parse_image_answer(data: Any) -> ImageAnswer:
 
 
 def parse_chat_answer(data: Any) -> ChatAnswer:
-    """Check a chat completion; a missing message content is a retryable error."""
-    try:
-        content = data["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        content = None
-    if not isinstance(content, str):
+    """Check a chat completion: every choice's content, in ``index`` order; a missing message
+    content is a retryable error."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices:
         raise ResponseError("the completion has no choices[0].message.content",
                             reason="bad_response")
-    return ChatAnswer(text=content, body=_kept(data), usage=_usage(data))
+    texts: dict[int, str] = {}
+    for position, choice in enumerate(choices):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, str):
+            raise ResponseError(f"the completion has no choices[{position}].message.content",
+                                reason="bad_response")
+        index = _choice_index(choice, position)
+        if index in texts:
+            raise ResponseError(f"two choices have index {index}", reason="bad_response")
+        texts[index] = content
+    ordered = tuple(texts.get(index, "") for index in range(max(texts) + 1))
+    return ChatAnswer(texts=ordered, body=_kept(data), usage=_usage(data))

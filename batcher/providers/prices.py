@@ -18,6 +18,10 @@ PRICE_FIELDS = {
     "request": "per request",
 }
 ANY_MODEL = "*"
+# The price fields that can price an answer of each kind: a ``"*"`` entry prices a model of a
+# kind only when it names one of them (``"*": {image: 0.003}`` leaves chat models unknown).
+KIND_FIELDS = {"image": frozenset({"image", "request", "input", "output"}),
+               "chat": frozenset({"input", "output", "request"})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +32,12 @@ class Price:
     input: float = 0.0
     output: float = 0.0
     request: float = 0.0
+    # The fields the manifest named (a named 0 is free; a field left out is not priced).
+    named: frozenset[str] = frozenset(PRICE_FIELDS)
+
+    def prices_kind(self, kind: str) -> bool:
+        """Whether this price names a part that an answer of ``kind`` is charged for."""
+        return bool(self.named & KIND_FIELDS.get(kind, frozenset(PRICE_FIELDS)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,13 +46,14 @@ class PriceList:
 
     models: tuple[tuple[str, Price], ...] = ()
 
-    def of(self, model: str) -> Price | None:
-        """The model's price; ``None`` when unknown."""
+    def of(self, model: str, kind: str) -> Price | None:
+        """The price of ``model``, whose answers are of ``kind`` (image or chat); ``None``
+        when unknown. A ``"*"`` entry prices only the kinds it names a part of."""
         fallback = None
         for name, price in self.models:
             if name == model:
                 return price
-            if name == ANY_MODEL:
+            if name == ANY_MODEL and price.prices_kind(kind):
                 fallback = price
         return fallback
 
@@ -63,4 +74,4 @@ def price_from_mapping(data: Mapping[str, Any]) -> Price:
         values[key] = float(value)
     if not values:
         raise ValueError(f"a price needs at least one of {', '.join(PRICE_FIELDS)}")
-    return Price(**values)
+    return Price(**values, named=frozenset(values))

@@ -163,16 +163,28 @@ def read_summary(root: Path) -> dict[str, Any] | None:
 def _summary_totals(
     summary: dict[str, Any], groups: dict[tuple[str, str], Counter[str]]
 ) -> dict[tuple[str, str], int]:
-    """Without a manifest, the last summary gives the totals per job (spread over its models)."""
-    totals: dict[tuple[str, str], int] = {}
+    """Without a manifest, the ledgers give the totals; the last summary adds the tasks it
+    left pending, per job, only while it still agrees with the ledgers: a job whose ledger
+    rows are fewer than the ok and failed tasks the summary counted was pruned since (or
+    dropped), and its old pending tasks no longer exist."""
+    totals: dict[tuple[str, str], int] = {key: counts.total() for key, counts in groups.items()}
     for job, counts in summary.get("jobs", {}).items():
+        if not isinstance(counts, dict):
+            continue
         keys = [key for key in groups if key[0] == job] or [(job, "?")]
         recorded = sum(groups.get(key, Counter()).total() for key in keys)
-        missing = max(int(counts.get("total", 0)) - recorded, 0)
-        for key in keys:
-            totals[key] = groups.get(key, Counter()).total()
-        totals[keys[0]] += missing
+        if recorded < _count(counts, "ok") + _count(counts, "failed"):
+            continue  # pruned since that summary: the ledgers tell the whole story
+        missing = max(_count(counts, "total") - recorded, 0)
+        if not missing:
+            continue
+        totals[keys[0]] = totals.get(keys[0], 0) + missing
     return totals
+
+
+def _count(counts: dict[str, Any], name: str) -> int:
+    value = counts.get(name, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from batcher.reports.progress import Counters
 from batcher.reports.sheet import ContactSheet
 from batcher.run.spend import Cost, Spend
 from batcher.storage import atomic_open
+from batcher.tasks import Task
 
 SUMMARY_NAME = "summary.json"
 RESULTS_NAME = "results.jsonl"
@@ -79,6 +80,20 @@ def summarize(
         "rate_limited": counters.rate_limited, "elapsed_s": round(elapsed, 3),
         "exit_code": None, "jobs": jobs,
     }
+
+
+def ok_costs_by_job(
+    tasks: Iterable[Task], ok_costs: Iterable[tuple[str, str, float | None]], jobs: Iterable[str]
+) -> dict[str, Cost]:
+    """What each job's ok tasks cost when they ran: only the ledger rows (``ok_costs``: id,
+    job, cost) of ``tasks`` (the manifest's, streamed) count, not rows of tasks it no longer
+    has. Holds one entry per ok row, as the run's set of done tasks does."""
+    costs = {task_id: cost for task_id, _job, cost in ok_costs}
+    spent: dict[str, Cost] = {job: Cost() for job in jobs}
+    for task in tasks:
+        if task.id in costs and task.job in spent:
+            spent[task.job].add(costs.pop(task.id))
+    return spent
 
 
 def _costs(run: Cost, total: Cost) -> dict[str, Any]:

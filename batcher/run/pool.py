@@ -46,7 +46,7 @@ from batcher.providers.base import ImageAnswer
 from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.providers.download import Downloader
 from batcher.reports.progress import Counters, Progress
-from batcher.reports.summary import JobTally, summarize
+from batcher.reports.summary import JobTally, ok_costs_by_job, summarize
 from batcher.run.limits import Pacer, Rate
 from batcher.run.retry import Action, Verdict, backoff, classify, stop_reason
 from batcher.run.saving import Saver, task_boundary
@@ -62,7 +62,7 @@ from batcher.storage import FileWriter, Layout, remove_leftovers
 from batcher.store.derive import Deriver
 from batcher.store.output import Output, open_output
 from batcher.store.rederive import refresh_derived, replace_derived
-from batcher.tasks import Task, shard_of
+from batcher.tasks import Task
 from batcher.wording import plural, usd
 
 log = logging.getLogger(__name__)
@@ -231,14 +231,14 @@ class Runner:
         if self.spend.limit is None:
             return
         providers = {job.name: job.provider for job in self.manifest.jobs}
-        unknown = sorted({(providers[job], model)
+        unknown = sorted({(providers[job], "chat" if counts.upper else "image", model)
                           for (job, model), counts in plan.by_model.items() if counts.unknown})
         if not unknown:
             return
-        unpriced = [f"{name}/{model}" for name, model in unknown
-                    if self.configs[name].prices.of(model) is None]
-        by_tokens = [f"{name}/{model}" for name, model in unknown
-                     if self.configs[name].prices.of(model) is not None]
+        unpriced = [f"{name}/{model}" for name, kind, model in unknown
+                    if self.configs[name].prices.of(model, kind) is None]
+        by_tokens = [f"{name}/{model}" for name, kind, model in unknown
+                     if self.configs[name].prices.of(model, kind) is not None]
         why = []
         if unpriced:
             why.append(f"no price for {', '.join(unpriced)} (add them under providers: NAME: "
@@ -252,12 +252,8 @@ class Runner:
     def _spent_by_job(self, plan: Plan) -> dict[str, Cost]:
         """What every ok task of the run's jobs (and shard) cost when it ran, from the ledger."""
         jobs = {job for job, _model in plan.by_model}
-        shard = self.options.selection.shard
-        spent: dict[str, Cost] = {job: Cost() for job in jobs}
-        for task_id, job, cost in self.ledger.ok_costs():
-            if job in spent and (shard is None or shard_of(task_id, shard[1]) == shard[0]):
-                spent[job].add(cost)
-        return spent
+        return ok_costs_by_job(self.options.selection.tasks(self.manifest),
+                               self.ledger.ok_costs(), jobs)
 
     async def _refresh_derived(self, done: set[str]) -> None:
         redone = await refresh_derived(self.manifest, self.options.selection, self.output,
@@ -536,7 +532,7 @@ class Runner:
         async with provider.pacer.slot():
             if self.stopping.is_set() or provider.stopped:
                 return None
-            price = provider.config.prices.of(task.model)
+            price = provider.config.prices.of(task.model, task.kind)
             estimated = None if price is None else estimate(task, price)
             try:
                 reservation = self.spend.start(estimated)

@@ -1,7 +1,8 @@
 """What to do after a request failed: the one place that classifies outcomes.
 
 Retried: 408, 409, 429, 5xx, timeouts, connection errors, unparseable or incomplete answers, and
-failed downloads. Never retried: other 4xx, which are recorded with the provider's message.
+failed downloads. Never retried: other 4xx, which are recorded with the provider's message, and
+an answer over ``max_response_bytes`` (``too_large``: asking again would pay for it again).
 401/403 stop the run. A 429 that says the quota is spent, or a redirect (3xx: base_url is
 wrong, and following it could carry the key elsewhere), stops its provider.
 """
@@ -16,7 +17,13 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import Enum
 
-from batcher.errors import DownloadError, HTTPStatusError, InternalError, ProviderError
+from batcher.errors import (
+    DownloadError,
+    HTTPStatusError,
+    InternalError,
+    ProviderError,
+    ResponseError,
+)
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 AUTH_STATUS = frozenset({401, 403})
@@ -62,6 +69,8 @@ def classify(error: ProviderError) -> Verdict:
     if isinstance(error, DownloadError) and not error.retryable:
         return Verdict(Action.FAIL)
     if isinstance(error, InternalError):  # the same answer would fail the same way
+        return Verdict(Action.FAIL)
+    if isinstance(error, ResponseError) and error.reason == "too_large":
         return Verdict(Action.FAIL)
     return Verdict(Action.RETRY)
 

@@ -1,8 +1,10 @@
 """From a provider's answer to files on disk and a ledger record.
 
 Images: ``b64_json`` is decoded and checked to be an image; a ``url`` is downloaded at once.
-A completion's text goes to a ``.txt`` file. Every finished task gets a ``.json`` sidecar carrying
-its ledger record and request. Every file is atomic (see :mod:`batcher.storage`).
+A completion's text goes to a ``.txt`` file; with ``n`` > 1, each choice to its own
+``<stem>-<k>.txt`` (k from 1), as the images of one answer do. Every finished task gets a
+``.json`` sidecar carrying its ledger record and request. Every file is atomic (see
+:mod:`batcher.storage`).
 """
 
 from __future__ import annotations
@@ -68,14 +70,24 @@ class Saver:
     async def save(self, task: Task, answer: Answer) -> tuple[list[FileRecord], dict[str, Any]]:
         """Write the answer's files; returns them and the response body to keep in the ledger."""
         if isinstance(answer, ChatAnswer):
-            path = self.layout.text_name(task)
-            size, sha = await self.files.write(self.layout.path(path), answer.text.encode())
-            return [FileRecord(path, size, sha)], dict(answer.body)
+            texts: list[FileRecord] = []
+            for index, text in enumerate(answer.texts, start=1):
+                path = self._choice_name(task, index, len(answer.texts))
+                size, sha = await self.files.write(self.layout.path(path), text.encode())
+                texts.append(FileRecord(path, size, sha))
+            return texts, dict(answer.body)
         files: list[FileRecord] = []
         count = len(answer.items)
         for index, item in enumerate(answer.items, start=1):
             files.append(await self._save_image(task, item, index, count))
         return files, dict(answer.body)
+
+    def _choice_name(self, task: Task, index: int, count: int) -> str:
+        """Choice ``index`` of ``count``: ``<stem>.txt`` for a single one (the name outputs
+        of older versions have), else ``<stem>-<index>.txt``."""
+        if count == 1:
+            return self.layout.text_name(task)
+        return f"{self.layout.task_stem(task)}-{index}.txt"
 
     async def _save_image(self, task: Task, item: Any, index: int, count: int) -> FileRecord:
         if item.b64 is not None:

@@ -80,12 +80,14 @@ def answer_cost(
     kind: str, price: Price, *, images: int, usage: Mapping[str, Any] | None
 ) -> float | None:
     """What an answer cost: images by the number returned (and by their ``usage`` where the
-    model is priced by tokens), chat by its ``usage``. ``None`` when a token price applies
-    and the answer did not say how many tokens it used."""
+    model is priced by tokens), chat by its ``usage``. ``None`` (unknown) when a token price
+    applies and the answer did not say, as a whole count, how many tokens of that part it
+    used: a missing part is never taken for 0."""
     cost = price.request + (images * price.image if kind != "chat" else 0.0)
     if not (price.input or price.output):
         return cost
-    tokens = _usage_tokens(usage)
+    tokens = _usage_tokens(usage, input_priced=bool(price.input),
+                           output_priced=bool(price.output))
     if tokens is None:
         return None
     prompt, completion = tokens
@@ -104,15 +106,24 @@ def failed_attempt_cost(error: ProviderError, estimated: float | None) -> float 
     return estimated
 
 
-def _usage_tokens(usage: Mapping[str, Any] | None) -> tuple[int, int] | None:
+def _usage_tokens(
+    usage: Mapping[str, Any] | None, *, input_priced: bool, output_priced: bool
+) -> tuple[int, int] | None:
+    """(input, output) tokens of a ``usage``; ``None`` when a priced part is missing or not
+    a count. A part without a price counts 0 whatever the answer says of it."""
     if not isinstance(usage, Mapping):
         return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    for value in (prompt, completion):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    parts = []
+    for priced, names in ((input_priced, ("prompt_tokens", "input_tokens")),
+                          (output_priced, ("completion_tokens", "output_tokens"))):
+        value = next((usage[name] for name in names if name in usage), None)
+        if not priced:
+            parts.append(0)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return None
-    return prompt, completion
+        else:
+            parts.append(value)
+    return parts[0], parts[1]
 
 
 # --------------------------------------------------------------------------- sums

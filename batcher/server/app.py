@@ -24,9 +24,10 @@ from typing import Any
 from aiohttp import web
 
 from batcher.imagegen import render_png
-from batcher.server.replies import _chat_events, _chat_id, chat_reply, chat_usage
+from batcher.server.replies import _chat_events, _chat_id, chat_choices, chat_usage
 from batcher.server.requests import (
     CHAT_MODELS,
+    EDIT_MODELS,
     IMAGE_MODELS,
     ApiError,
     ChatRequest,
@@ -482,7 +483,24 @@ class LocalServer:
             else:
                 png = await asyncio.to_thread(render_png, *spec, grain=self.options.image_grain)
                 items.append({"b64_json": base64.b64encode(png).decode("ascii")})
+        if request.model in EDIT_MODELS:
+            return self._modelverse_shape(request, items, fault)
         return {"created": int(time.time()), "data": items}
+
+    def _modelverse_shape(
+        self, request: ImageRequest, items: list[dict[str, str]], fault: str | None
+    ) -> dict[str, Any]:
+        """Modelverse's documented answer: ``b64_json`` as a data URI next to a ``url``, and a
+        ``usage`` with empty token details."""
+        shaped: list[dict[str, str]] = []
+        for k, item in enumerate(items):
+            if "b64_json" in item and fault != "bad_b64":
+                spec = (request.key(k), request.width, request.height)
+                item = {"url": f"{self.files_url}/images/{self._token(spec, fault)}.png",
+                        "b64_json": "data:image/png;base64," + item["b64_json"]}
+            shaped.append(item)
+        return {"created": int(time.time()), "data": shaped,
+                "usage": {"input_tokens_details": {}}}
 
     def _token(self, spec: _RenderSpec, fault: str | None) -> str:
         """A files-listener token that serves ``spec``, remembered in a bounded LRU."""
@@ -533,13 +551,14 @@ async def _chat_answer(request: ChatRequest, fault: str | None) -> Answer:
     """The completion JSON, or the whole event stream as bytes when streaming."""
     if request.stream and fault != "empty_data":
         return b"".join(_chat_events(request))
-    content, finish_reason = chat_reply(request)
+    answers = chat_choices(request)
     choices = [
         {
-            "index": 0,
+            "index": k,
             "message": {"role": "assistant", "content": content},
             "finish_reason": finish_reason,
         }
+        for k, (content, finish_reason) in enumerate(answers)
     ]
     return {
         "id": _chat_id(request),
@@ -547,7 +566,7 @@ async def _chat_answer(request: ChatRequest, fault: str | None) -> Answer:
         "created": int(time.time()),
         "model": request.model,
         "choices": [] if fault == "empty_data" else choices,
-        "usage": chat_usage(request, content),
+        "usage": chat_usage(request, *(content for content, _ in answers)),
     }
 
 

@@ -35,9 +35,11 @@ def _draws(seed: bytes) -> Iterator[int]:
         yield from hashlib.sha256(seed + counter.to_bytes(8, "big")).digest()
 
 
-def chat_reply(request: ChatRequest) -> tuple[str, str]:
-    """The completion text and finish_reason: fixed by model, messages and seed."""
-    key = json.dumps([request.model, request.messages, request.seed]).encode("utf-8")
+def chat_reply(request: ChatRequest, choice: int = 0) -> tuple[str, str]:
+    """The completion text and finish_reason of choice ``choice``: fixed by model, messages,
+    seed and the choice's index."""
+    parts: list[Any] = [request.model, request.messages, request.seed]
+    key = json.dumps(parts + [choice] if choice else parts).encode("utf-8")
     draws = _draws(hashlib.sha256(key).digest())
 
     def pick(words: tuple[str, ...]) -> str:
@@ -60,10 +62,10 @@ def chat_reply(request: ChatRequest) -> tuple[str, str]:
     return text, "stop"
 
 
-def chat_usage(request: ChatRequest, content: str) -> dict[str, int]:
-    """Token counts, counted as whitespace-separated words."""
+def chat_usage(request: ChatRequest, *contents: str) -> dict[str, int]:
+    """Token counts, counted as whitespace-separated words, over every choice."""
     prompt = sum(len(text.split()) for _, text in request.messages)
-    completion = len(content.split())
+    completion = sum(len(content.split()) for content in contents)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -76,11 +78,23 @@ def _chat_id(request: ChatRequest) -> str:
     return "chatcmpl-" + hashlib.sha256(key).hexdigest()[:24]
 
 
-def _chat_events(request: ChatRequest) -> Iterator[bytes]:
-    """Server-sent events: a role chunk, content pieces, a final chunk with usage, [DONE]."""
-    content, finish_reason = chat_reply(request)
+def chat_choices(request: ChatRequest) -> list[tuple[str, str]]:
+    """(content, finish_reason) of each of the request's ``n`` choices."""
+    return [chat_reply(request, k) for k in range(request.n)]
+
+
+def _pieces(content: str) -> list[str]:
     words = content.split(" ")
-    pieces = [" ".join(words[i : i + 3]) for i in range(0, len(words), 3)]
+    return [("" if i == 0 else " ") + " ".join(words[i : i + 3])
+            for i in range(0, len(words), 3)]
+
+
+def _chat_events(request: ChatRequest) -> Iterator[bytes]:
+    """Server-sent events: a role chunk per choice, the choices' content pieces interleaved
+    (each chunk names its choice's ``index``), a finish chunk per choice, the last one with
+    usage, [DONE]."""
+    choices = chat_choices(request)
+    pieces = [_pieces(content) for content, _ in choices]
     base = {
         "id": _chat_id(request),
         "object": "chat.completion.chunk",
@@ -88,12 +102,18 @@ def _chat_events(request: ChatRequest) -> Iterator[bytes]:
         "model": request.model,
     }
 
-    def event(delta: dict[str, str], finish: str | None, **extra: Any) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    def event(k: int, delta: dict[str, str], finish: str | None, **extra: Any) -> bytes:
+        choice = {"index": k, "delta": delta, "finish_reason": finish}
         return f"data: {json.dumps({**base, 'choices': [choice], **extra})}\n\n".encode()
 
-    yield event({"role": "assistant", "content": ""}, None)
-    for i, piece in enumerate(pieces):
-        yield event({"content": piece if i == 0 else " " + piece}, None)
-    yield event({}, finish_reason, usage=chat_usage(request, content))
+    for k in range(request.n):
+        yield event(k, {"role": "assistant", "content": ""}, None)
+    for i in range(max(len(p) for p in pieces)):
+        for k, own in enumerate(pieces):
+            if i < len(own):
+                yield event(k, {"content": own[i]}, None)
+    usage = chat_usage(request, *(content for content, _ in choices))
+    for k, (_, finish_reason) in enumerate(choices):
+        last = k == request.n - 1
+        yield event(k, {}, finish_reason, **({"usage": usage} if last else {}))
     yield b"data: [DONE]\n\n"

@@ -99,6 +99,7 @@ class ChatRequest:
     max_tokens: int | None
     seed: int | None
     stream: bool
+    n: int = 1  # choices to answer with
 
 
 def canonical_hash(raw: bytes) -> str:
@@ -261,4 +262,5 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _invalid("'stream' must be a boolean.", "stream")
-    return ChatRequest(model, tuple(parsed), max_tokens, seed, stream)
+    n = _int_in(body, "n", 1, 8, 1)
+    return ChatRequest(model, tuple(parsed), max_tokens, seed, stream, n)
