@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import json
 import socket
 import subprocess
@@ -243,8 +244,8 @@ async def test_answers_without_a_completion_count_are_held_at_their_estimate_by_
     scripted.default = json_reply(answer)
     prompts = json.dumps([f"question {i}" for i in range(20)])
     # $100 per 1M output tokens x max_tokens 1000: $0.10 estimated per request.
-    path = scripted_manifest(tmp_path, scripted, CHAT_JOB.format(prompts=prompts), top="budget: 0.5\n",
-                             extra="    prices:\n      m: {output: 100}\n")
+    path = scripted_manifest(tmp_path, scripted, CHAT_JOB.format(prompts=prompts),
+                             top="budget: 0.5\n", extra="    prices:\n      m: {output: 100}\n")
 
     outcome = await run_manifest(path)
 
@@ -272,10 +273,8 @@ def silent_port() -> Iterator[int]:
     for _ in range(3):
         filler = socket.socket()
         filler.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):  # a non-blocking connect under way
             filler.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
         fillers.append(filler)
     yield port
     for sock in [*fillers, listener]:

@@ -341,7 +341,7 @@ def test_the_offline_demo_runs_and_writes_a_contact_sheet(tmp_path: Path) -> Non
     assert summary["total"] == summary["ok"] == 15 and summary["failed"] == 0
     # The demo's made-up prices: 13 images at $0.003, and the captions by their usage.
     assert 13 * 0.003 < summary["cost_usd"] < 13 * 0.003 + 0.001
-    assert "spent $0.04 this run" in done.stderr
+    assert "spent $0.0390 this run" in done.stderr
     page = (out / "index.html").read_text(encoding="utf-8")
     files = ledger_files(out)
     images = [f for f, _, _ in files if f.endswith(".png")]

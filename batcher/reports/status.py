@@ -167,18 +167,20 @@ def _summary_totals(
     left pending, per job, only while it still agrees with the ledgers: a job whose ledger
     rows are fewer than the ok and failed tasks the summary counted was pruned since (or
     dropped), and its old pending tasks no longer exist."""
-    totals: dict[tuple[str, str], int] = {key: counts.total() for key, counts in groups.items()}
-    for job, counts in summary.get("jobs", {}).items():
-        if not isinstance(counts, dict):
-            continue
-        keys = [key for key in groups if key[0] == job] or [(job, "?")]
-        recorded = sum(groups.get(key, Counter()).total() for key in keys)
-        if recorded < _count(counts, "ok") + _count(counts, "failed"):
+    totals: dict[tuple[str, str], int] = {}
+    jobs = summary.get("jobs")
+    for job, counts in (jobs.items() if isinstance(jobs, dict) else ()):
+        keys = [key for key in groups if key[0] == job]
+        recorded = sum(groups[key].total() for key in keys)
+        totals.update((key, groups[key].total()) for key in keys)
+        if not isinstance(counts, dict) or \
+                recorded < _count(counts, "ok") + _count(counts, "failed"):
             continue  # pruned since that summary: the ledgers tell the whole story
         missing = max(_count(counts, "total") - recorded, 0)
-        if not missing:
-            continue
-        totals[keys[0]] = totals.get(keys[0], 0) + missing
+        if missing:
+            first = keys[0] if keys else (job, "?")
+            totals[first] = totals.get(first, 0) + missing
+    totals.update((key, counts.total()) for key, counts in groups.items() if key not in totals)
     return totals
 
 

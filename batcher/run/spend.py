@@ -155,7 +155,7 @@ class Cost:
         known), never a 0 standing for unknown."""
         if self.unknown and not self.known:
             return None
-        return round(self.usd, 6)
+        return round(self.usd, 9)  # below the digits any amount shows
 
     def text(self, *, upper: bool = False) -> str:
         """For people: ``$1.23``, ``$1.23 + 4 unknown``, ``unknown``, ``$0.00``."""
