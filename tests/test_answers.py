@@ -22,12 +22,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import REPO, ledger_rows, provider_block, run_cli, write_manifest
+from s3server import S3Server, s3, store_env
 from scripted import GOOD_PNG, Reply, ScriptedServer, json_reply
 
 from batcher.errors import UsageError
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
 from batcher.run.pool import Outcome, RunOptions, run
+
+__all__ = ["s3"]  # a fixture, used by name
 
 IMAGES = "/images/generations"
 CHAT = "/chat/completions"
@@ -389,6 +392,27 @@ def test_totals_count_only_the_manifests_rows_in_three_significant_digits(
     assert summary["jobs"]["shots"]["cost_total_usd"] == pytest.approx(0.018)
     assert "$0.0180 for the 3 ok tasks" in second.stderr
     assert len(server.stats.matching(IMAGES)) == 6  # nothing paid again
+
+
+def test_an_unsharded_run_over_shard_ledgers_reports_what_their_tasks_cost(
+    tmp_path: Path, thread_server: Any, s3: S3Server
+) -> None:
+    server = thread_server()
+    path = write_manifest(tmp_path, f"name: totals\noutput: s3://{s3.bucket()}/t\n"
+                          + provider_block(server, extra="prices:\n  flux.1-schnell: "
+                                           "{image: 0.006}\n")
+                          + shots([f"shot {i}" for i in range(6)]))
+    for shard in ("1/2", "2/2"):
+        done = run_cli("run", str(path), "--no-progress", "--shard", shard,
+                       env=store_env(s3.url, str(tmp_path / f"cache{shard[0]}")))
+        assert done.returncode == 0, done.stderr
+
+    whole = run_cli("run", str(path), "--no-progress",
+                    env=store_env(s3.url, str(tmp_path / "cache-whole")))
+
+    assert whole.returncode == 0, whole.stderr
+    assert len(server.stats.matching(IMAGES)) == 6  # the shards' tasks are done for it
+    assert "$0.0360 for the 6 ok tasks" in whole.stderr  # known, not $0.00
 
 
 def test_status_of_an_output_after_a_prune_takes_its_totals_from_the_ledger(

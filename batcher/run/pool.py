@@ -253,7 +253,7 @@ class Runner:
         """What every ok task of the run's jobs (and shard) cost when it ran, from the ledger."""
         jobs = {job for job, _model in plan.by_model}
         return ok_costs_by_job(self.options.selection.tasks(self.manifest),
-                               self.ledger.ok_costs(), jobs)
+                               self.output.ok_costs(), jobs)
 
     async def _refresh_derived(self, done: set[str]) -> None:
         redone = await refresh_derived(self.manifest, self.options.selection, self.output,

@@ -4,7 +4,7 @@ recording it."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ class FolderOutput:
 
     async def statuses(self, manifest: Manifest, selection: Selection) -> tuple[set[str], set[str]]:
         return self.ledger.statuses(self.root)
+
+    def ok_costs(self) -> Iterable[tuple[str, str, float | None]]:
+        return self.ledger.ok_costs()
 
     async def keep(
         self, record: Record, sidecar: str | None, kept: Callable[[Record], None],

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,7 @@ class StoreOutput:
         self._had_listings = False
         self._adopted = 0
         self._listing: dict[str, int] = {}  # the store's files and sizes when the run began
+        self._earlier_costs: dict[str, tuple[str, float | None]] = {}  # other ledgers' ok rows
         self._kept = 0  # tasks uploaded by this run (ran, or derived files made again)
         self.failure: BaseException | None = None  # the store went down, or the lock was lost
         self._on_failure: Callable[[BaseException], None] | None = None
@@ -143,6 +144,9 @@ class StoreOutput:
             self.store, self.root / "others", others), self.root)
         try:
             done, failed = view.statuses(lambda path, size: listing.get(path) == size)
+            if view is not self.ledger:  # the costs of tasks the other ledgers did
+                self._earlier_costs = {task_id: (job, cost)
+                                       for task_id, job, cost in view.ok_costs()}
         finally:
             if view is not self.ledger:
                 view.close()
@@ -151,6 +155,11 @@ class StoreOutput:
             log.info("adopted %d finished tasks from their sidecars in %s", adopted,
                      self.store.url)
         return done, failed
+
+    def ok_costs(self) -> Iterator[tuple[str, str, float | None]]:
+        costs = dict(self._earlier_costs)
+        costs.update((task_id, (job, cost)) for task_id, job, cost in self.ledger.ok_costs())
+        return ((task_id, job, cost) for task_id, (job, cost) in costs.items())
 
     async def _adopt(self, manifest: Manifest, selection: Selection, listing: dict[str, int],
                      done: set[str], failed: set[str]) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +27,10 @@ class Output(Protocol):
 
     async def statuses(self, manifest: Manifest, selection: Selection) -> tuple[set[str], set[str]]:
         """The ids done (ok, files present) and failed before this run."""
+
+    def ok_costs(self) -> Iterable[tuple[str, str, float | None]]:
+        """(id, job, cost) of every ok task in every ledger of the output (a store's shards
+        too), this run's rows last; read after :meth:`statuses`."""
 
     async def keep(
         self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
