@@ -519,7 +519,7 @@ class Runner:
         provider.unreachable += 1
         if provider.unreachable >= provider.config.concurrency:
             self._stop_provider(provider, f"the endpoint {provider.client.base_url} is "
-                                          "unreachable (every connection refused)")
+                                          "unreachable (every connection refused or timed out)")
         return True
 
     async def _attempt(
