@@ -460,9 +460,10 @@ class BombServer:
 
     def __init__(self) -> None:
         self.requests = 0
+        self.downloads = 0
         self.size = 0
         self.reply: Callable[[], web.Response] | None = None
-        self._bombs: dict[int, bytes] = {}
+        self._bombs: dict[tuple[int, bytes], bytes] = {}
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -490,6 +491,7 @@ class BombServer:
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/{tail:.*}", self._answer)
+        app.router.add_get("/files/bomb.png", self._picture_bomb)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -504,13 +506,19 @@ class BombServer:
         return web.Response(body=self.bomb(self.size), content_type="application/json",
                             headers={"Content-Encoding": "gzip"})
 
-    def bomb(self, size: int) -> bytes:
-        if size not in self._bombs:
+    async def _picture_bomb(self, request: web.Request) -> web.Response:
+        """A "PNG" (its signature, then zeros) that inflates to ``size`` bytes."""
+        self.downloads += 1
+        return web.Response(body=self.bomb(self.size, GOOD_PNG[:64]), content_type="image/png",
+                            headers={"Content-Encoding": "gzip"})
+
+    def bomb(self, size: int, head: bytes = b"") -> bytes:
+        if (size, head) not in self._bombs:
             packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip wrapper
             block = b"\0" * (1 << 20)
-            parts = [packer.compress(block) for _ in range(size >> 20)]
-            self._bombs[size] = b"".join(parts) + packer.flush()
-        return self._bombs[size]
+            parts = [packer.compress(head)] + [packer.compress(block) for _ in range(size >> 20)]
+            self._bombs[(size, head)] = b"".join(parts) + packer.flush()
+        return self._bombs[(size, head)]
 
 
 @pytest.fixture
@@ -634,3 +642,33 @@ jobs:
     assert rows["first"]["status"] == "ok"
     assert rows["second"]["status"] == "failed" and rows["second"]["reason"] == "too_large"
     assert bomb_server.requests == 2 and outcome.exit_code == 1
+
+
+async def test_an_image_download_that_inflates_past_its_cap_fails_and_is_not_paid_again(
+    tmp_path: Path, bomb_server: BombServer
+) -> None:
+    bomb_server.size = 64 << 20
+    bomb_server.reply = lambda: web.json_response(
+        {"data": [{"url": bomb_server.url.removesuffix("/v1") + "/files/bomb.png"}]})
+    path = write_manifest(tmp_path, f"""\
+name: downloads
+output: out
+providers:
+  test:
+    base_url: {bomb_server.url}
+    concurrency: 1
+    download_cap: 1000000
+jobs:
+  - name: shots
+    type: image
+    provider: test
+    model: m
+    prompt: a lighthouse
+""")
+
+    outcome = await run_manifest(path)
+
+    (row,) = ledger_rows(tmp_path / "out")
+    assert row["status"] == "failed" and row["reason"] == "download_too_large"
+    assert bomb_server.requests == 1 and bomb_server.downloads == 1  # over the cap: final
+    assert outcome.exit_code == 1
