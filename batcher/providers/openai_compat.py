@@ -1,7 +1,9 @@
 """The OpenAI-compatible client: images/generations, chat/completions and models over aiohttp.
 
 This is the single place where aiohttp and JSON failures become batcher's
-:class:`~batcher.errors.ProviderError` family. The API key travels only in the requests this
+:class:`~batcher.errors.ProviderError` family; every answer is read with the provider's
+``max_response_bytes`` cap (decoded bytes), and :mod:`batcher.providers.answers` checks what
+it holds. The API key travels only in the requests this
 client makes to its own base URL; redirects are never followed, so it cannot leak elsewhere.
 """
 
@@ -18,16 +20,20 @@ import yarl
 
 from batcher import fastjson
 from batcher.errors import HTTPStatusError, ResponseError, TransportError
-from batcher.providers.base import ChatAnswer, ImageAnswer, ImageItem
+from batcher.providers.answers import (
+    Stream,
+    decode_json,
+    parse_chat_answer,
+    parse_image_answer,
+    stream_chunk,
+)
+from batcher.providers.base import ChatAnswer, ImageAnswer
 from batcher.providers.config import ProviderConfig
 from batcher.run.retry import parse_retry_after
 
 MAX_ERROR_MESSAGE = 500
 MAX_ERROR_BODY = 64 * 1024
 READ_CHUNK = 256 * 1024
-MAX_CHOICES = 128  # a streamed choice index beyond this is a bad answer, not a list to fill
-# An image sent as a data URI (Modelverse's b64_json): the base64 after the comma is the image.
-_DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
 # A Modelverse error names its request id in error.param; a field name is not one.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{7,199}")
 
@@ -68,7 +74,7 @@ class OpenAICompatible:
 
     async def list_models(self) -> list[str]:
         async with self._request("GET", "/models") as response:
-            data = _decode_json(await read_capped(response, self._cap))
+            data = decode_json(await read_capped(response, self._cap))
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list):
             raise ResponseError("the model list has no data array", reason="bad_response")
@@ -115,22 +121,22 @@ class OpenAICompatible:
     async def _post_json(self, path: str, body: Mapping[str, Any]) -> tuple[Any, str | None]:
         """The decoded answer and its request id."""
         async with self._request("POST", path, body) as response:
-            return _decode_json(await read_capped(response, self._cap)), request_id_of(response)
+            return decode_json(await read_capped(response, self._cap)), request_id_of(response)
 
     async def _stream_chat(self, body: Mapping[str, Any]) -> ChatAnswer:
         async with self._request("POST", "/chat/completions", body) as response:
             request_id = request_id_of(response)
             if not _is_event_stream(response):
                 # Some compatible servers ignore "stream": a whole completion is as good.
-                data = _decode_json(await read_capped(response, self._cap))
+                data = decode_json(await read_capped(response, self._cap))
                 return replace(parse_chat_answer(data), request_id=request_id)
-            stream = _Stream()
+            stream = Stream()
             try:
                 async for payload in _events(response, self._cap):
                     if payload == b"[DONE]":
                         stream.finished = True
                         break
-                    stream.add(_stream_chunk(_decode_json(payload)))
+                    stream.add(stream_chunk(decode_json(payload)))
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 raise TransportError(f"the stream broke off: {exc}", reason="truncated") from exc
         return replace(stream.answer(), request_id=request_id)
@@ -174,138 +180,33 @@ def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
 async def _events(response: aiohttp.ClientResponse, cap: int) -> AsyncIterator[bytes]:
     """The ``data:`` payloads of a server-sent event stream, at most ``cap`` bytes in all (a
     line longer than that included)."""
-    pending = b""
+    pending = bytearray()
     read = 0
     async for block in response.content.iter_chunked(READ_CHUNK):
         read += len(block)
         if read > cap:
             raise _too_large(cap)
-        *lines, pending = (pending + block).split(b"\n")
-        for raw_line in lines:
-            line = raw_line.strip()
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
-    line = pending.strip()
-    if line.startswith(b"data:"):
-        yield line[5:].strip()
+        pending += block
+        if b"\n" not in block:
+            continue  # a long line grows in place until its end comes
+        *lines, rest = bytes(pending).split(b"\n")
+        pending = bytearray(rest)
+        for line in lines:
+            if (payload := _data(line)) is not None:
+                yield payload
+    if (payload := _data(bytes(pending))) is not None:
+        yield payload
 
 
-class _Stream:
-    """A streamed completion put together from its chunks, each choice by its ``index``."""
-
-    def __init__(self) -> None:
-        self.parts: dict[int, list[str]] = {}
-        self.finish: dict[int, Any] = {}
-        self.last: dict[str, Any] = {}
-        self.usage: Any = None
-        self.finished = False
-
-    def add(self, chunk: dict[str, Any]) -> None:
-        self.last = chunk
-        self.usage = chunk.get("usage") or self.usage
-        for index, text, finish in _delta_texts(chunk):
-            self.parts.setdefault(index, [])
-            if text:
-                self.parts[index].append(text)
-            if finish is not None:
-                self.finish[index] = finish
-
-    def answer(self) -> ChatAnswer:
-        if not self.finished:
-            raise TransportError("the stream ended without [DONE]", reason="truncated")
-        if self.usage is not None and not isinstance(self.usage, dict):
-            raise ResponseError("the stream's usage is not an object", reason="bad_response")
-        count = max(self.parts, default=0) + 1
-        texts = tuple("".join(self.parts.get(index, [])) for index in range(count))
-        completion = {
-            "id": self.last.get("id"), "object": "chat.completion",
-            "model": self.last.get("model"),
-            "choices": [{"index": index, "message": {"role": "assistant", "content": text},
-                         "finish_reason": self.finish.get(index, "stop")}
-                        for index, text in enumerate(texts)],
-            "usage": self.usage,
-        }
-        return ChatAnswer(texts=texts, body=_kept(completion), usage=self.usage)
+def _data(raw_line: bytes) -> bytes | None:
+    line = raw_line.strip()
+    return line[5:].strip() if line.startswith(b"data:") else None
 
 
 def request_id_of(response: aiohttp.ClientResponse) -> str | None:
     """The provider's ``x-request-id`` header (OpenAI's name for it), cut to a sane length."""
     value = response.headers.get("x-request-id", "").strip()
     return value[:200] or None
-
-
-def _stream_chunk(chunk: Any) -> dict[str, Any]:
-    if not isinstance(chunk, dict):
-        raise ResponseError(f"a stream chunk is not an object: {_show(chunk)}",
-                            reason="bad_response")
-    return chunk
-
-
-def _delta_texts(chunk: dict[str, Any]) -> list[tuple[int, str, Any]]:
-    """(choice index, content piece, finish_reason) of one stream chunk; a chunk of another
-    shape is a bad answer."""
-    choices = chunk.get("choices")
-    if choices is None:
-        return []  # the usage chunk has no choices
-    if not isinstance(choices, list):
-        raise ResponseError("a stream chunk's choices is not a list", reason="bad_response")
-    texts = []
-    for position, choice in enumerate(choices):
-        if not isinstance(choice, dict):
-            raise ResponseError("a stream chunk's choice is not an object", reason="bad_response")
-        index = _choice_index(choice, position)
-        delta = choice.get("delta")
-        if delta is None:
-            texts.append((index, "", choice.get("finish_reason")))  # only a finish_reason
-            continue
-        if not isinstance(delta, dict):
-            raise ResponseError("a stream chunk's choice has no delta object",
-                                reason="bad_response")
-        content = delta.get("content")
-        if content is not None and not isinstance(content, str):
-            raise ResponseError("a stream chunk's delta.content is not a string",
-                                reason="bad_response")
-        texts.append((index, content or "", choice.get("finish_reason")))
-    return texts
-
-
-def _choice_index(choice: dict[str, Any], position: int) -> int:
-    """A choice's ``index`` (its position where it has none)."""
-    index = choice.get("index", position)
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_CHOICES:
-        raise ResponseError(f"a choice's index is not a count below {MAX_CHOICES}: "
-                            f"{_show(index)}", reason="bad_response")
-    return index
-
-
-def _show(value: Any) -> str:
-    return repr(value)[:80]
-
-
-def _kept(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` if it is plain JSON that the ledger and results.jsonl can hold as sent."""
-    found = fastjson.unsendable(body)
-    if found is not None:
-        where, why = found
-        raise ResponseError(f"the answer's {where or 'body'} {why}", reason="bad_response")
-    return body
-
-
-def _usage(data: dict[str, Any]) -> dict[str, Any] | None:
-    usage = data.get("usage")
-    if usage is not None and not isinstance(usage, dict):
-        raise ResponseError(f"the answer's usage is not an object: {_show(usage)}",
-                            reason="bad_response")
-    return usage
-
-
-def _decode_json(raw: bytes) -> Any:
-    try:
-        return fastjson.loads(raw)
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise ResponseError(
-            f"the answer is not JSON: {raw[:80]!r}", reason="bad_json"
-        ) from exc
 
 
 async def _status_error(
@@ -394,50 +295,4 @@ def _error_fields(raw: bytes) -> tuple[str, str | None]:
     return "", None
 
 
-def parse_image_answer(data: Any) -> ImageAnswer:
-    """Check an images/generations answer; a missing or empty ``data`` is a retryable error."""
-    if not isinstance(data, dict):
-        raise ResponseError(f"the answer is not a JSON object: {_show(data)}",
-                            reason="bad_response")
-    items = data.get("data")
-    if not isinstance(items, list) or not items:
-        raise ResponseError("the answer holds no images (empty or missing data)",
-                            reason="empty_data")
-    images = []
-    for item in items:
-        b64 = item.get("b64_json") if isinstance(item, dict) else None
-        url = item.get("url") if isinstance(item, dict) else None
-        if isinstance(b64, str) and (prefix := _DATA_URI.match(b64)):
-            b64 = b64[prefix.end():]  # Modelverse sends data:image/png;base64,...
-        if isinstance(b64, str) and b64:
-            images.append(ImageItem(b64=b64))
-        elif isinstance(url, str) and url:
-            images.append(ImageItem(url=url))
-        else:
-            raise ResponseError("an image item has neither b64_json nor url", reason="bad_item")
-    # The body kept for results.jsonl: every item's fields but the image bytes themselves.
-    stripped = {**data, "data": [{k: v for k, v in item.items() if k != "b64_json"}
-                                 for item in items]}
-    return ImageAnswer(tuple(images), _kept(stripped), _usage(data))
-
-
-def parse_chat_answer(data: Any) -> ChatAnswer:
-    """Check a chat completion: every choice's content, in ``index`` order; a missing message
-    content is a retryable error."""
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not isinstance(choices, list) or not choices:
-        raise ResponseError("the completion has no choices[0].message.content",
-                            reason="bad_response")
-    texts: dict[int, str] = {}
-    for position, choice in enumerate(choices):
-        message = choice.get("message") if isinstance(choice, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, str):
-            raise ResponseError(f"the completion has no choices[{position}].message.content",
-                                reason="bad_response")
-        index = _choice_index(choice, position)
-        if index in texts:
-            raise ResponseError(f"two choices have index {index}", reason="bad_response")
-        texts[index] = content
-    ordered = tuple(texts.get(index, "") for index in range(max(texts) + 1))
-    return ChatAnswer(texts=ordered, body=_kept(data), usage=_usage(data))
+__all__ = ["OpenAICompatible", "parse_chat_answer", "parse_image_answer", "read_capped"]
