@@ -250,7 +250,8 @@ class Runner:
                          f"model it runs; {'; '.join(why)}")
 
     def _spent_by_job(self, plan: Plan) -> dict[str, Cost]:
-        """What every ok task of the run's jobs (and shard) cost when it ran, from the ledger."""
+        """What every ok task of the run's jobs (and shard) cost when it ran: the manifest's
+        tasks only, from every ledger of the output (one more walk of the expansion)."""
         jobs = {job for job, _model in plan.by_model}
         return ok_costs_by_job(self.options.selection.tasks(self.manifest),
                                self.output.ok_costs(), jobs)
