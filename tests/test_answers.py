@@ -353,7 +353,7 @@ async def test_a_star_image_price_leaves_chat_models_unknown(
     assert jobs["talk"]["cost_usd"] is None and jobs["talk"]["cost_unknown_requests"] == 1
 
 
-def test_a_star_image_price_makes_validate_and_the_cli_name_the_chat_model(
+def test_a_star_image_price_makes_run_exit_2_naming_the_chat_model(
     tmp_path: Path, thread_server: Any
 ) -> None:
     server = thread_server()
