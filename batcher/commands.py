@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 def validate(path: Path, provider: str | None) -> int:
     manifest = load_manifest(path, provider=provider)
+    from batcher.publish.command import picks_warnings
+
+    for warning in picks_warnings(manifest):  # stale picks: a warning, never an error
+        print(f"warning: {warning}", file=sys.stderr)
     jobs = ", ".join(job.name for job in manifest.jobs)
     print(f"{path}: ok ({plural(len(manifest.jobs), 'job')}: {jobs})")
     return 0
@@ -50,7 +54,7 @@ def validate(path: Path, provider: str | None) -> int:
 
 async def run(path: Path, provider: str | None, options: RunOptions, *,
               prune_first: bool = False) -> int:
-    manifest = load_manifest(path, provider=provider)
+    manifest = await _with_kept_seeds(load_manifest(path, provider=provider), options.output)
     if prune_first:  # a missing key or an unknown --only job stops before anything is removed
         configs = effective_configs(manifest, options,
                                     used_providers(manifest, options.selection.only))
@@ -77,6 +81,13 @@ async def run(path: Path, provider: str | None, options: RunOptions, *,
     if outcome.counters.failed:
         _print_failures(outcome.root, started, outcome.output)
     return outcome.exit_code
+
+
+async def _with_kept_seeds(manifest: Manifest, output: str | Path | None) -> Manifest:
+    """The manifest with the seeds ``keep: N`` adds where rejects left too few variants."""
+    from batcher.publish.keep import manifest_for_run
+
+    return await manifest_for_run(manifest, output_dir(manifest, output))
 
 
 def _spend_line(summary: dict[str, Any], priced: bool) -> str | None:
@@ -130,7 +141,8 @@ async def _done_and_failed_in_store(url: StoreURL) -> tuple[set[str], set[str]]:
 
 def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool,
          prune_first: bool = False) -> int:
-    manifest = load_manifest(path, provider=provider)
+    manifest = asyncio.run(_with_kept_seeds(load_manifest(path, provider=provider),
+                                            options.output))
     if prune_first:  # run --dry-run --prune: what the prune would remove, then the plan
         asyncio.run(_prune(manifest, options.output, dry_run=True, required=False))
     root = output_dir(manifest, options.output)
@@ -274,7 +286,7 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> str:
 def status(target: str, output: str | None, *, as_json: bool, verify: bool) -> int:
     manifest = None
     if Path(target).is_file():
-        manifest = load_manifest(Path(target))
+        manifest = asyncio.run(_with_kept_seeds(load_manifest(Path(target)), output))
         root = output_dir(manifest, output)
     else:
         root = output_target(output or target)
@@ -319,7 +331,7 @@ def merge(inputs: list[Path], output: Path) -> int:
 
 
 def prune(path: Path, provider: str | None, output: str | None, *, dry_run: bool) -> int:
-    manifest = load_manifest(path, provider=provider)
+    manifest = asyncio.run(_with_kept_seeds(load_manifest(path, provider=provider), output))
     asyncio.run(_prune(manifest, output, dry_run=dry_run))
     return 0
 
