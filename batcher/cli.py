@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--verify", action="store_true",
                         help="re-hash every file against the sha256 in the ledger")
+    status.add_argument("--markdown", action="store_true",
+                        help="print a GitHub-flavoured summary (for $GITHUB_STEP_SUMMARY): "
+                             "counts, spend, failures, and with a manifest its assets without "
+                             "an ok variant and those not picked yet")
 
     models = _command(sub, "models", "list a provider's models")
     models.add_argument("provider", help="a built-in provider (vultr, modelverse, openai, "
@@ -343,7 +347,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         return commands.validate(args.manifest, args.provider)
     if args.command == "status":
-        return commands.status(args.target, args.output, as_json=args.json, verify=args.verify)
+        return commands.status(args.target, args.output, as_json=args.json, verify=args.verify,
+                               markdown=args.markdown)
     if args.command == "models":
         return asyncio.run(commands.models(args.provider, args.manifest))
     if args.command == "serve":

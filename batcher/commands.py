@@ -283,7 +283,8 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> str:
     return f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})"
 
 
-def status(target: str, output: str | None, *, as_json: bool, verify: bool) -> int:
+def status(target: str, output: str | None, *, as_json: bool, verify: bool,
+           markdown: bool = False) -> int:
     manifest = None
     if Path(target).is_file():
         manifest = asyncio.run(_with_kept_seeds(load_manifest(Path(target)), output))
@@ -299,7 +300,13 @@ def status(target: str, output: str | None, *, as_json: bool, verify: bool) -> i
             report = ledger_status(ledger, str(root), manifest,
                                    verify=verify_folder(root) if verify else None,
                                    summary=read_summary(root), running=run_in_progress(root))
-    if as_json:
+    if markdown:  # for $GITHUB_STEP_SUMMARY
+        from batcher.publish.command import asset_summary
+        from batcher.reports.markdown import render_markdown
+
+        assets = asset_summary(manifest, root) if manifest is not None else None
+        print(render_markdown(report, assets), end="")
+    elif as_json:
         print(json.dumps(report, indent=2))
     else:
         print_status(report)

@@ -15,7 +15,8 @@ CATALOGUE = "sku,item\nA1,a red apple\nA2,a green pear\nB7,a blue plum\n"
 
 
 def catalogue_manifest(server: Any, folder: Path, *, asset: str = "icons/{sku}",
-                       seeds: int = 2, extra: str = "", csv: str = CATALOGUE) -> Path:
+                       seeds: int = 2, extra: str = "", csv: str = CATALOGUE,
+                       more_jobs: str = "") -> Path:
     (folder / "catalogue.csv").write_text(csv)
     jobs = f"""\
         jobs:
@@ -30,7 +31,8 @@ def catalogue_manifest(server: Any, folder: Path, *, asset: str = "icons/{sku}",
             params: {{size: 256x256, response_format: b64_json}}
         """
     text = ("name: shop\noutput: out\n" + provider_block(server) + textwrap.dedent(jobs)
-            + textwrap.indent(textwrap.dedent(extra), "    "))
+            + textwrap.indent(textwrap.dedent(extra), "    ")
+            + textwrap.indent(textwrap.dedent(more_jobs), "  "))
     return write_manifest(folder, text)
 
 
@@ -119,7 +121,7 @@ def test_a_publish_with_nothing_changed_rewrites_no_file(
     inodes = {p: p.stat().st_ino for p in stamps}
     again = run_cli("publish", str(manifest), "--to", "site", cwd=tmp_path)
     assert again.returncode == 0
-    assert "0 files wrote" in again.stdout and "assets.json unchanged" in again.stdout
+    assert "0 files written" in again.stdout and "assets.json unchanged" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert {p: p.stat().st_ino for p in stamps} == inodes
 
@@ -238,3 +240,33 @@ def test_two_jobs_giving_one_name_is_a_manifest_error(tmp_path: Path, thread_ser
     done = run_cli("validate", str(manifest), cwd=tmp_path)
     assert done.returncode == 2
     assert "jobs[1].asset" in done.stderr and "pets/cat2" in done.stderr
+
+
+def test_status_markdown_counts_failures_and_assets(tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server()
+    broken = """\
+        - name: broken
+          type: image
+          provider: test
+          model: flux.1-schnell
+          prompt: "a | pipe"
+          params: {size: 64x64}
+        """
+    manifest = catalogue_manifest(server, tmp_path, more_jobs=broken)
+    assert run_cli("run", str(manifest), "--no-progress", cwd=tmp_path).returncode == 1
+    (tmp_path / "jobs.picks.yaml").write_text(
+        "icons/A1: {pick: {seed: 1}}\nicons/B7: {reject: [{seed: 0}, {seed: 1}]}\n")
+
+    done = run_cli("status", str(manifest), "--markdown", cwd=tmp_path)
+
+    assert done.returncode == 1  # a task failed: a CI step can gate on it
+    text = done.stdout
+    assert "**6 ok**, 1 failed, 0 pending of 7" in text
+    assert "| icons | flux.1-schnell | 6 | 0 | 0 |" in text
+    assert "#### Failures by reason" in text and "| 1 | http_400" in text
+    assert "3 assets: 2 with a variant to publish, 1 without an ok unrejected variant, " \
+           "2 undecided (no pick)" in text
+    without = text.split("Without an ok unrejected variant (1)")[1].split("</details>")[0]
+    assert "`icons/B7`" in without and "A2" not in without
+    undecided = text.split("Undecided (2)")[1].split("</details>")[0]
+    assert "`icons/A2`" in undecided and "`icons/B7`" in undecided and "A1" not in undecided

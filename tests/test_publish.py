@@ -83,7 +83,7 @@ def test_a_folder_run_published_to_a_bucket_then_nothing_changed(
     again = run_cli("publish", str(manifest), "--to", to, cwd=tmp_path, env=env)
 
     assert again.returncode == 0, again.stderr
-    assert "0 files wrote, 6 unchanged" in again.stdout
+    assert "0 files written, 6 unchanged" in again.stdout
     assert "assets.json unchanged" in again.stdout
 
 

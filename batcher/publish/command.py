@@ -72,10 +72,13 @@ async def _publish(manifest: Manifest, source: Path | StoreURL, to: Path | Store
     for name in outcome.removed:
         print(f"{'would remove' if dry_run else 'removed'} {name}")
     count = len(assets) - len(plan.missing)
-    listing = f"; {verb} assets.json" if outcome.listing_written else "; assets.json unchanged"
+    listing = f"; {verb} assets.json" if outcome.listing_written else \
+        "; assets.json unchanged"
+    written = "to write" if dry_run else "written"
+    removed = "to remove" if dry_run else "removed"
     print(f"publish: {count} of {plural(len(assets), 'asset')} to {target.location}: "
-          f"{plural(len(outcome.written), 'file')} {verb}, {outcome.unchanged} unchanged, "
-          f"{len(outcome.removed)} removed{listing}")
+          f"{plural(len(outcome.written), 'file')} {written}, {outcome.unchanged} unchanged, "
+          f"{len(outcome.removed)} {removed}{listing}")
     for name, why in plan.missing:
         print(f"publish: {name}: not published: {why}", file=sys.stderr)
     return 1 if plan.missing else 0
@@ -86,3 +89,19 @@ def review(path: Path, output: str | None, *, port: int) -> int:
 
     manifest = load_manifest(path)
     return serve_review(manifest, output_dir(manifest, output), port=port)
+
+
+def asset_summary(manifest: Manifest, root: Path | StoreURL) -> dict[str, object] | None:
+    """For ``status --markdown``: how many assets, which have no ok unrejected variant, which
+    have no pick (``None`` when no job has ``asset:``)."""
+    if not any(job.asset for job in manifest.jobs):
+        return None
+
+    async def read() -> dict[str, object]:
+        async with open_run_files(root, required=False) as files:
+            assets, _decisions = asset_set(manifest, files)
+        return {"total": len(assets),
+                "without_ok": [n for n, a in assets.items() if a.chosen() is None],
+                "undecided": [n for n, a in assets.items() if not a.decided]}
+
+    return asyncio.run(read())
