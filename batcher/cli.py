@@ -290,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list what would be removed; remove nothing")
 
     report = _command(sub, "report", "write results.jsonl and index.html again")
-    report.add_argument("output", type=_target, metavar="DIR|URL",
-                        help="an output folder or a store URL")
+    report.add_argument("output", type=_target, metavar="DIR|URL|MANIFEST",
+                        help="an output folder or a store URL; or a manifest with asset: "
+                             "(its output's sheet grouped by asset, with the picks marked)")
     _add_asset_commands(sub)
     return parser
 

@@ -80,7 +80,19 @@ async def run(path: Path, provider: str | None, options: RunOptions, *,
         print("batcher: interrupted; run the same command to finish", file=sys.stderr)
     if outcome.counters.failed:
         _print_failures(outcome.root, started, outcome.output)
+    if outcome.exit_code != 2 and any(job.asset for job in manifest.jobs):
+        await _asset_sheet(manifest, options.output)
     return outcome.exit_code
+
+
+async def _asset_sheet(manifest: Manifest, output: str | Path | None) -> None:
+    """An asset set's contact sheet: grouped by asset, the picks file's decisions marked."""
+    from batcher.publish.marks import refresh_sheet
+
+    try:
+        await refresh_sheet(manifest, output_dir(manifest, output))
+    except (BatcherError, OSError) as exc:  # the run is kept; only its sheet is plain
+        print(f"batcher: the contact sheet is not grouped by asset: {exc}", file=sys.stderr)
 
 
 async def _with_kept_seeds(manifest: Manifest, output: str | Path | None) -> Manifest:
@@ -392,6 +404,17 @@ def _print_prune(found: PruneSet, *, dry_run: bool) -> None:
 def report(target: str) -> int:
     from batcher.reports.summary import write_listings
 
+    if Path(target).suffix.lower() in {".yaml", ".yml"} and Path(target).is_file():
+        manifest = load_manifest(Path(target))
+        root = output_dir(manifest, None)
+        if any(job.asset for job in manifest.jobs):  # an asset set: grouped by asset
+            from batcher.publish.marks import refresh_sheet
+
+            if not asyncio.run(refresh_sheet(manifest, root)):
+                raise UsageError(f"{root}: no ledger here")
+            print(f"wrote {root}/results.jsonl and {root}/index.html")
+            return 0
+        target = str(root)
     output = output_target(target)
     if isinstance(output, StoreURL):
         asyncio.run(_store_report(output))

@@ -133,3 +133,34 @@ def test_review_of_a_bucket_output(tmp_path: Path, thread_server: Any, s3: S3Ser
         page.click("section[data-name='icons/B7'] .variant[data-variant='1']")
         saved(page, 1)
     assert (tmp_path / "jobs.picks.yaml").read_text() == "icons/B7: {pick: {seed: 1}}\n"
+
+
+def test_the_contact_sheet_groups_by_asset_and_marks_decisions(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    server = thread_server()
+    manifest = catalogue_manifest(server, tmp_path)
+    assert run_cli("run", str(manifest), "--no-progress", cwd=tmp_path).returncode == 0
+    sheet = tmp_path / "out" / "index.html"
+    (tmp_path / "jobs.picks.yaml").write_text("icons/A1: {pick: {seed: 1}}\n"
+                                              "icons/A2: {reject: [{seed: 0}]}\n")
+    done = run_cli("report", str(manifest), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with browser_page() as page:
+        page.goto(sheet.resolve().as_uri())
+        rows = page.eval_on_selector_all("tr[data-asset]", "els => els.map(e => e.dataset.asset)")
+        assert rows == ["icons/A1", "icons/A2", "icons/B7"]
+        states = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll(
+            'tr[data-asset]')].map(tr => [tr.dataset.asset, [...tr.querySelectorAll('img')]
+            .map(img => img.className)]))""")
+        assert states == {"icons/A1": ["", "picked"], "icons/A2": ["rejected", "published"],
+                          "icons/B7": ["published", ""]}
+        page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth)")
+
+
+def test_a_run_writes_its_sheet_grouped_by_asset(tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server()
+    manifest = catalogue_manifest(server, tmp_path)
+    assert run_cli("run", str(manifest), "--no-progress", cwd=tmp_path).returncode == 0
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert html.count("<tr data-asset=") == 3 and html.count("class='published'") == 3
