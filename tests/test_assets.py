@@ -270,3 +270,33 @@ def test_status_markdown_counts_failures_and_assets(tmp_path: Path, thread_serve
     assert "`icons/B7`" in without and "A2" not in without
     undecided = text.split("Undecided (2)")[1].split("</details>")[0]
     assert "`icons/A2`" in undecided and "`icons/B7`" in undecided and "A1" not in undecided
+
+
+def test_an_assets_json_naming_a_file_outside_the_target_removes_nothing(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    server = thread_server()
+    manifest = catalogue_manifest(server, tmp_path)
+    assert run_cli("run", str(manifest), "--no-progress", cwd=tmp_path).returncode == 0
+    (tmp_path / "precious.txt").write_text("keep me")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "assets.json").write_text(json.dumps({"assets": {"x": {"files": [
+        {"path": "../precious.txt", "bytes": 7, "sha256": "0" * 64}]}}}))
+    done = run_cli("publish", str(manifest), "--to", "site", cwd=tmp_path)
+    assert done.returncode == 2 and "../precious.txt" in done.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in site.iterdir()) == ["assets.json"]
+
+
+def test_validate_takes_a_pick_of_a_seed_keep_may_add_as_current(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    server = thread_server()
+    manifest = catalogue_manifest(server, tmp_path, extra="keep: 2\n")
+    (tmp_path / "jobs.picks.yaml").write_text("icons/A1: {pick: {seed: 3}}\n"
+                                              "icons/A2: {pick: {seed: 8}}\n")
+    done = run_cli("validate", str(manifest), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "icons/A1" not in done.stderr  # seed 3 is within max_seeds (4 x 2)
+    assert "icons/A2: pick {seed 8} matches no variant" in done.stderr

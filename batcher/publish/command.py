@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 
 from batcher.errors import UsageError
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import output_dir
-from batcher.publish.keep import with_kept_seeds
+from batcher.publish.keep import next_seeds, with_kept_seeds
 from batcher.publish.picks import Decision, load_picks, picks_path
 from batcher.publish.publish import open_target, plan_set, publish_set, read_previous
 from batcher.publish.source import RunFiles, open_run_files
@@ -43,7 +44,11 @@ def picks_warnings(manifest: Manifest) -> list[str]:
     decisions = load_picks(path)
     if not decisions:
         return []
-    assets = collect_assets(manifest, decisions, lambda _id: None)
+    # Every seed keep: N may add counts: a pick of an added seed is not stale.
+    wide = dataclasses.replace(manifest, jobs=tuple(
+        dataclasses.replace(job, seeds=next_seeds(job)) if job.keep else job
+        for job in manifest.jobs))
+    assets = collect_assets(wide, decisions, lambda _id: None)
     check_picks(assets, decisions, str(path))
     return [f"{path}: {stale}" for stale in stale_entries(assets, decisions)]
 

@@ -116,6 +116,12 @@ def previous_files(previous: Mapping[str, Any]) -> set[str]:
     return found
 
 
+def _inside(path: str) -> bool:
+    """Whether ``path`` names a file inside the target (relative, no '..', no '\\')."""
+    return not path.startswith("/") and "\\" not in path and \
+        all(part not in {"", ".", ".."} for part in path.split("/"))
+
+
 class Target(Protocol):
     """Where a set is published."""
 
@@ -133,7 +139,7 @@ class FolderTarget:
         self.location = str(root)
 
     def _path(self, path: str) -> Path:
-        if any(part in {"", ".", ".."} for part in path.split("/")) or path.startswith("/"):
+        if not _inside(path):
             raise UsageError(f"{path}: not a name inside the target")
         return self.root / path
 
@@ -215,6 +221,10 @@ async def read_previous(target: FolderTarget | StoreTarget) -> dict[str, Any]:
     except (ValueError, TypeError, KeyError):
         raise UsageError(f"{target.location}/{ASSETS_NAME} is not an assets.json batcher "
                          "wrote; move it away to publish here") from None
+    for path in previous_files(assets):
+        if not _inside(path):  # never remove outside the target
+            raise UsageError(f"{target.location}/{ASSETS_NAME} lists {path!r}, not a name "
+                             "batcher publishes; move the file away to publish here")
     if isinstance(target, StoreTarget):
         for entry in assets.values():
             for item in entry.get("files", []) if isinstance(entry, dict) else []:
