@@ -142,3 +142,21 @@ def test_dry_run_writes_nothing_and_no_asset_job_is_exit_2(
     done = run_cli("publish", str(plain), "--to", "site", cwd=tmp_path)
     assert done.returncode == 2 and "asset" in done.stderr
     assert not (tmp_path / "site").exists()
+
+
+def test_within_one_bucket_the_files_are_copied_inside_the_store(
+    tmp_path: Path, thread_server: Any, s3: S3Server
+) -> None:
+    server = thread_server()
+    env = store_env(s3.url, str(tmp_path / "cache"))
+    bucket = s3.bucket()
+    manifest = icons_manifest(server, tmp_path, f"s3://{bucket}/runs/shop", CSV)
+    assert run_cli("run", str(manifest), "--no-progress", cwd=tmp_path, env=env).returncode == 0
+
+    done = run_cli("publish", str(manifest), "--to", f"s3://{bucket}/live", cwd=tmp_path, env=env)
+
+    assert done.returncode == 0, done.stderr
+    assert "6 files written (6 copied inside the store)" in done.stdout
+    listing = json.loads(s3.get(bucket, "live/assets.json"))["assets"]
+    check_listing(listing, lambda path: s3.get(bucket, f"live/{path}"))
+    assert len([key for key in s3.keys(bucket) if key.startswith("live/")]) == 7

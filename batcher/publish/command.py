@@ -82,7 +82,9 @@ async def _publish(manifest: Manifest, source: Path | StoreURL, to: Path | Store
     written = "to write" if dry_run else "written"
     removed = "to remove" if dry_run else "removed"
     print(f"publish: {count} of {plural(len(assets), 'asset')} to {target.location}: "
-          f"{plural(len(outcome.written), 'file')} {written}, {outcome.unchanged} unchanged, "
+          f"{plural(len(outcome.written), 'file')} {written}"
+          f"{f' ({outcome.copied} copied inside the store)' if outcome.copied else ''}, "
+          f"{outcome.unchanged} unchanged, "
           f"{len(outcome.removed)} {removed}{listing}")
     for name, why in plan.missing:
         print(f"publish: {name}: not published: {why}", file=sys.stderr)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from batcher.errors import UsageError
+from batcher.errors import BatcherError, UsageError
 from batcher.outputs import entries
-from batcher.publish.source import RunFiles
+from batcher.publish.source import RunFiles, StoreFiles
 from batcher.publish.variants import Asset, Variant
 from batcher.storage import atomic_open
 from batcher.store.url import StoreURL
@@ -116,6 +116,10 @@ def previous_files(previous: Mapping[str, Any]) -> set[str]:
     return found
 
 
+def _under(prefix: str, path: str) -> str:
+    return f"{prefix}/{path}" if prefix else path
+
+
 def _inside(path: str) -> bool:
     """Whether ``path`` names a file inside the target (relative, no '..', no '\\')."""
     return not path.startswith("/") and "\\" not in path and \
@@ -176,7 +180,9 @@ class StoreTarget:
         from batcher.store.objects import ObjectStore
 
         self.store = ObjectStore(url)
+        self.url = url
         self.location = str(url)
+        self._bucket: ObjectStore | None = None  # the bucket's root, for copies
         self.listing: dict[str, int] = {}
         self.known: dict[str, str] = {}  # path -> sha256 the previous assets.json lists
 
@@ -195,6 +201,18 @@ class StoreTarget:
 
     async def write(self, path: str, data: bytes) -> None:
         await self.store.put_bytes(path, data)
+
+    async def copy_in(self, source: StoreURL, path: str, name: str) -> bool:
+        """Copy ``path`` of another prefix of the same bucket to ``name``, in the store;
+        False when the source is in another bucket."""
+        from batcher.store.objects import ObjectStore
+
+        if (source.scheme, source.bucket) != (self.url.scheme, self.url.bucket):
+            return False
+        if self._bucket is None:
+            self._bucket = ObjectStore(StoreURL(self.url.scheme, self.url.bucket, ""))
+        await self._bucket.copy(_under(source.prefix, path), _under(self.url.prefix, name))
+        return True
 
     async def remove(self, path: str) -> None:
         await self.store.delete(path)
@@ -236,6 +254,7 @@ async def read_previous(target: FolderTarget | StoreTarget) -> dict[str, Any]:
 @dataclass(slots=True)
 class Outcome:
     written: list[str] = field(default_factory=list)
+    copied: int = 0  # of those written, copied inside the store
     unchanged: int = 0
     removed: list[str] = field(default_factory=list)
     listing_written: bool = False
@@ -251,11 +270,17 @@ async def publish_set(plan: SetPlan, previous: Mapping[str, Any], source: RunFil
             outcome.unchanged += 1
             continue
         outcome.written.append(file.path)
-        if not dry_run:
+        if dry_run:
+            continue
+        if isinstance(source, StoreFiles) and isinstance(target, StoreTarget) and \
+                await target.copy_in(source.url, file.source, file.path):
+            outcome.copied += 1
+        else:
             data = await source.read(file.source)
             if data is None or hashlib.sha256(data).hexdigest() != file.sha256:
-                raise UsageError(f"{source.location}/{file.source} is missing or changed since "
-                                 "it was recorded (batcher status --verify)")
+                raise BatcherError(f"{source.location}/{file.source} is missing or changed "
+                                   "since it was recorded (batcher status --verify); "
+                                   "assets.json is left as it was")
             await target.write(file.path, data)
     kept = previous_files(plan.listed)
     for path in sorted(previous_files(previous) - wanted - kept):

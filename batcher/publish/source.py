@@ -8,11 +8,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batcher.errors import UsageError
 from batcher.ledger import FilePresent, Ledger, Record, on_disk
 from batcher.outputs import derived_files
 from batcher.store.url import StoreURL
+
+if TYPE_CHECKING:
+    from batcher.store.objects import ObjectStore
 
 
 class RunFiles:
@@ -44,13 +48,14 @@ class FolderFiles(RunFiles):
 
 
 class StoreFiles(RunFiles):
-    def __init__(self, store: object, location: str, records: dict[str, Record],
+    def __init__(self, store: ObjectStore, url: StoreURL, records: dict[str, Record],
                  seen: set[str]) -> None:
-        super().__init__(location, records, seen)
+        super().__init__(str(url), records, seen)
         self.store = store
+        self.url = url
 
     async def read(self, path: str) -> bytes | None:
-        got = await self.store.get_bytes(path)  # type: ignore[attr-defined]
+        got = await self.store.get_bytes(path)
         return None if got is None else got[0]
 
 
@@ -81,7 +86,7 @@ async def open_run_files(target: Path | StoreURL, *,
 
         async with read_store(target, required=required) as (store, ledger, listing, _root):
             records, seen = ok_records(ledger, lambda path, size: listing.get(path) == size)
-            yield StoreFiles(store, str(target), records, seen)
+            yield StoreFiles(store, target, records, seen)
         return
     found = Ledger.open_existing(target)
     if found is None:
