@@ -300,3 +300,29 @@ def test_validate_takes_a_pick_of_a_seed_keep_may_add_as_current(
     assert done.returncode == 0, done.stderr
     assert "icons/A1" not in done.stderr  # seed 3 is within max_seeds (4 x 2)
     assert "icons/A2: pick {seed 8} matches no variant" in done.stderr
+
+
+def test_the_images_of_n_2_are_variants_picked_by_image(tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server()
+    text = "name: two\noutput: out\n" + provider_block(server) + textwrap.dedent("""\
+        jobs:
+          - name: pair
+            type: image
+            provider: test
+            model: flux.1-schnell
+            prompt: "a lantern"
+            asset: "lamp"
+            params: {size: 256x256, n: 2, response_format: b64_json}
+        """)
+    manifest = write_manifest(tmp_path, text)
+    assert run_cli("run", str(manifest), "--no-progress", cwd=tmp_path).returncode == 0
+    (row,) = ledger_rows(tmp_path / "out", decode=True)
+    second = (tmp_path / "out" / row["files"][1][0]).read_bytes()
+    assert second != (tmp_path / "out" / row["files"][0][0]).read_bytes()
+    (tmp_path / "jobs.picks.yaml").write_text("lamp: {pick: {image: 2}}\n")
+    done = run_cli("publish", str(manifest), "--to", "site", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "site" / "lamp.png").read_bytes() == second
+    (tmp_path / "jobs.picks.yaml").write_text("lamp: {pick: {seed: null}}\n")
+    ambiguous = run_cli("publish", str(manifest), "--to", "site", cwd=tmp_path)
+    assert ambiguous.returncode == 2 and "matches 2 variants" in ambiguous.stderr

@@ -11,7 +11,7 @@ from batcher.errors import UsageError
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import output_dir
 from batcher.publish.keep import next_seeds, with_kept_seeds
-from batcher.publish.picks import Decision, load_picks, picks_path
+from batcher.publish.picks import load_picks, picks_path
 from batcher.publish.publish import open_target, plan_set, publish_set, read_previous
 from batcher.publish.source import RunFiles, open_run_files
 from batcher.publish.variants import Asset, check_picks, collect_assets, stale_entries
@@ -19,8 +19,7 @@ from batcher.store.url import StoreURL, output_target
 from batcher.wording import plural
 
 
-def asset_set(manifest: Manifest, files: RunFiles) -> tuple[dict[str, Asset],
-                                                           dict[str, Decision]]:
+def asset_set(manifest: Manifest, files: RunFiles) -> dict[str, Asset]:
     """The manifest's assets over a run's files, with the picks; exit 2 on a bad picks file,
     warnings for stale entries."""
     if not any(job.asset for job in manifest.jobs):
@@ -33,7 +32,7 @@ def asset_set(manifest: Manifest, files: RunFiles) -> tuple[dict[str, Asset],
     check_picks(assets, decisions, str(path))
     for stale in stale_entries(assets, decisions):
         print(f"warning: {path}: {stale}", file=sys.stderr)
-    return assets, decisions
+    return assets
 
 
 def picks_warnings(manifest: Manifest) -> list[str]:
@@ -66,7 +65,7 @@ def publish(path: Path, output: str | None, to: str, *, dry_run: bool) -> int:
 async def _publish(manifest: Manifest, source: Path | StoreURL, to: Path | StoreURL, *,
                    dry_run: bool) -> int:
     async with open_run_files(source) as files:
-        assets, _decisions = asset_set(manifest, files)
+        assets = asset_set(manifest, files)
         target = await open_target(to)
         previous = await read_previous(target)
         plan = plan_set(assets, previous)
@@ -106,7 +105,7 @@ def asset_summary(manifest: Manifest, root: Path | StoreURL) -> dict[str, object
 
     async def read() -> dict[str, object]:
         async with open_run_files(root, required=False) as files:
-            assets, _decisions = asset_set(manifest, files)
+            assets = asset_set(manifest, files)
         return {"total": len(assets),
                 "without_ok": [n for n, a in assets.items() if a.chosen() is None],
                 "undecided": [n for n, a in assets.items() if not a.decided]}

@@ -40,7 +40,7 @@ async def _serve(manifest: Manifest, target: Path | StoreURL, port: int) -> None
     from batcher.publish.command import asset_set
 
     async with open_run_files(target) as files:
-        assets, _decisions = asset_set(manifest, files)
+        assets = asset_set(manifest, files)
         review = Review(manifest, assets, files)
         runner = web.AppRunner(review.app(), access_log=None)
         await runner.setup()
