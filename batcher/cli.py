@@ -159,6 +159,12 @@ _EPILOGS = {
              "\nexample:\n  batcher prune jobs/demo.yaml --dry-run",
     "report": "exit codes:\n  0    written\n  2    no ledger in the folder\n\nexample:\n"
               "  batcher report output/demo",
+    "publish": "exit codes:\n  0    every asset published\n  1    some assets have no ok, "
+               "unrejected variant (listed); the rest are published\n  2    the manifest, "
+               "the picks file or the command line is wrong, or no job has asset:; nothing "
+               "written\n\nexample:\n  batcher publish jobs/icons.yaml --to s3://game/icons",
+    "review": "exit codes:\n  0    stopped with Ctrl-C\n  2    the manifest or the picks file "
+              "is wrong, or no job has asset:\n\nexample:\n  batcher review jobs/icons.yaml",
 }
 
 
@@ -233,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--verify", action="store_true",
                         help="re-hash every file against the sha256 in the ledger")
+    status.add_argument("--markdown", action="store_true",
+                        help="print a GitHub-flavoured summary (for $GITHUB_STEP_SUMMARY): "
+                             "counts, spend, failures, and with a manifest its assets without "
+                             "an ok variant and those not picked yet")
 
     models = _command(sub, "models", "list a provider's models")
     models.add_argument("provider", help="a built-in provider (vultr, modelverse, openai, "
@@ -280,9 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list what would be removed; remove nothing")
 
     report = _command(sub, "report", "write results.jsonl and index.html again")
-    report.add_argument("output", type=_target, metavar="DIR|URL",
-                        help="an output folder or a store URL")
+    report.add_argument("output", type=_target, metavar="DIR|URL|MANIFEST",
+                        help="an output folder or a store URL; or a manifest with asset: "
+                             "(its output's sheet grouped by asset, with the picks marked)")
+    _add_asset_commands(sub)
     return parser
+
+
+def _add_asset_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``publish`` and ``review`` (batcher.publish)."""
+    publish = _command(sub, "publish", "write the asset set (each asset's chosen variant, "
+                       "by name) and assets.json to a folder or a bucket")
+    publish.add_argument("manifest", type=Path, help="a YAML manifest whose jobs have asset:")
+    publish.add_argument("--output", type=_target, metavar="DIR|URL",
+                         help="the run's output (default: the manifest's)")
+    publish.add_argument("--to", type=_target, required=True, metavar="DIR|URL",
+                         help="where the set goes: a folder or a store URL (required)")
+    publish.add_argument("--dry-run", action="store_true",
+                         help="list what would be written and removed; write nothing")
+    review = _command(sub, "review", "a local page to pick and reject each asset's variants "
+                      "(writes the picks file)")
+    review.add_argument("manifest", type=Path, help="a YAML manifest whose jobs have asset:")
+    review.add_argument("--output", type=_target, metavar="DIR|URL",
+                        help="the run's output (default: the manifest's)")
+    review.add_argument("--port", type=_port, default=0,
+                        help="port on 127.0.0.1; 0 picks a free one (default: 0)")
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
@@ -316,7 +348,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         return commands.validate(args.manifest, args.provider)
     if args.command == "status":
-        return commands.status(args.target, args.output, as_json=args.json, verify=args.verify)
+        return commands.status(args.target, args.output, as_json=args.json, verify=args.verify,
+                               markdown=args.markdown)
     if args.command == "models":
         return asyncio.run(commands.models(args.provider, args.manifest))
     if args.command == "serve":
@@ -325,6 +358,12 @@ def dispatch(args: argparse.Namespace) -> int:
         return commands.merge(args.inputs, args.output)
     if args.command == "report":
         return commands.report(args.output)
+    if args.command in {"publish", "review"}:
+        from batcher.publish import command
+
+        if args.command == "publish":
+            return command.publish(args.manifest, args.output, args.to, dry_run=args.dry_run)
+        return command.review(args.manifest, args.output, port=args.port)
     if args.command == "prune":
         return commands.prune(args.manifest, args.provider, args.output, dry_run=args.dry_run)
     raise UsageError(f"unknown command {args.command}")

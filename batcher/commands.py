@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 def validate(path: Path, provider: str | None) -> int:
     manifest = load_manifest(path, provider=provider)
+    from batcher.publish.command import picks_warnings
+
+    for warning in picks_warnings(manifest):  # stale picks: a warning, never an error
+        print(f"warning: {warning}", file=sys.stderr)
     jobs = ", ".join(job.name for job in manifest.jobs)
     print(f"{path}: ok ({plural(len(manifest.jobs), 'job')}: {jobs})")
     return 0
@@ -50,7 +54,7 @@ def validate(path: Path, provider: str | None) -> int:
 
 async def run(path: Path, provider: str | None, options: RunOptions, *,
               prune_first: bool = False) -> int:
-    manifest = load_manifest(path, provider=provider)
+    manifest = await _with_kept_seeds(load_manifest(path, provider=provider), options.output)
     if prune_first:  # a missing key or an unknown --only job stops before anything is removed
         configs = effective_configs(manifest, options,
                                     used_providers(manifest, options.selection.only))
@@ -76,7 +80,26 @@ async def run(path: Path, provider: str | None, options: RunOptions, *,
         print("batcher: interrupted; run the same command to finish", file=sys.stderr)
     if outcome.counters.failed:
         _print_failures(outcome.root, started, outcome.output)
+    if outcome.exit_code != 2 and any(job.asset for job in manifest.jobs):
+        await _asset_sheet(manifest, options.output)
     return outcome.exit_code
+
+
+async def _asset_sheet(manifest: Manifest, output: str | Path | None) -> None:
+    """An asset set's contact sheet: grouped by asset, the picks file's decisions marked."""
+    from batcher.publish.marks import refresh_sheet
+
+    try:
+        await refresh_sheet(manifest, output_dir(manifest, output))
+    except (BatcherError, OSError) as exc:  # the run is kept; only its sheet is plain
+        print(f"batcher: the contact sheet is not grouped by asset: {exc}", file=sys.stderr)
+
+
+async def _with_kept_seeds(manifest: Manifest, output: str | Path | None) -> Manifest:
+    """The manifest with the seeds ``keep: N`` adds where rejects left too few variants."""
+    from batcher.publish.keep import manifest_for_run
+
+    return await manifest_for_run(manifest, output_dir(manifest, output))
 
 
 def _spend_line(summary: dict[str, Any], priced: bool) -> str | None:
@@ -130,7 +153,8 @@ async def _done_and_failed_in_store(url: StoreURL) -> tuple[set[str], set[str]]:
 
 def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool,
          prune_first: bool = False) -> int:
-    manifest = load_manifest(path, provider=provider)
+    manifest = asyncio.run(_with_kept_seeds(load_manifest(path, provider=provider),
+                                            options.output))
     if prune_first:  # run --dry-run --prune: what the prune would remove, then the plan
         asyncio.run(_prune(manifest, options.output, dry_run=True, required=False))
     root = output_dir(manifest, options.output)
@@ -271,10 +295,11 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> str:
     return f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})"
 
 
-def status(target: str, output: str | None, *, as_json: bool, verify: bool) -> int:
+def status(target: str, output: str | None, *, as_json: bool, verify: bool,
+           markdown: bool = False) -> int:
     manifest = None
     if Path(target).is_file():
-        manifest = load_manifest(Path(target))
+        manifest = asyncio.run(_with_kept_seeds(load_manifest(Path(target)), output))
         root = output_dir(manifest, output)
     else:
         root = output_target(output or target)
@@ -287,7 +312,13 @@ def status(target: str, output: str | None, *, as_json: bool, verify: bool) -> i
             report = ledger_status(ledger, str(root), manifest,
                                    verify=verify_folder(root) if verify else None,
                                    summary=read_summary(root), running=run_in_progress(root))
-    if as_json:
+    if markdown:  # for $GITHUB_STEP_SUMMARY
+        from batcher.publish.command import asset_summary
+        from batcher.reports.markdown import render_markdown
+
+        assets = asset_summary(manifest, root) if manifest is not None else None
+        print(render_markdown(report, assets), end="")
+    elif as_json:
         print(json.dumps(report, indent=2))
     else:
         print_status(report)
@@ -319,7 +350,7 @@ def merge(inputs: list[Path], output: Path) -> int:
 
 
 def prune(path: Path, provider: str | None, output: str | None, *, dry_run: bool) -> int:
-    manifest = load_manifest(path, provider=provider)
+    manifest = asyncio.run(_with_kept_seeds(load_manifest(path, provider=provider), output))
     asyncio.run(_prune(manifest, output, dry_run=dry_run))
     return 0
 
@@ -373,6 +404,17 @@ def _print_prune(found: PruneSet, *, dry_run: bool) -> None:
 def report(target: str) -> int:
     from batcher.reports.summary import write_listings
 
+    if Path(target).suffix.lower() in {".yaml", ".yml"} and Path(target).is_file():
+        manifest = load_manifest(Path(target))
+        root = output_dir(manifest, None)
+        if any(job.asset for job in manifest.jobs):  # an asset set: grouped by asset
+            from batcher.publish.marks import refresh_sheet
+
+            if not asyncio.run(refresh_sheet(manifest, root)):
+                raise UsageError(f"{root}: no ledger here")
+            print(f"wrote {root}/results.jsonl and {root}/index.html")
+            return 0
+        target = str(root)
     output = output_target(target)
     if isinstance(output, StoreURL):
         asyncio.run(_store_report(output))

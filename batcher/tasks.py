@@ -170,7 +170,12 @@ def _expand_grid(job: JobSpec, base_dir: Path, digests: ImageDigests) -> Iterato
         used = placeholders(template) | placeholders(job.system or "") | image_names
         grid = [(name, values) for name, values in job.vars if name in used]
         names = [name for name, _ in grid]
-        for row in _rows(job, used - var_names):
+        from_rows = used - var_names
+        if from_rows:  # the asset's name may read columns the prompt does not
+            from batcher.publish.names import columns_of
+
+            from_rows |= columns_of(job)
+        for row in _rows(job, from_rows):
             # product() is lazy, and so are the rows: a million combinations are walked,
             # never stored.
             for combo in itertools.product(*(values for _, values in grid)):
@@ -217,6 +222,12 @@ def _grid_cell(
     pairs = tuple(filled.items())
     for model in job.models:
         with_model = _with(with_prompt, "model", model)
+        if job.more_seeds:  # keep: N gave some assets more seeds (batcher.publish.keep)
+            from batcher.publish.names import fill
+
+            assert job.asset is not None
+            name = fill(job.asset, filled, model, None, job.name)
+            seeds = job.more_seeds.get(name, job.seeds or (None,))
         for seed in seeds:
             yield Task(
                 id=_finish(with_model.copy(), seed), job=job.name, kind=job.type,

@@ -1,24 +1,19 @@
 """The contact sheet, index.html: its links resolve, and a real headless Chromium renders it
-with every image loaded (driven over the DevTools protocol with aiohttp's websocket client)."""
+with every image loaded (Debian's Chromium, driven by Playwright)."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import json
 import os
 import re
 import shutil
-import socket
 import textwrap
 import zlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from conftest import REPO, provider_block, run_cli, write_manifest
 
@@ -96,65 +91,27 @@ def test_failed_tasks_stand_in_place_with_their_reason(tmp_path: Path, thread_se
 # --------------------------------------------------------------------------- a real browser
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-class DevTools:
-    """The smallest DevTools-protocol client: send a command, wait for its answer."""
+@contextmanager
+def chromium_page() -> Iterator[Any]:
+    """A page of Debian's Chromium, headless, driven by Playwright (no browser download)."""
+    from playwright.sync_api import sync_playwright
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self._ws = ws
-        self._next = 0
-
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self._next += 1
-        await self._ws.send_json({"id": self._next, "method": method, "params": params})
-        async for message in self._ws:
-            data = json.loads(message.data)
-            if data.get("id") == self._next:
-                if "error" in data:
-                    raise AssertionError(f"{method}: {data['error']}")
-                return data["result"]
-        raise AssertionError("the browser closed the connection")
-
-
-@asynccontextmanager
-async def _browser(profile: Path) -> AsyncIterator[DevTools]:
     assert CHROMIUM is not None
-    port = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        CHROMIUM, *["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
-         "--window-size=1280,2000", "about:blank"],
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        async with aiohttp.ClientSession() as session:
-            targets = None
-            for _ in range(100):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-                        targets = [t for t in await response.json() if t["type"] == "page"]
-                    if targets:
-                        break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            assert targets, "Chromium did not open a page"
-            async with session.ws_connect(targets[0]["webSocketDebuggerUrl"],
-                                          max_msg_size=0) as ws:
-                yield DevTools(ws)
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), timeout=10)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                             headless=True)
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 2000})
+        finally:
+            browser.close()
 
 
 # Lazy images below the fold load once asked; decode() settles when each is loaded.
-LOAD_EVERY_IMAGE = """(async () => {
+LOAD_EVERY_IMAGE = """async () => {
     await new Promise(r => document.readyState === 'complete'
         ? r() : addEventListener('load', r));
     const images = Array.from(document.images);
@@ -163,7 +120,7 @@ LOAD_EVERY_IMAGE = """(async () => {
         i => i.decode().then(() => i.naturalWidth > 0, () => false)));
     return {count: images.length, loaded: loaded.filter(Boolean).length,
             rows: document.querySelectorAll('tr').length, title: document.title};
-})()"""
+}"""
 
 
 def _distinct_pixels(png: bytes) -> int:
@@ -185,18 +142,11 @@ def test_chromium_renders_the_sheet_with_every_image_loaded(tmp_path: Path) -> N
     assert CHROMIUM is not None, "CI must install chromium for this test"
     output = _run_demo(tmp_path)
 
-    async def look() -> tuple[dict[str, Any], bytes]:
-        async with _browser(tmp_path / "profile") as tools:
-            await tools.call("Page.enable")
-            await tools.call("Page.navigate", url=(output / "index.html").resolve().as_uri())
-            result = await tools.call(
-                "Runtime.evaluate", awaitPromise=True, returnByValue=True,
-                expression=LOAD_EVERY_IMAGE,
-            )
-            shot = await tools.call("Page.captureScreenshot", format="png")
-            return result["result"]["value"], base64.b64decode(shot["data"])
+    with chromium_page() as page:
+        page.goto((output / "index.html").resolve().as_uri())
+        state = page.evaluate(LOAD_EVERY_IMAGE)
+        screenshot = page.screenshot(type="png")
 
-    state, screenshot = asyncio.run(look())
     assert state["count"] == 13 + 2  # the demo's images and the edit's two input thumbnails
     assert state["loaded"] == 15, state
     assert state["rows"] >= 5

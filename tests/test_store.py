@@ -3,7 +3,6 @@ it, every request counted at the provider. A fresh XDG_CACHE_HOME stands for a f
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -20,8 +19,7 @@ from typing import Any
 import pytest
 from conftest import REPO, provider_block, run_cli, start_cli, write_manifest
 from s3server import FaultProxy, S3Server, fault_proxy, s3, store_env
-from test_sheet import CHROMIUM, LOAD_EVERY_IMAGE
-from test_sheet import _browser as browser
+from test_sheet import CHROMIUM, LOAD_EVERY_IMAGE, chromium_page
 
 __all__ = ["fault_proxy", "s3"]  # fixtures, used by name
 
@@ -369,16 +367,9 @@ def test_the_contact_sheet_opens_from_the_bucket_with_every_image_decoded(
                      cwd=tmp_path, env=store_env(s3.url, str(tmp_path / "cache")))
     assert result.returncode == 0, result.stderr
 
-    async def look() -> dict[str, Any]:
-        async with browser(tmp_path / "profile") as tools:
-            await tools.call("Page.enable")
-            await tools.call("Page.navigate", url=f"{s3.url}/{bucket}/demo/index.html")
-            answer = await tools.call(
-                "Runtime.evaluate", awaitPromise=True, returnByValue=True,
-                expression=LOAD_EVERY_IMAGE)
-            return dict(answer["result"]["value"])
-
-    state = asyncio.run(look())
+    with chromium_page() as page:
+        page.goto(f"{s3.url}/{bucket}/demo/index.html")
+        state = page.evaluate(LOAD_EVERY_IMAGE)
     # The demo's 13 images and the edit's 2 input thumbnails, each by a relative link into the
     # bucket.
     assert state["count"] == 15

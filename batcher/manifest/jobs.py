@@ -31,7 +31,7 @@ from batcher.providers.rules import check_params
 log = logging.getLogger(__name__)
 JOB_FIELDS = {
     "name", "type", "provider", "model", "models", "prompt", "prompts", "vars", "seeds",
-    "images", "params", "system", "file", "vars_file", "outputs",
+    "images", "params", "system", "file", "vars_file", "outputs", "asset", "keep", "max_seeds",
 }
 FILE_JOB_FIELDS = {"name", "file", "provider", "type", "outputs"}
 OUTPUT_FIELDS = {"format", "quality", "sizes", "metadata"}
@@ -56,6 +56,14 @@ class JobSpec:
     file: Path | None = None
     vars_file: Path | None = None  # rows of placeholders (batcher.manifest.varsfile)
     outputs: Outputs | None = None  # files derived from each delivered image
+    # Asset sets (batcher.publish): the name template, its line, how many ok unrejected
+    # variants each asset keeps, the most seeds it may take, and the seeds each asset has
+    # beyond ``seeds`` (filled in before a run from the ledger and the picks).
+    asset: str | None = None
+    asset_line: int | None = None
+    keep: int | None = None
+    max_seeds: int | None = None
+    more_seeds: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _parse_vars(value: Any, where: Where) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -217,13 +225,32 @@ def parse_job(
                     "(add it under vars or as a column of a vars_file, or write {{ and }} "
                     "for literal braces)",
                 )
+    asset, keep, max_seeds = _parse_asset(data, where, var_names, prompts, system,
+                                          vars_file is not None, seeds)
     job = JobSpec(
         name=name, type=kind, provider=provider, line=where.line(), models=models,
         prompts=prompts, vars=job_vars, seeds=seeds, images=images, params=params,
-        system=system, vars_file=vars_file, outputs=outputs,
+        system=system, vars_file=vars_file, outputs=outputs, asset=asset,
+        asset_line=where.line("asset") if asset else None, keep=keep, max_seeds=max_seeds,
     )
     _check_combinations(job, where, base_dir, max_bytes)
     return job
+
+
+def _parse_asset(
+    data: Mapping[str, Any], where: Where, var_names: set[str], prompts: tuple[str, ...],
+    system: str | None, has_vars_file: bool, seeds: tuple[int, ...] | None,
+) -> tuple[str | None, int | None, int | None]:
+    """``asset``, ``keep`` and ``max_seeds`` (batcher.publish.names, batcher.publish.keep)."""
+    from batcher.publish.keep import check_keep
+    from batcher.publish.names import check_template
+
+    asset = None
+    if "asset" in data:
+        asset = check_template(data["asset"], where, var_names, prompts, system,
+                               has_vars_file, seeds is not None)
+    keep, max_seeds = check_keep(data, where, asset, seeds)
+    return asset, keep, max_seeds
 
 
 def _check_combinations(job: JobSpec, where: Where, base_dir: Path, max_bytes: int) -> None:

@@ -90,6 +90,9 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
         if job.file is not None:
             check_jsonl(job.file, max_input_bytes=providers[job.provider].max_input_bytes,
                         provider=providers[job.provider])
+    from batcher.publish.names import check_names
+
+    check_names(manifest)
     return manifest
 
 

@@ -1,6 +1,8 @@
 """index.html: a contact sheet of a run, self-contained, with relative links only.
 
-Image jobs are grids: one row per prompt (vars filled in), one column per model and seed, each
+Image jobs are grids: one row per prompt (vars filled in; per asset, with its picked, rejected
+and published variants marked, when given the marks of an asset set), one column per model and
+seed, each
 cell a lazy-loaded thumbnail (the smallest derived size, when the job has sizes) linking to the
 full image, the task id and params on hover, after an edit task's input images. Chat
 jobs are a table of prompt and completion. Failed tasks stand in place with their reason.
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -33,7 +35,19 @@ img{width:160px;height:160px;object-fit:cover;display:block;background:#eee}
 img.input{width:64px;height:64px;display:inline-block;margin:0 .2rem .2rem 0;opacity:.9}
 .failed{color:#a00;max-width:160px;word-break:break-word}.muted{color:#888}
 pre{white-space:pre-wrap;margin:0;max-width:48rem}
+img.picked{outline:4px solid #2a2;outline-offset:-4px}img.rejected{opacity:.3}
+img.published{outline:2px dashed #2a2;outline-offset:-2px}
+.mark{font-size:.75rem}.mark.picked,.mark.published{color:#2a2}.mark.rejected{color:#a00}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A task's place in an asset set (batcher.publish): its asset's name, and the state of
+    each of its images: "picked", "rejected", "published" (the default choice) or ""."""
+
+    asset: str
+    states: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -48,8 +62,9 @@ class ContactSheet:
     """Collects records as they stream past (keeping at most ``MAX_CELLS_PER_JOB`` of each job),
     then renders the page."""
 
-    def __init__(self) -> None:
+    def __init__(self, marks: Mapping[str, Mark] | None = None) -> None:
         self._jobs: dict[str, _Job] = {}
+        self._marks = marks or {}
 
     def add(self, record: Record) -> Record:
         job = self._jobs.setdefault(record.job, _Job())
@@ -82,7 +97,7 @@ class ContactSheet:
             images = [record for record in job.shown if record.kind == "image"]
             chats = [record for record in job.shown if record.kind == "chat"]
             if images:  # a JSONL job may hold both kinds
-                yield from _image_grid(images)
+                yield from _image_grid(images, self._marks)
             if chats:
                 yield from _chat_table(root, chats)
             if job.total > len(job.shown):
@@ -95,21 +110,36 @@ def _column(record: Record) -> tuple[str, int]:
     return (record.model, -1 if record.seed is None else record.seed)
 
 
-def _image_grid(records: list[Record]) -> Iterator[str]:
+def _image_grid(records: list[Record], marks: Mapping[str, Mark]) -> Iterator[str]:
     columns = sorted({_column(r) for r in records})
-    # Tasks that differ only in params share a cell; each keeps its thumbnail.
+    # Tasks that differ only in params share a cell; each keeps its thumbnail. In an asset
+    # set, a row is an asset (its variants side by side).
     rows: dict[str, dict[tuple[str, int], list[Record]]] = {}
+    prompts: dict[str, set[str]] = {}
     for record in records:
-        rows.setdefault(record.prompt, {}).setdefault(_column(record), []).append(record)
+        mark = marks.get(record.id)
+        key = f"asset:{mark.asset}" if mark else record.prompt
+        rows.setdefault(key, {}).setdefault(_column(record), []).append(record)
+        prompts.setdefault(key, set()).add(record.prompt)
     head = "".join(
         f"<th>{html.escape(model)}{'' if seed < 0 else f'<br>seed {seed}'}</th>"
         for model, seed in columns
     )
-    yield f"<table><tr><th>prompt</th>{head}</tr>"
-    for prompt, cells in rows.items():
-        yield f"<tr><td class='prompt'>{html.escape(prompt)}</td>"
+    yield f"<table><tr><th>{'asset' if marks else 'prompt'}</th>{head}</tr>"
+    order = sorted(rows, key=lambda key: (not key.startswith("asset:"),
+                                          key if key.startswith("asset:") else ""))
+    for key in order:  # assets by name; other prompts after them, as they finished
+        cells = rows[key]
+        if key.startswith("asset:") and marks:
+            name = key.removeprefix("asset:")
+            texts = "<br>".join(html.escape(p) for p in sorted(prompts[key]))
+            yield (f"<tr data-asset='{html.escape(name, quote=True)}'><td class='prompt'>"
+                   f"<b>{html.escape(name)}</b><br><span class='muted'>{texts}</span></td>")
+        else:
+            yield f"<tr><td class='prompt'>{html.escape(key)}</td>"
         for column in columns:
-            cell = "".join(_image_cell(record) for record in cells.get(column, ()))
+            cell = "".join(_image_cell(record, marks.get(record.id))
+                           for record in cells.get(column, ()))
             yield f"<td>{cell}</td>"
         yield "</tr>"
     yield "</table>"
@@ -125,7 +155,7 @@ def _hover(record: Record) -> str:
     return "\n".join(lines)
 
 
-def _image_cell(record: Record) -> str:
+def _image_cell(record: Record, mark: Mark | None = None) -> str:
     if record.status != "ok":
         return (f"<div class='failed' title='{html.escape(record.id)}'>failed: "
                 f"{html.escape(record.error or record.reason or 'unknown')}</div>")
@@ -134,7 +164,8 @@ def _image_cell(record: Record) -> str:
     parts = [f"<a href='{_href(e['path'])}'><img class='input' loading='lazy' "
              f"src='{_href(e['path'])}' title='input image' alt='input image'></a>"
              for e in derived if e.get("role") == "input"]
-    for file in record.files:
+    for index, file in enumerate(record.files):
+        state = mark.states[index] if mark and index < len(mark.states) else ""
         # The smallest resized copy as the thumbnail, linking to the full-size file (in the
         # job's format when it has one).
         own = [e for e in derived if e.get("of") == file.path]
@@ -143,8 +174,11 @@ def _image_cell(record: Record) -> str:
         full = next((e["path"] for e in own if e.get("role") == "full"), file.path)
         href = _href(full)
         src = _href(sizes[0]["path"]) if sizes else href
-        parts.append(f"<a href='{href}'><img loading='lazy' src='{src}' title='{title}' "
+        css = f" class='{state}'" if state else ""
+        parts.append(f"<a href='{href}'><img{css} loading='lazy' src='{src}' title='{title}' "
                      f"alt='{html.escape(record.prompt, quote=True)}'></a>")
+        if state:
+            parts.append(f"<div class='mark {state}'>{state}</div>")
     return "".join(parts)
 
 

@@ -7,7 +7,7 @@ All three are derived from the ledger (and, for the summary, the run's plan and 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from batcher.ledger import Ledger, Record
 from batcher.outputs import entries
 from batcher.plan import Plan
 from batcher.reports.progress import Counters
-from batcher.reports.sheet import ContactSheet
+from batcher.reports.sheet import ContactSheet, Mark
 from batcher.run.spend import Cost, Spend
 from batcher.storage import atomic_open
 from batcher.tasks import Task
@@ -120,9 +120,11 @@ def _listings_stale(root: Path, ledger: Ledger) -> bool:
     return ledger.last_finished() >= written
 
 
-def write_listings(root: Path, ledger: Ledger, title: str | None = None) -> None:
-    """results.jsonl and index.html from the ledger alone, in one read of it."""
-    sheet = ContactSheet()
+def write_listings(root: Path, ledger: Ledger, title: str | None = None,
+                   marks: Mapping[str, Mark] | None = None) -> None:
+    """results.jsonl and index.html from the ledger alone, in one read of it; ``marks``: the
+    asset set's names and decisions by task id (batcher.publish), for the sheet."""
+    sheet = ContactSheet(marks)
     records = (sheet.add(record) for record in ledger.records())
     write_text_atomic(root / RESULTS_NAME, _result_lines(records))
     write_text_atomic(root / INDEX_NAME, sheet.render(root, title))

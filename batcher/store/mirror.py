@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
+from batcher.reports.sheet import Mark
 from batcher.reports.summary import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME, write_listings
 from batcher.storage import Layout, lock_folder, slugify
 from batcher.store.lock import LockLost, StoreLock
@@ -322,9 +323,10 @@ async def write_store_listings(store: ObjectStore, root: Path, own: Ledger,
             view.close()
 
 
-async def upload_listings(store: ObjectStore, root: Path, ledger: Ledger) -> None:
+async def upload_listings(store: ObjectStore, root: Path, ledger: Ledger,
+                          marks: Mapping[str, Mark] | None = None) -> None:
     """Write results.jsonl and index.html from ``ledger`` under ``root``, then upload them."""
-    write_listings(root, ledger, title=store.url.title)
+    write_listings(root, ledger, title=store.url.title, marks=marks)
     for name in (RESULTS_NAME, INDEX_NAME):
         await store.put_file(name, root / name)
 

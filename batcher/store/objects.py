@@ -148,6 +148,11 @@ class ObjectStore:
             return found
         return await self._retry("listing", listing)
 
+    async def copy(self, source: str, name: str) -> None:
+        """Copy an object to ``name`` inside the store (server-side: no bytes pass here)."""
+        await self._retry(f"copying {source} to {name}",
+                          lambda: obstore.copy_async(self._store, source, name))
+
     async def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             await self._retry(f"deleting {name}", lambda: obstore.delete_async(self._store, name))
