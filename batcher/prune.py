@@ -12,7 +12,7 @@ a missing file: a row whose files are gone would be listed in results.jsonl and 
 sheet as ok, and ``status --verify`` would call the output damaged. Files left behind by a
 prune killed after its rows went are named in the journal, and the next prune removes them
 (and writes the listings) first. A name that a kept row uses is
-never removed (two tasks' names could share an 8-hex-digit hash).
+never removed (a name is never shared: see Ledger.claim; older outputs are checked anyway).
 
 The folder flavour lives here; :mod:`batcher.store.prune` does the same for an object store.
 """
@@ -70,7 +70,7 @@ def task_names(record: Record) -> tuple[str, ...]:
     """A row's files, its derived files and its sidecar (which failed tasks do not have;
     removing none is fine). An edit's input thumbnails are shared by every task of the same
     input: they go only with the last row that names them."""
-    sidecar = Layout(Path(".")).sidecar_name(record)
+    sidecar = Layout(Path(".")).record_sidecar(record, (f.path for f in record.files))
     return (*(f.path for f in record.files), *(f.path for f in derived_files(record)), sidecar)
 
 

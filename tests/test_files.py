@@ -1,0 +1,182 @@
+"""Issue 18, what a user writes and what batcher keeps: a file belongs to one task (names carry
+16 hex characters of the task id; the ledger refuses a second task claiming a stem; outputs
+written with 8-character names keep working), prune cannot empty a job because a flag was left
+off, a user id is one task, vars files name their bad cell, big pixel counts are refused
+before they are decoded, and the command line's edges (a closed stdout, ``--budget none``).
+
+The CLI runs as a user runs it; requests are counted at the built-in server."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from conftest import ledger_rows, provider_block, run_cli, write_manifest
+
+from batcher.ledger import Ledger
+from batcher.manifest import load_manifest
+from batcher.storage import Layout, short_id
+from batcher.tasks import expand
+
+# Two rows whose names met with 8 hex characters (found by a search over 300,000 values of x
+# for exactly this job): one file, one paid image lost, and every later run paying again.
+COLLIDING = ("0051699", "0059751")
+PROMPT = "Professional ecommerce studio product photograph of item {x}"
+
+
+def paid(server: Any) -> int:
+    return sum(server.stats.generations.values())
+
+
+def collide_manifest(server: Any, folder: Path, *, outputs: str = "") -> Path:
+    text = "name: collide\noutput: out\n" + provider_block(server) + textwrap.dedent(f"""\
+        jobs:
+          - name: products
+            type: image
+            provider: test
+            model: flux.1-schnell
+            prompts: ["{PROMPT}"]
+            vars: {{x: ["{COLLIDING[0]}", "{COLLIDING[1]}"]}}
+            params: {{size: 256x256, response_format: b64_json}}
+        """)
+    if outputs:
+        text += f"    outputs: {outputs}\n"
+    return write_manifest(folder, text)
+
+
+def test_the_colliding_pair_really_shared_an_8_character_name(tmp_path: Path,
+                                                               thread_server: Any) -> None:
+    """The fixture holds: without 16 characters these two tasks would write one file."""
+    manifest = load_manifest(collide_manifest(thread_server(), tmp_path))
+    layout = Layout(tmp_path / "out")
+    tasks = list(expand(manifest))
+    assert len({layout.legacy_stem(task) for task in tasks}) == 1
+    assert len({layout.task_stem(task) for task in tasks}) == 2
+    assert all(re.search(r"-[0-9a-f]{16}$", layout.task_stem(task)) for task in tasks)
+    assert short_id(tasks[0].id) != short_id(tasks[1].id)
+
+
+def test_two_prompts_sharing_a_slug_prefix_keep_two_files_and_are_paid_once(
+        tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server()
+    path = collide_manifest(server, tmp_path)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    rows = ledger_rows(tmp_path / "out", decode=True)
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    files = [row["files"][0] for row in rows]
+    assert files[0][0] != files[1][0]
+    for name, size, sha in files:
+        assert (tmp_path / "out" / name).stat().st_size == size
+        assert sha in (tmp_path / "out" / name).with_suffix(".json").read_text()
+    assert files[0][2] != files[1][2]  # two pictures, both kept
+    assert paid(server) == 2
+    again = run_cli("run", str(path), "--no-progress")
+    assert again.returncode == 0 and paid(server) == 2  # nothing paid twice
+    assert run_cli("status", str(path)).returncode == 0
+
+
+def test_a_task_whose_names_another_task_owns_is_not_sent(tmp_path: Path,
+                                                          thread_server: Any) -> None:
+    """A collision of 16 characters is out of reach; should one happen, the ledger's claim
+    keeps the first task's files and fails the second, named, before it is paid for."""
+    server = thread_server()
+    path = collide_manifest(server, tmp_path)
+    manifest = load_manifest(path)
+    out = tmp_path / "out"
+    first, second = list(expand(manifest))
+    stem = Layout(out).task_stem(second)
+    squatter = out / f"{stem}.png"
+    squatter.parent.mkdir(parents=True)
+    squatter.write_bytes(b"another task's paid image")
+    with Ledger(out / "ledger.sqlite") as ledger:
+        assert ledger.claim(stem, "another-task") is None
+    result = run_cli("run", str(path), "--no-progress")
+    assert result.returncode == 1
+    assert "name_taken" in result.stderr and "another-task" in result.stderr
+    by_id = {row["id"]: row for row in ledger_rows(out)}
+    assert by_id[first.id]["status"] == "ok"
+    assert by_id[second.id]["status"] == "failed" and by_id[second.id]["reason"] == "name_taken"
+    assert by_id[second.id]["attempts"] == 0
+    assert paid(server) == 1  # the refused task was never sent
+    assert squatter.read_bytes() == b"another task's paid image"
+    with Ledger(out / "ledger.sqlite") as ledger:  # the claim holds from run to run
+        assert ledger.claim(stem, second.id) == "another-task"
+        assert ledger.claim(Layout(out).task_stem(first), first.id) is None
+
+
+def make_legacy(out: Path) -> list[str]:
+    """Turn an output into what batcher wrote before 16-character ids: 8-character names for
+    files and sidecars, in the ledger rows and sidecars too, and no claims table. Returns
+    the old names of the files."""
+    db = sqlite3.connect(out / "ledger.sqlite")
+    names = []
+    with db:
+        db.execute("DROP TABLE IF EXISTS claims")
+        for task_id, files in db.execute("SELECT id, files FROM tasks").fetchall():
+            token = short_id(task_id)
+            renamed = []
+            for name, size, sha in json.loads(files):
+                old = name.replace(f"-{token}", f"-{token[:8]}")
+                (out / name).rename(out / old)
+                renamed.append([old, size, sha])
+                names.append(old)
+            sidecar = out / Path(json.loads(files)[0][0]).with_suffix(".json")
+            data = json.loads(sidecar.read_text())
+            data["files"] = [{"path": n, "size": s, "sha256": h} for n, s, h in renamed]
+            sidecar.unlink()
+            Path(out / renamed[0][0]).with_suffix(".json").write_text(json.dumps(data))
+            db.execute("UPDATE tasks SET files = ? WHERE id = ?", (json.dumps(renamed), task_id))
+    db.close()
+    return names
+
+
+def one_task_manifest(server: Any, folder: Path, *, outputs: str = "",
+                      prompt: str = "A teak spoon") -> Path:
+    text = "name: legacy\noutput: out\n" + provider_block(server) + textwrap.dedent(f"""\
+        jobs:
+          - name: spoons
+            type: image
+            provider: test
+            model: flux.1-schnell
+            prompt: "{prompt}"
+            seeds: 2
+            params: {{size: 256x256, response_format: b64_json}}
+        """)
+    if outputs:
+        text += f"    outputs: {outputs}\n"
+    return write_manifest(folder, text)
+
+
+def test_an_output_made_with_8_character_names_resumes_without_a_request(
+        tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server()
+    path = one_task_manifest(server, tmp_path)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    old_names = make_legacy(out)
+    assert all(re.search(r"-s\d-[0-9a-f]{8}\.png$", name) for name in old_names)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert paid(server) == 2
+    assert run_cli("status", str(path), "--verify").returncode == 0
+    # New outputs re-derive from the old files, and the sidecar that is updated is the old one.
+    path = one_task_manifest(server, tmp_path, outputs="{sizes: {thumb: 32}}")
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert paid(server) == 2
+    for name in old_names:
+        stem = name.removesuffix(".png")
+        assert (out / f"{stem}@thumb.png").is_file()
+        assert "thumb" in (out / f"{stem}.json").read_text()
+    assert sorted(p.name for p in out.rglob("*.json") if p.parent != out) == sorted(
+        Path(name).with_suffix(".json").name for name in old_names)
+    # Prune removes an old task's files with its old sidecar.
+    path = one_task_manifest(server, tmp_path, prompt="A teak fork")
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    pruned = run_cli("prune", str(path))
+    assert pruned.returncode == 0, pruned.stderr
+    for name in old_names:
+        assert not (out / name).exists()
+        assert not (out / name).with_suffix(".json").exists()
