@@ -80,6 +80,14 @@ _latency = _bounded(float, 0, 3600, noun="number of seconds")
 _port = _bounded(int, 0, 65535, noun="port number")
 _fraction = _bounded(float, 0, 1)
 _usd = _bounded(float, 0, 1e12, low_open=True, noun="amount in USD")
+NO_BUDGET = "none"
+
+
+def _budget(text: str) -> float | str:
+    """``--budget``: an amount in USD, or ``none`` to switch a manifest's budget off."""
+    if text.strip().lower() == NO_BUDGET:
+        return NO_BUDGET
+    return float(_usd(text))
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -106,11 +114,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "(default: retry them)")
     parser.add_argument("--shard", type=_shard, metavar="I/N",
                         help="run only shard I of N, I from 1 to N, such as 2/4 (default: all)")
-    parser.add_argument("--budget", type=_usd, metavar="USD",
+    parser.add_argument("--budget", type=_budget, metavar="USD|none",
                         help="most this run may spend, in USD such as 2.50, by the manifest's "
                              "prices; no task starts past it, the rest stay pending (exit 1); "
-                             "every model run needs a price (default: the manifest's budget, "
-                             "else none). With --shard, each shard's own")
+                             "every model run needs a price; `none` switches the manifest's "
+                             "budget off (default: the manifest's budget, else none). With "
+                             "--shard, each shard's own")
 
 
 # Written out rather than imported: importing the server costs every command a tenth of its
@@ -154,8 +163,9 @@ _EPILOGS = {
              "  batcher merge out/shard-1 out/shard-2 --output out/all",
     "prune": "exit codes:\n  0    pruned (or nothing to prune)\n  2    the manifest or the "
              "command line is wrong, no ledger there, the output is in use by a run,\n"
-             "       or none of its tasks belongs to a job of the manifest; nothing was "
-             "removed\n"
+             "       none of its tasks belongs to a job of the manifest, or it would remove "
+             "every task\n       of a job the manifest still has (a different --provider, "
+             "params or vars?;\n       --force prunes anyway); nothing was removed\n"
              "\nexample:\n  batcher prune jobs/demo.yaml --dry-run",
     "report": "exit codes:\n  0    written\n  2    no ledger in the folder\n\nexample:\n"
               "  batcher report output/demo",
@@ -212,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first remove the files and ledger rows of tasks the manifest no "
                           "longer has (the whole manifest counts, whatever --only says; not "
                           "with --shard: prune once, before or after the shards)")
+    run.add_argument("--force", action="store_true",
+                     help="with --prune: prune even when it would remove every task of a job "
+                          "the manifest still has (see `batcher prune --help`)")
     run.add_argument("--store-timeout", type=_seconds, default=300.0, metavar="S",
                      help="with a store output: seconds a failing store is retried before the "
                           "run stops with its tasks pending (default: 300)")
@@ -278,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="provider for a JSONL task file (default: vultr)")
     prune.add_argument("--dry-run", action="store_true",
                        help="list what would be removed; remove nothing")
+    prune.add_argument("--force", action="store_true",
+                       help="prune even what looks like a mistake: every task of a job the "
+                            "manifest still has, or tasks made with another provider than "
+                            "the job's (default: refuse, exit 2, nothing removed)")
 
     report = _command(sub, "report", "write results.jsonl and index.html again")
     report.add_argument("output", type=_target, metavar="DIR|URL",
@@ -294,7 +311,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         progress=False if getattr(args, "no_progress", False) else None,
         log_every=getattr(args, "log_every", 10.0), grace=getattr(args, "grace", 10.0),
         sync_every=getattr(args, "sync_every", None),
-        store_timeout=getattr(args, "store_timeout", None), budget=args.budget,
+        store_timeout=getattr(args, "store_timeout", None),
+        budget=None if args.budget == NO_BUDGET else args.budget,
     )
 
 
@@ -308,11 +326,12 @@ def dispatch(args: argparse.Namespace) -> int:
         args.command, args.check = "plan", False
     if args.command in {"run", "plan"}:
         options = _run_options(args)
+        force, budget_off = getattr(args, "force", False), args.budget == NO_BUDGET
         if args.command == "plan":
             return commands.plan(args.manifest, args.provider, options, check=args.check,
-                                 prune_first=prune)
+                                 prune_first=prune, force=force, budget_off=budget_off)
         return asyncio.run(commands.run(args.manifest, args.provider, options,
-                                        prune_first=prune))
+                                        prune_first=prune, force=force, budget_off=budget_off))
     if args.command == "validate":
         return commands.validate(args.manifest, args.provider)
     if args.command == "status":
@@ -326,7 +345,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         return commands.report(args.output)
     if args.command == "prune":
-        return commands.prune(args.manifest, args.provider, args.output, dry_run=args.dry_run)
+        return commands.prune(args.manifest, args.provider, args.output, dry_run=args.dry_run,
+                              force=args.force)
     raise UsageError(f"unknown command {args.command}")
 
 

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from conftest import ledger_rows, provider_block, run_cli, write_manifest
+from s3server import S3Server, s3, store_env
 
 from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
 from batcher.storage import Layout, short_id
 from batcher.tasks import expand
+
+__all__ = ["s3"]  # a fixture, used by name
 
 # Two rows whose names met with 8 hex characters (found by a search over 300,000 values of x
 # for exactly this job): one file, one paid image lost, and every later run paying again.
@@ -180,3 +183,105 @@ def test_an_output_made_with_8_character_names_resumes_without_a_request(
     for name in old_names:
         assert not (out / name).exists()
         assert not (out / name).with_suffix(".json").exists()
+
+
+# --------------------------------------------------------------------------- prune's guard
+
+
+def test_prune_of_a_jsonl_file_without_its_provider_removes_nothing(tmp_path: Path) -> None:
+    """The provider is part of an id-less line's id: without --provider every such task looks
+    stale. The line with an id is kept either way, so the job is not emptied: the guard sees
+    rows made with another provider than the job's."""
+    lines = [{"model": "flux.1-schnell", "prompt": f"A brass key number {n}",
+              "params": {"size": "256x256"}} for n in range(3)]
+    lines.append({"id": "hero", "model": "flux.1-schnell", "prompt": "A brass lock"})
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ran = run_cli("run", str(tasks), "--provider", "local", "--no-progress")
+    assert ran.returncode == 0, ran.stderr
+    out = tmp_path / "output" / "tasks"
+    before = {p: p.read_bytes() for p in out.rglob("*.png")}
+    assert len(before) == 4
+
+    for extra in ([], ["--dry-run"]):
+        refused = run_cli("prune", str(tasks), *extra)
+        assert refused.returncode == 2, refused.stderr
+        assert "--provider local" in refused.stderr and "--force" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert len(ledger_rows(out)) == 4
+    assert {p: p.read_bytes() for p in out.rglob("*.png")} == before
+    same = run_cli("prune", str(tasks), "--provider", "local")
+    assert same.returncode == 0 and "nothing to remove" in same.stdout
+    again = run_cli("run", str(tasks), "--provider", "local", "--no-progress")
+    assert again.returncode == 0
+    assert json.loads((out / "summary.json").read_text())["requests"] == 0
+
+    forced = run_cli("prune", str(tasks), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert [row["id"] for row in ledger_rows(out)] == ["hero"]
+
+
+def grid_manifest(server: Any, folder: Path, *, size: str = "256x256",
+                  output: str = "out") -> Path:
+    text = f"name: guard\noutput: {output}\n" + provider_block(server) + textwrap.dedent(f"""\
+        jobs:
+          - name: keys
+            type: image
+            provider: test
+            model: flux.1-schnell
+            prompt: "A brass key number {{n}}"
+            vars: {{n: [1, 2]}}
+            params: {{size: {size}, response_format: b64_json}}
+          - name: notes
+            type: chat
+            provider: test
+            model: llama-3.1-8b-instruct
+            prompt: "Describe key {{n}}"
+            vars: {{n: [1, 2]}}
+            params: {{max_tokens: 20}}
+        """)
+    return write_manifest(folder, text)
+
+
+def test_a_prune_that_would_empty_a_job_is_refused_unless_forced(
+        tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server()
+    path = grid_manifest(server, tmp_path)
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.suffix in {".png", ".txt"}}
+    changed = grid_manifest(server, tmp_path, size="512x512")  # every id of keys changes
+
+    for args in (["prune", str(changed)], ["prune", str(changed), "--dry-run"],
+                 ["run", str(changed), "--prune", "--no-progress"]):
+        refused = run_cli(*args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert "every task of job keys" in refused.stderr and "params" in refused.stderr
+    assert paid(server) == 4  # the refused run --prune sent nothing
+    assert len(ledger_rows(out)) == 4
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.suffix in {".png", ".txt"}} == before
+
+    forced = run_cli("prune", str(changed), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(row["job"] for row in ledger_rows(out)) == ["notes", "notes"]
+    assert not list(out.rglob("*.png"))
+
+
+def test_the_store_prune_has_the_same_guard(tmp_path: Path, thread_server: Any,
+                                            s3: S3Server) -> None:
+    server = thread_server()
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/guard"
+    path = grid_manifest(server, tmp_path, output=url)
+    env = store_env(s3.url, str(tmp_path / "cache"))
+    assert run_cli("run", str(path), "--no-progress", env=env).returncode == 0
+    keys = s3.keys(bucket, "guard/")
+    changed = grid_manifest(server, tmp_path, size="512x512", output=url)
+
+    refused = run_cli("prune", str(changed), env=env)
+
+    assert refused.returncode == 2 and "every task of job keys" in refused.stderr
+    assert s3.keys(bucket, "guard/") == keys
+    forced = run_cli("prune", str(changed), "--force", env=env)
+    assert forced.returncode == 0, forced.stderr
+    assert not [key for key in s3.keys(bucket, "guard/") if key.endswith(".png")]
