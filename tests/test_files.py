@@ -285,3 +285,76 @@ def test_the_store_prune_has_the_same_guard(tmp_path: Path, thread_server: Any,
     forced = run_cli("prune", str(changed), "--force", env=env)
     assert forced.returncode == 0, forced.stderr
     assert not [key for key in s3.keys(bucket, "guard/") if key.endswith(".png")]
+
+
+# --------------------------------------------------------------------------- user ids
+
+
+def test_a_user_id_used_in_two_task_files_is_a_manifest_error(tmp_path: Path,
+                                                              thread_server: Any) -> None:
+    server = thread_server()
+    (tmp_path / "a.jsonl").write_text(
+        '{"id": "hero-1", "model": "flux.1-schnell", "prompt": "A red kite"}\n'
+        '{"id": "hero-2", "model": "flux.1-schnell", "prompt": "A blue kite"}\n')
+    (tmp_path / "b.jsonl").write_text(
+        '{"id": "other", "model": "flux.1-schnell", "prompt": "A green kite"}\n'
+        '{"custom_id": "hero-2", "method": "POST", "url": "/v1/images/generations", '
+        '"body": {"model": "flux.1-schnell", "prompt": "A kite"}}\n')
+    text = "name: ids\noutput: out\n" + provider_block(server) + textwrap.dedent("""\
+        jobs:
+          - name: first
+            provider: test
+            file: a.jsonl
+          - name: second
+            provider: test
+            file: b.jsonl
+        """)
+    path = write_manifest(tmp_path, text)
+    for command in ("validate", "run", "plan"):
+        result = run_cli(command, str(path), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().endswith(
+            "b.jsonl:2: custom_id: 'hero-2' is already the id of "
+            f"{tmp_path / 'a.jsonl'}:2"), result.stderr
+    assert paid(server) == 0 and not (tmp_path / "out").exists()
+    # The same file in two jobs is the same ids twice.
+    (tmp_path / "b.jsonl").write_text((tmp_path / "a.jsonl").read_text())
+    twice = run_cli("validate", str(path))
+    assert twice.returncode == 2 and "b.jsonl:1: id: 'hero-1' is already the id of" in \
+        twice.stderr
+    # Distinct ids across files are fine, and each is its own task.
+    (tmp_path / "b.jsonl").write_text(
+        '{"id": "hero-3", "model": "flux.1-schnell", "prompt": "A red kite"}\n')
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert sorted(row["id"] for row in ledger_rows(tmp_path / "out")) == [
+        "hero-1", "hero-2", "hero-3"]
+    assert run_cli("status", str(path)).returncode == 0
+
+
+def test_user_ids_that_only_share_a_digest_are_not_one(tmp_path: Path,
+                                                       monkeypatch: Any) -> None:
+    """The digest only says where to look: the files are read again before an error."""
+    import hashlib as real
+
+    from batcher.manifest import jsonl
+
+    class OneDigest:
+        @staticmethod
+        def blake2b(data: bytes, digest_size: int) -> Any:
+            return real.blake2b(b"same", digest_size=digest_size)
+
+    monkeypatch.setattr(jsonl, "hashlib", OneDigest)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "a", "model": "m", "prompt": "p"}\n'
+                     '{"id": "b", "model": "m", "prompt": "q"}\n'
+                     '{"id": "a", "model": "m", "prompt": "r"}\n')
+    ids = jsonl.UserIds()
+    found = list(jsonl.iter_jsonl(tasks))
+    ids.add(tasks, found[0])
+    ids.add(tasks, found[1])
+    try:
+        ids.add(tasks, found[2])
+    except jsonl.ManifestError as exc:
+        assert "'a' is already the id of line 1" in str(exc)
+    else:
+        raise AssertionError("a repeated id passed")
