@@ -358,3 +358,57 @@ def test_user_ids_that_only_share_a_digest_are_not_one(tmp_path: Path,
         assert "'a' is already the id of line 1" in str(exc)
     else:
         raise AssertionError("a repeated id passed")
+
+
+# --------------------------------------------------------------------------- vars files
+
+
+def vars_manifest(folder: Path, vars_file: str) -> Path:
+    return write_manifest(folder, textwrap.dedent(f"""\
+        name: spoons
+        jobs:
+          - name: spoons
+            type: image
+            provider: local
+            model: flux.1-schnell
+            vars_file: {vars_file}
+            prompt: "a {{finish}} {{name}}"
+        """))
+
+
+def validate_line(folder: Path, path: Path) -> tuple[int, str]:
+    result = run_cli("validate", path.name, cwd=folder)
+    assert "Traceback" not in result.stderr
+    return result.returncode, result.stderr.strip()
+
+
+def test_an_empty_cell_a_prompt_uses_is_a_manifest_error(tmp_path: Path) -> None:
+    (tmp_path / "rows.csv").write_text(
+        "name,finish,note\nTeak Spoon,oiled,\nTeak Spoon, ,x\n")  # the empty note is unused
+    code, line = validate_line(tmp_path, vars_manifest(tmp_path, "rows.csv"))
+    assert code == 2
+    assert line == ("batcher: rows.csv:3: finish: no value for {finish}, which the job's "
+                    "prompts, system or images use")
+    (tmp_path / "rows.jsonl").write_text('{"name": "Teak Spoon", "finish": "oiled"}\n'
+                                         '{"name": "", "finish": "waxed"}\n')
+    code, line = validate_line(tmp_path, vars_manifest(tmp_path, "rows.jsonl"))
+    assert code == 2 and line.startswith("batcher: rows.jsonl:2: name: no value for {name}")
+    (tmp_path / "rows.csv").write_text("name,finish,note\nTeak Spoon,oiled,\n")
+    assert validate_line(tmp_path, vars_manifest(tmp_path, "rows.csv"))[0] == 0
+
+
+def test_a_byte_that_is_not_utf8_is_reported_on_its_own_line(tmp_path: Path) -> None:
+    rows = [f"Spoon {n},oiled\n".encode() for n in range(1, 5000)]
+    rows[2999] = b"Spoon \xff,oiled\n"  # line 3001: the header is line 1
+    (tmp_path / "rows.csv").write_bytes(b"name,finish\n" + b"".join(rows))
+    code, line = validate_line(tmp_path, vars_manifest(tmp_path, "rows.csv"))
+    assert code == 2 and line.startswith("batcher: rows.csv:3001: not UTF-8 text"), line
+    (tmp_path / "rows.jsonl").write_bytes(b"".join(
+        b'{"name": "a%d", "finish": "b"}\n' % n for n in range(40)) +
+        b'{"name": "\xc3(", "finish": "b"}\n')
+    code, line = validate_line(tmp_path, vars_manifest(tmp_path, "rows.jsonl"))
+    assert code == 2 and line.startswith("batcher: rows.jsonl:41: not UTF-8 text"), line
+    # A byte-order mark and quoted fields across lines still read as before.
+    (tmp_path / "rows.csv").write_bytes(
+        b'\xef\xbb\xbfname,finish\r\n"Teak\nSpoon",oiled\r\nOak Spoon,waxed\r\n')
+    assert validate_line(tmp_path, vars_manifest(tmp_path, "rows.csv"))[0] == 0
