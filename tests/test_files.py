@@ -8,15 +8,19 @@ The CLI runs as a user runs it; requests are counted at the built-in server."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sqlite3
+import struct
 import textwrap
+import zlib
 from pathlib import Path
 from typing import Any
 
 from conftest import ledger_rows, provider_block, run_cli, write_manifest
 from s3server import S3Server, s3, store_env
+from scripted import ScriptedServer, good_image, json_reply
 
 from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
@@ -412,3 +416,93 @@ def test_a_byte_that_is_not_utf8_is_reported_on_its_own_line(tmp_path: Path) -> 
     (tmp_path / "rows.csv").write_bytes(
         b'\xef\xbb\xbfname,finish\r\n"Teak\nSpoon",oiled\r\nOak Spoon,waxed\r\n')
     assert validate_line(tmp_path, vars_manifest(tmp_path, "rows.csv"))[0] == 0
+
+
+# --------------------------------------------------------------------------- pixel cap
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A grey PNG of ``width`` x ``height`` whose pixels are all 0: a few hundred KB on the
+    wire, gigabytes once decoded and resized."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    packer = zlib.compressobj(9)
+    row = bytes(width + 1)  # the filter byte, then one byte a pixel
+    compressed = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", compressed)
+            + chunk(b"IEND", b""))
+
+
+def scripted_manifest(server: ScriptedServer, folder: Path, outputs: str) -> Path:
+    text = textwrap.dedent(f"""\
+        name: pixels
+        output: out
+        providers:
+          scripted:
+            base_url: {server.api_url}
+            retries: 0
+        jobs:
+          - name: pics
+            type: image
+            provider: scripted
+            model: flux.1-schnell
+            prompts: [huge, small]
+            params: {{size: 256x256, response_format: b64_json}}
+            outputs: {outputs}
+        """)
+    return write_manifest(folder, text)
+
+
+def test_a_small_file_of_huge_dimensions_is_kept_but_not_decoded(tmp_path: Path) -> None:
+    png = huge_png(12_500, 12_500)
+    assert len(png) < 500_000
+    server = ScriptedServer().start()
+    try:
+        server.replies["huge"] = json_reply(
+            {"created": 1, "data": [{"b64_json": base64.b64encode(png).decode()}]})
+        server.replies["small"] = good_image()
+        path = scripted_manifest(server, tmp_path, "{sizes: {thumb: 64}}")
+        result = run_cli("run", str(path), "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert "DecompressionBomb" not in result.stderr and "Traceback" not in result.stderr
+        assert "too_many_pixels" in result.stderr  # batcher's own warning, named
+        rows = {row["prompt"]: row for row in ledger_rows(tmp_path / "out", decode=True)}
+        huge, small = rows["huge"], rows["small"]
+        assert huge["status"] == "ok" and small["status"] == "ok"
+        kept = tmp_path / "out" / huge["files"][0][0]
+        assert kept.read_bytes() == png  # the paid file, as delivered
+        derived = json.loads(huge["derived"])
+        assert "too_many_pixels" in derived["error"] and "12500 x 12500" in derived["error"]
+        assert derived["files"] == []
+        assert [e["role"] for e in json.loads(small["derived"])["files"]] == ["size:thumb"]
+        again = run_cli("run", str(path), "--no-progress")
+        assert again.returncode == 0 and "DecompressionBomb" not in again.stderr
+        assert dict(server.requests) == {"huge": 1, "small": 1}
+    finally:
+        server.stop()
+
+
+def test_max_pixels_is_set_under_outputs(tmp_path: Path) -> None:
+    server = ScriptedServer().start()
+    try:
+        server.default = good_image()  # 32 x 32 = 1024 px
+        path = scripted_manifest(server, tmp_path, "{sizes: {thumb: 16}, max_pixels: 1000}")
+        assert run_cli("run", str(path), "--no-progress").returncode == 0
+        rows = ledger_rows(tmp_path / "out", decode=True)
+        assert all("too_many_pixels" in json.loads(row["derived"])["error"] for row in rows)
+        # A higher cap makes them from the kept images, with no request.
+        path = scripted_manifest(server, tmp_path, "{sizes: {thumb: 16}, max_pixels: 1024}")
+        assert run_cli("run", str(path), "--no-progress").returncode == 0
+        rows = ledger_rows(tmp_path / "out", decode=True)
+        assert all("error" not in json.loads(row["derived"]) for row in rows)
+        assert all((tmp_path / "out" / json.loads(row["derived"])["files"][0]["path"]).is_file()
+                   for row in rows)
+        assert dict(server.requests) == {"huge": 1, "small": 1}
+        path = scripted_manifest(server, tmp_path, "{sizes: {thumb: 16}, max_pixels: 0}")
+        bad = run_cli("validate", str(path))
+        assert bad.returncode == 2 and "outputs.max_pixels" in bad.stderr
+    finally:
+        server.stop()
