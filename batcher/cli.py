@@ -1,17 +1,20 @@
 """The command line: parse arguments, set up logging, run, map errors to exit codes.
 
 Exit codes: 0 every task ok; 1 some failed; 2 bad manifest or command line (nothing sent);
-3 the provider refused the key or config; 130 interrupted (the same command resumes).
+3 the provider refused the key or config; 130 interrupted (the same command resumes); 141
+stdout was closed (``| head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import math
 import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -137,6 +140,7 @@ exit codes:
        folder or a store) is in use or cannot be opened; nothing was sent
   3    the provider refused the key or the config (401/403); the run stopped early
   130  interrupted (Ctrl-C, SIGTERM); the same command resumes
+  141  stdout was closed (its reader stopped, as in `| head`): any command ends quietly
 """
 
 # Each command's help ends with its exit codes and one example.
@@ -151,7 +155,8 @@ _EPILOGS = {
                 "as file:line: field: what is wrong\n\nexample:\n  batcher validate jobs/demo.yaml",
     "status": "exit codes:\n  0    every task ok\n  1    some tasks failed or are pending, or "
               "--verify found a file missing or changed\n  2    no ledger there, or the "
-              "manifest is wrong\n\nexample:\n  batcher status jobs/demo.yaml --verify",
+              "manifest is wrong\n  141  stdout was closed before all was printed (`| head`)"
+              "\n\nexample:\n  batcher status jobs/demo.yaml --verify",
     "models": "exit codes:\n  0    listed\n  1    the provider could not be reached\n"
               "  2    unknown provider or missing key\n  3    the provider refused the key\n"
               "\nexample:\n  batcher models local",
@@ -350,7 +355,52 @@ def dispatch(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
+STDOUT_CLOSED = 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code.
+
+    A closed stdout (``batcher status ... | head -1``: the reader stopped) ends any command
+    quietly with :data:`STDOUT_CLOSED`, never 1, which a CI gate reads as "tasks pending".
+    What a run finished is saved by then: its ledger is written before anything is printed.
+    """
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit as stop:  # argparse: --help, --version, a bad argument
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        sys.stdout.flush()  # a closed stdout shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError as error:
+        if _stdout_is_closed():
+            return _stdout_closed()
+        print(f"batcher: {error}", file=sys.stderr)  # a socket or a file of batcher's own
+        return 1
+
+
+def _stdout_is_closed() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll says so without writing)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no descriptor, or no poll() here
+        return True
+
+
+def _stdout_closed() -> int:
+    """Point stdout and stderr (often the same pipe) at the null device: the interpreter
+    would flush what is buffered at exit, fail again, and print that it did."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return STDOUT_CLOSED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -362,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("batcher").setLevel(logging.INFO)
     try:
         return dispatch(args)
+    except BrokenPipeError:
+        raise  # stdout closed: main() ends quietly
     except BatcherError as error:
         print(f"batcher: {error}", file=sys.stderr)
         return error.exit_code
@@ -372,8 +424,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a run's own signal handling is in place
         print("batcher: interrupted", file=sys.stderr)
         return Interrupted.exit_code
-    except BrokenPipeError:
-        return 1
 
 
 def entry() -> None:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import sqlite3
 import struct
+import subprocess
+import sys
 import textwrap
 import zlib
 from pathlib import Path
@@ -506,3 +509,54 @@ def test_max_pixels_is_set_under_outputs(tmp_path: Path) -> None:
         assert bad.returncode == 2 and "outputs.max_pixels" in bad.stderr
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def run_into_closed_pipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with a stdout whose reader has gone (as after ``| head -1``)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "batcher", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=cwd)
+    finally:
+        os.close(write_end)
+
+
+def test_a_closed_stdout_ends_any_command_quietly_with_141(tmp_path: Path,
+                                                          thread_server: Any) -> None:
+    server = thread_server()
+    path = grid_manifest(server, tmp_path)
+    assert run_cli("run", str(path), "--no-progress", "--limit", "1").returncode == 0
+    assert run_cli("status", str(path)).returncode == 1  # pending tasks: 1, as documented
+    for args in (["status", str(path)], ["status", "out", "--json"], ["plan", str(path)],
+                 ["validate", str(path)]):
+        result = run_into_closed_pipe(*args, cwd=tmp_path)
+        assert result.returncode == 141, (args, result.returncode, result.stderr)
+        assert result.stderr == "", (args, result.stderr)
+    for args in (["--help"], ["--version"], ["status", "--help"]):  # argparse's own: 0
+        result = run_into_closed_pipe(*args, cwd=tmp_path)
+        assert result.returncode in (0, 141) and result.stderr == "", (args, result)
+    assert paid(server) == 1
+
+
+def test_budget_none_switches_off_the_manifests_budget(tmp_path: Path,
+                                                       thread_server: Any) -> None:
+    server = thread_server()
+    text = grid_manifest(server, tmp_path).read_text().replace(
+        "name: guard\n", "name: guard\nbudget: 0.05\n")
+    path = write_manifest(tmp_path, text)  # no prices: a budget cannot be kept
+    refused = run_cli("run", str(path), "--no-progress")
+    assert refused.returncode == 2 and "budget" in refused.stderr and paid(server) == 0
+    plan = run_cli("plan", str(path))
+    assert plan.returncode == 0 and "budget: $0.05" in plan.stdout
+    plan = run_cli("plan", str(path), "--budget", "none")
+    assert plan.returncode == 0 and "budget" not in plan.stdout
+    ran = run_cli("run", str(path), "--no-progress", "--budget", "None")
+    assert ran.returncode == 0, ran.stderr
+    assert paid(server) == 4
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["budget_usd"] is None
+    bad = run_cli("run", str(path), "--budget", "nothing")
+    assert bad.returncode == 2 and "--budget" in bad.stderr
