@@ -327,6 +327,9 @@ def dispatch(args: argparse.Namespace) -> int:
                          "the whole output; run `batcher prune MANIFEST` once, before or after "
                          "the shards")
     prune = getattr(args, "prune", False)
+    if getattr(args, "force", False) and args.command == "run" and not prune:
+        raise UsageError("run --force: only with --prune (it lets prune remove what looks "
+                         "like a mistake)")
     if args.command == "run" and args.dry_run:
         args.command, args.check = "plan", False
     if args.command in {"run", "plan"}:

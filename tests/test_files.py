@@ -415,6 +415,10 @@ def test_a_byte_that_is_not_utf8_is_reported_on_its_own_line(tmp_path: Path) -> 
         b'{"name": "\xc3(", "finish": "b"}\n')
     code, line = validate_line(tmp_path, vars_manifest(tmp_path, "rows.jsonl"))
     assert code == 2 and line.startswith("batcher: rows.jsonl:41: not UTF-8 text"), line
+    (tmp_path / "rows.yaml").write_bytes(b'- {name: a, finish: b}\n- {name: "\xff", '
+                                         b'finish: c}\n')
+    code, line = validate_line(tmp_path, vars_manifest(tmp_path, "rows.yaml"))
+    assert code == 2 and line.startswith("batcher: rows.yaml:2: not UTF-8 text"), line
     # A byte-order mark and quoted fields across lines still read as before.
     (tmp_path / "rows.csv").write_bytes(
         b'\xef\xbb\xbfname,finish\r\n"Teak\nSpoon",oiled\r\nOak Spoon,waxed\r\n')
