@@ -135,6 +135,10 @@ class Layout:
         """The task's sidecar: what its ledger row says, beside its files."""
         return f"{self.task_stem(task)}.json"
 
+    def legacy_sidecar_name(self, task: Named) -> str:
+        """Where an older batcher put the task's sidecar (8-character ids)."""
+        return f"{self.legacy_stem(task)}.json"
+
     def record_sidecar(self, record: Named, files: Iterable[str]) -> str:
         """The sidecar of a kept task, beside its ``files`` (an older run's name included)."""
         return f"{self.record_stem(record, files)}.json"

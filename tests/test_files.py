@@ -564,3 +564,27 @@ def test_budget_none_switches_off_the_manifests_budget(tmp_path: Path,
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["budget_usd"] is None
     bad = run_cli("run", str(path), "--budget", "nothing")
     assert bad.returncode == 2 and "--budget" in bad.stderr
+
+
+def test_a_store_adopts_an_older_runs_sidecars_without_a_request(
+        tmp_path: Path, thread_server: Any, s3: S3Server) -> None:
+    """An older batcher's run into a store died before it published its ledger: its files and
+    8-character sidecars are there; a fresh machine adopts them instead of paying again."""
+    server = thread_server()
+    path = one_task_manifest(server, tmp_path)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    old_names = make_legacy(out)
+    bucket = s3.bucket()
+    for name in old_names:
+        for file in (out / name, (out / name).with_suffix(".json")):
+            s3.put(bucket, f"old/{file.relative_to(out)}", file.read_bytes())
+    url = f"s3://{bucket}/old"
+    text = path.read_text().replace("output: out", f"output: {url}")
+    path = write_manifest(tmp_path, text)
+    result = run_cli("run", str(path), "--no-progress",
+                     env=store_env(s3.url, str(tmp_path / "fresh")))
+    assert result.returncode == 0, result.stderr
+    assert "adopted 2 finished tasks" in result.stderr
+    assert paid(server) == 2  # the first run's two, none again
+    assert run_cli("status", url, env=store_env(s3.url, str(tmp_path / "c2"))).returncode == 0
