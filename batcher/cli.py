@@ -1,17 +1,20 @@
 """The command line: parse arguments, set up logging, run, map errors to exit codes.
 
 Exit codes: 0 every task ok; 1 some failed; 2 bad manifest or command line (nothing sent);
-3 the provider refused the key or config; 130 interrupted (the same command resumes).
+3 the provider refused the key or config; 130 interrupted (the same command resumes); 141
+stdout was closed (``| head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import math
 import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -80,6 +83,14 @@ _latency = _bounded(float, 0, 3600, noun="number of seconds")
 _port = _bounded(int, 0, 65535, noun="port number")
 _fraction = _bounded(float, 0, 1)
 _usd = _bounded(float, 0, 1e12, low_open=True, noun="amount in USD")
+NO_BUDGET = "none"
+
+
+def _budget(text: str) -> float | str:
+    """``--budget``: an amount in USD, or ``none`` to switch a manifest's budget off."""
+    if text.strip().lower() == NO_BUDGET:
+        return NO_BUDGET
+    return float(_usd(text))
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -106,11 +117,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "(default: retry them)")
     parser.add_argument("--shard", type=_shard, metavar="I/N",
                         help="run only shard I of N, I from 1 to N, such as 2/4 (default: all)")
-    parser.add_argument("--budget", type=_usd, metavar="USD",
+    parser.add_argument("--budget", type=_budget, metavar="USD|none",
                         help="most this run may spend, in USD such as 2.50, by the manifest's "
                              "prices; no task starts past it, the rest stay pending (exit 1); "
-                             "every model run needs a price (default: the manifest's budget, "
-                             "else none). With --shard, each shard's own")
+                             "every model run needs a price; `none` switches the manifest's "
+                             "budget off (default: the manifest's budget, else none). With "
+                             "--shard, each shard's own")
 
 
 # Written out rather than imported: importing the server costs every command a tenth of its
@@ -128,6 +140,7 @@ exit codes:
        folder or a store) is in use or cannot be opened; nothing was sent
   3    the provider refused the key or the config (401/403); the run stopped early
   130  interrupted (Ctrl-C, SIGTERM); the same command resumes
+  141  stdout was closed (its reader stopped, as in `| head`): any command ends quietly
 """
 
 # Each command's help ends with its exit codes and one example.
@@ -142,7 +155,8 @@ _EPILOGS = {
                 "as file:line: field: what is wrong\n\nexample:\n  batcher validate jobs/demo.yaml",
     "status": "exit codes:\n  0    every task ok\n  1    some tasks failed or are pending, or "
               "--verify found a file missing or changed\n  2    no ledger there, or the "
-              "manifest is wrong\n\nexample:\n  batcher status jobs/demo.yaml --verify",
+              "manifest is wrong\n  141  stdout was closed before all was printed (`| head`)"
+              "\n\nexample:\n  batcher status jobs/demo.yaml --verify",
     "models": "exit codes:\n  0    listed\n  1    the provider could not be reached\n"
               "  2    unknown provider or missing key\n  3    the provider refused the key\n"
               "\nexample:\n  batcher models local",
@@ -154,8 +168,9 @@ _EPILOGS = {
              "  batcher merge out/shard-1 out/shard-2 --output out/all",
     "prune": "exit codes:\n  0    pruned (or nothing to prune)\n  2    the manifest or the "
              "command line is wrong, no ledger there, the output is in use by a run,\n"
-             "       or none of its tasks belongs to a job of the manifest; nothing was "
-             "removed\n"
+             "       none of its tasks belongs to a job of the manifest, or it would remove "
+             "every task\n       of a job the manifest still has (a different --provider, "
+             "params or vars?;\n       --force prunes anyway); nothing was removed\n"
              "\nexample:\n  batcher prune jobs/demo.yaml --dry-run",
     "report": "exit codes:\n  0    written\n  2    no ledger in the folder\n\nexample:\n"
               "  batcher report output/demo",
@@ -218,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first remove the files and ledger rows of tasks the manifest no "
                           "longer has (the whole manifest counts, whatever --only says; not "
                           "with --shard: prune once, before or after the shards)")
+    run.add_argument("--force", action="store_true",
+                     help="with --prune: prune even when it would remove every task of a job "
+                          "the manifest still has (see `batcher prune --help`)")
     run.add_argument("--store-timeout", type=_seconds, default=300.0, metavar="S",
                      help="with a store output: seconds a failing store is retried before the "
                           "run stops with its tasks pending (default: 300)")
@@ -288,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="provider for a JSONL task file (default: vultr)")
     prune.add_argument("--dry-run", action="store_true",
                        help="list what would be removed; remove nothing")
+    prune.add_argument("--force", action="store_true",
+                       help="prune even what looks like a mistake: every task of a job the "
+                            "manifest still has, or tasks made with another provider than "
+                            "the job's (default: refuse, exit 2, nothing removed)")
 
     report = _command(sub, "report", "write results.jsonl and index.html again")
     report.add_argument("output", type=_target, metavar="DIR|URL|MANIFEST",
@@ -326,7 +348,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         progress=False if getattr(args, "no_progress", False) else None,
         log_every=getattr(args, "log_every", 10.0), grace=getattr(args, "grace", 10.0),
         sync_every=getattr(args, "sync_every", None),
-        store_timeout=getattr(args, "store_timeout", None), budget=args.budget,
+        store_timeout=getattr(args, "store_timeout", None),
+        budget=None if args.budget == NO_BUDGET else args.budget,
     )
 
 
@@ -336,15 +359,19 @@ def dispatch(args: argparse.Namespace) -> int:
                          "the whole output; run `batcher prune MANIFEST` once, before or after "
                          "the shards")
     prune = getattr(args, "prune", False)
+    if getattr(args, "force", False) and args.command == "run" and not prune:
+        raise UsageError("run --force: only with --prune (it lets prune remove what looks "
+                         "like a mistake)")
     if args.command == "run" and args.dry_run:
         args.command, args.check = "plan", False
     if args.command in {"run", "plan"}:
         options = _run_options(args)
+        force, budget_off = getattr(args, "force", False), args.budget == NO_BUDGET
         if args.command == "plan":
             return commands.plan(args.manifest, args.provider, options, check=args.check,
-                                 prune_first=prune)
+                                 prune_first=prune, force=force, budget_off=budget_off)
         return asyncio.run(commands.run(args.manifest, args.provider, options,
-                                        prune_first=prune))
+                                        prune_first=prune, force=force, budget_off=budget_off))
     if args.command == "validate":
         return commands.validate(args.manifest, args.provider)
     if args.command == "status":
@@ -365,11 +392,57 @@ def dispatch(args: argparse.Namespace) -> int:
             return command.publish(args.manifest, args.output, args.to, dry_run=args.dry_run)
         return command.review(args.manifest, args.output, port=args.port)
     if args.command == "prune":
-        return commands.prune(args.manifest, args.provider, args.output, dry_run=args.dry_run)
+        return commands.prune(args.manifest, args.provider, args.output, dry_run=args.dry_run,
+                              force=args.force)
     raise UsageError(f"unknown command {args.command}")
 
 
+STDOUT_CLOSED = 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe ended
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code.
+
+    A closed stdout (``batcher status ... | head -1``: the reader stopped) ends any command
+    quietly with :data:`STDOUT_CLOSED`, never 1, which a CI gate reads as "tasks pending".
+    What a run finished is saved by then: its ledger is written before anything is printed.
+    """
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit as stop:  # argparse: --help, --version, a bad argument
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        sys.stdout.flush()  # a closed stdout shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError as error:
+        if _stdout_is_closed():
+            return _stdout_closed()
+        print(f"batcher: {error}", file=sys.stderr)  # a socket or a file of batcher's own
+        return 1
+
+
+def _stdout_is_closed() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll says so without writing)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no descriptor, or no poll() here
+        return True
+
+
+def _stdout_closed() -> int:
+    """Point stdout and stderr (often the same pipe) at the null device: the interpreter
+    would flush what is buffered at exit, fail again, and print that it did."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return STDOUT_CLOSED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -381,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("batcher").setLevel(logging.INFO)
     try:
         return dispatch(args)
+    except BrokenPipeError:
+        raise  # stdout closed: main() ends quietly
     except BatcherError as error:
         print(f"batcher: {error}", file=sys.stderr)
         return error.exit_code
@@ -391,8 +466,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a run's own signal handling is in place
         print("batcher: interrupted", file=sys.stderr)
         return Interrupted.exit_code
-    except BrokenPipeError:
-        return 1
 
 
 def entry() -> None:

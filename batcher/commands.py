@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -41,6 +42,12 @@ if TYPE_CHECKING:
     from batcher.prune import PruneSet
 
 
+def _load(path: Path, provider: str | None, *, budget_off: bool) -> Manifest:
+    """The manifest of ``run`` and ``plan``; ``--budget none`` switches its budget off."""
+    manifest = load_manifest(path, provider=provider)
+    return dataclasses.replace(manifest, budget=None) if budget_off else manifest
+
+
 def validate(path: Path, provider: str | None) -> int:
     manifest = load_manifest(path, provider=provider)
     from batcher.publish.command import picks_warnings
@@ -53,14 +60,15 @@ def validate(path: Path, provider: str | None) -> int:
 
 
 async def run(path: Path, provider: str | None, options: RunOptions, *,
-              prune_first: bool = False) -> int:
-    manifest = await _with_kept_seeds(load_manifest(path, provider=provider), options.output)
+              prune_first: bool = False, force: bool = False, budget_off: bool = False) -> int:
+    manifest = await _with_kept_seeds(_load(path, provider, budget_off=budget_off),
+                                      options.output)
     if prune_first:  # a missing key or an unknown --only job stops before anything is removed
         configs = effective_configs(manifest, options,
                                     used_providers(manifest, options.selection.only))
         for config in configs.values():
             resolve_key(config)
-        await _prune(manifest, options.output, dry_run=False, required=False)
+        await _prune(manifest, options.output, dry_run=False, required=False, force=force)
     started = time.time()
     outcome = await run_manifest(manifest, options)
     summary = outcome.summary
@@ -152,11 +160,12 @@ async def _done_and_failed_in_store(url: StoreURL) -> tuple[set[str], set[str]]:
 
 
 def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool,
-         prune_first: bool = False) -> int:
-    manifest = asyncio.run(_with_kept_seeds(load_manifest(path, provider=provider),
+         prune_first: bool = False, force: bool = False, budget_off: bool = False) -> int:
+    manifest = asyncio.run(_with_kept_seeds(_load(path, provider, budget_off=budget_off),
                                             options.output))
     if prune_first:  # run --dry-run --prune: what the prune would remove, then the plan
-        asyncio.run(_prune(manifest, options.output, dry_run=True, required=False))
+        asyncio.run(_prune(manifest, options.output, dry_run=True, required=False,
+                           force=force))
     root = output_dir(manifest, options.output)
     done, failed = _done_and_failed(root)
     configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
@@ -349,9 +358,10 @@ def merge(inputs: list[Path], output: Path) -> int:
     return 0
 
 
-def prune(path: Path, provider: str | None, output: str | None, *, dry_run: bool) -> int:
+def prune(path: Path, provider: str | None, output: str | None, *, dry_run: bool,
+          force: bool = False) -> int:
     manifest = asyncio.run(_with_kept_seeds(load_manifest(path, provider=provider), output))
-    asyncio.run(_prune(manifest, output, dry_run=dry_run))
+    asyncio.run(_prune(manifest, output, dry_run=dry_run, force=force))
     return 0
 
 
@@ -359,7 +369,7 @@ PRUNE_SAMPLE = 20  # tasks listed one per line; the rest as a count
 
 
 async def _prune(manifest: Manifest, output: str | Path | None, *, dry_run: bool,
-                 required: bool = True) -> None:
+                 required: bool = True, force: bool = False) -> None:
     """Prune the manifest's output (the whole manifest counts, whatever --only says); with
     ``required`` false an output nothing has run into yet is quietly left alone."""
     from batcher.prune import prune_folder
@@ -370,10 +380,10 @@ async def _prune(manifest: Manifest, output: str | Path | None, *, dry_run: bool
         from batcher.store.prune import prune_store
 
         found = await prune_store(manifest, target, dry_run=dry_run, announce=announce,
-                                  required=required)
+                                  required=required, force=force)
     else:
         found = prune_folder(manifest, target, dry_run=dry_run, announce=announce,
-                             required=required)
+                             required=required, force=force)
     if not found.kept and not found.tasks and not found.names and not required:
         return  # nothing has run into the output yet
     if found.tasks or found.names:

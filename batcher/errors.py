@@ -15,7 +15,8 @@ family into one exit code and a plain message, and nothing else in the package p
         ├── ResponseError     a 2xx answer without what it promises (bad JSON, no data, bad base64)
         ├── TransportError    timeout, refused or reset connection, truncated body
         ├── DownloadError     an image URL that could not be fetched or is not an image
-        └── InternalError     anything else one task's answer raised (a bug): that task fails
+        ├── InternalError     anything else one task's answer raised (a bug): that task fails
+        └── NameTaken         the task's file names belong to another task: never sent
 
 Lower-level exceptions (aiohttp, json, binascii, yaml) are translated into these in exactly one
 place each, with ``raise ... from exc``.
@@ -154,3 +155,11 @@ class InternalError(ProviderError):
     fails (reason ``internal``), never the run."""
 
     reason = "internal"
+
+
+class NameTaken(ProviderError):
+    """The files a task would write are another task's (the ledger's claim on their stem):
+    the task fails (reason ``name_taken``) before it is sent, and those files stay as they
+    are."""
+
+    reason = "name_taken"

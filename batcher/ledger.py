@@ -47,6 +47,12 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 """
 
+# Which task owns the files of each stem (``<job>/<model>/<slug>-s<seed>-<id16>``; see
+# Ledger.claim). A separate table: no column of a task row changes, so older batchers and
+# shards read this ledger as before.
+_CLAIMS = "CREATE TABLE IF NOT EXISTS claims (stem TEXT PRIMARY KEY, id TEXT NOT NULL) " \
+    "WITHOUT ROWID"
+
 # Columns added since the first schema, with their SQL types, in order. A ledger written by an
 # older batcher gains them when opened for writing; read-only, and in another shard's older
 # ledger, they read as NULL. A new column goes here, as a Record field (after the others, in the
@@ -176,6 +182,7 @@ class Ledger:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
+                self._db.execute(_CLAIMS)
                 for column, kind in ADDED_COLUMNS.items():
                     if column not in _columns_of(self._db, "main"):
                         self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
@@ -187,6 +194,7 @@ class Ledger:
             f.name if f.name in present else f"NULL AS {f.name}" for f in fields(Record)))
         self._db.row_factory = sqlite3.Row
         self._pending: list[Record] = []
+        self._claims: dict[str, str] = {}  # stem -> id, claimed since the last flush
         self._flush_scheduled = False
 
     @classmethod
@@ -209,6 +217,24 @@ class Ledger:
     def record(self, record: Record) -> None:
         """Queue a row; it is committed with the others of this loop turn, right after it."""
         self._pending.append(record)
+        self._schedule_flush()
+
+    def claim(self, stem: str, task_id: str) -> str | None:
+        """Claim the files named ``stem`` (and ``stem`` + a suffix) for ``task_id``, before
+        it is sent: returns the id of another task that claimed them first (its files would
+        be overwritten: the caller must not write), else None (claimed, or already its own).
+        A claim is committed with the rows of its loop turn and stays with the ledger."""
+        owner = self._claims.get(stem)
+        if owner is None:
+            row = self._db.execute("SELECT id FROM claims WHERE stem = ?", (stem,)).fetchone()
+            owner = row[0] if row else None
+        if owner is None:
+            self._claims[stem] = task_id
+            self._schedule_flush()
+            return None
+        return None if owner == task_id else str(owner)
+
+    def _schedule_flush(self) -> None:
         if self._flush_scheduled:
             return
         try:
@@ -222,12 +248,15 @@ class Ledger:
     def flush(self) -> None:
         """Commit every queued row in one transaction."""
         self._flush_scheduled = False
-        if not self._pending:
+        if not self._pending and not self._claims:
             return
         rows, self._pending = self._pending, []
+        claims, self._claims = self._claims, {}
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(_UPSERT, [r.as_row() for r in rows])
+            self._db.executemany("INSERT OR IGNORE INTO claims (stem, id) VALUES (?, ?)",
+                                 claims.items())
 
     def absorb(self, other: Path) -> None:
         """Take in another ledger's rows (another shard's): an ok row wins over a failed one,
@@ -256,6 +285,8 @@ class Ledger:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM tasks WHERE id = ?", ((i,) for i in ids))
+            if "claims" in _tables_of(self._db):  # their names are free again
+                self._db.execute("DELETE FROM claims WHERE id NOT IN (SELECT id FROM tasks)")
 
     def snapshot(self, target: Path) -> None:
         """A consistent copy of the whole ledger at ``target`` (for publishing it)."""
@@ -330,6 +361,10 @@ class Ledger:
 
     def raw_rows(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM tasks").fetchall()
+
+
+def _tables_of(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 def _columns_of(db: sqlite3.Connection, schema: str) -> set[str]:

@@ -23,6 +23,10 @@ FORMATS = ("png", "webp", "jpeg", "avif")
 AS_DELIVERED = ("original", "as delivered")  # how a manifest may spell the default
 DELIVERED_KINDS = ("png", "jpeg", "webp", "gif")  # what image_kind() names a delivered file
 INPUT_SIDE = 256  # px, the longest side of an input image's thumbnail on the contact sheet
+# The most pixels batcher decodes to derive files (8192 x 8192): far above what image APIs
+# return, and a bound on memory (4 bytes a pixel and more while resizing) against a small
+# file claiming huge dimensions. ``outputs: max_pixels`` changes it.
+DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +37,14 @@ class Outputs:
     quality: int | None = None  # None: Pillow's default for the format
     sizes: tuple[tuple[str, int], ...] = ()  # (name, longest side in px)
     metadata: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are not decoded (derivation fails)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "quality": self.quality, "sizes": dict(self.sizes),
+        spec = {"format": self.format, "quality": self.quality, "sizes": dict(self.sizes),
                 "metadata": self.metadata}
+        if self.max_pixels != DEFAULT_MAX_PIXELS:  # so outputs kept before it stay current
+            spec["max_pixels"] = self.max_pixels
+        return spec
 
 
 def job_spec(outputs: Outputs | None, with_inputs: bool) -> str | None:

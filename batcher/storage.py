@@ -16,7 +16,7 @@ import itertools
 import os
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +52,21 @@ def slugify(text: str, max_length: int = SLUG_MAX) -> str:
     return slug
 
 
-def short_id(task_id: str) -> str:
-    """Eight hex characters that stand for a task id in file names.
+ID_CHARS = 16  # hex characters of a task id's hash in its file names (64 bits)
+LEGACY_ID_CHARS = 8  # what batcher wrote before: outputs made then keep their names
+
+
+def short_id(task_id: str, length: int = ID_CHARS) -> str:
+    """Hex characters that stand for a task id in file names.
 
     Always a hash of the id, even of an id that is a hash already: a user's id may look like
-    one of batcher's and share its first eight characters with another.
+    one of batcher's and share its first characters with another. Sixteen characters (64
+    bits): names meet only when two tasks share the job, the model, the seed, the first 48
+    characters of the prompt's slug *and* this hash; among a million such tasks the chance
+    that any two do is about 3 in 100 million (eight characters made it 116 expected pairs).
+    The ledger refuses the rare one left (:meth:`batcher.ledger.Ledger.claim`).
     """
-    return hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:length]
 
 
 class Named(Protocol):
@@ -86,11 +94,31 @@ class Layout:
     root: Path
 
     def task_stem(self, task: Named) -> str:
-        """``<job>/<model>/<prompt-slug>-s<seed>-<id8>``."""
+        """``<job>/<model>/<prompt-slug>-s<seed>-<id16>``."""
+        return self._stem(task, ID_CHARS)
+
+    def legacy_stem(self, task: Named) -> str:
+        """The stem batcher used before 16-character ids (``-<id8>``): files an older run
+        made have it, and their ledger rows and sidecars say so."""
+        return self._stem(task, LEGACY_ID_CHARS)
+
+    def record_stem(self, record: Named, files: Iterable[str]) -> str:
+        """The stem a kept task's ``files`` (its ledger row's) were written under: the
+        legacy one for a task an older batcher made, else :meth:`task_stem`."""
+        legacy = self.legacy_stem(record)
+        # A legacy file is the stem then "." (the extension), "-" (image k of n) or "@" (a
+        # derived size); a current name carries hex digits there.
+        if any(path.startswith(legacy) and path[len(legacy):len(legacy) + 1] in {".", "-", "@"}
+               for path in files):
+            return legacy
+        return self.task_stem(record)
+
+    @staticmethod
+    def _stem(task: Named, id_chars: int) -> str:
         # Built as one string: every part is a slug or a hash, so "/" only separates them.
         seed = "" if task.seed is None else f"-s{task.seed}"
         return (f"{slugify(task.job, 64)}/{slugify(task.model, 64)}/"
-                f"{slugify(task.prompt)}{seed}-{short_id(task.id)}")
+                f"{slugify(task.prompt)}{seed}-{short_id(task.id, id_chars)}")
 
     def image_stem(self, task: Task, index: int, count: int) -> str:
         """Image ``index`` of ``count`` without its extension (known once its bytes are)."""
@@ -106,6 +134,14 @@ class Layout:
     def sidecar_name(self, task: Named) -> str:
         """The task's sidecar: what its ledger row says, beside its files."""
         return f"{self.task_stem(task)}.json"
+
+    def legacy_sidecar_name(self, task: Named) -> str:
+        """Where an older batcher put the task's sidecar (8-character ids)."""
+        return f"{self.legacy_stem(task)}.json"
+
+    def record_sidecar(self, record: Named, files: Iterable[str]) -> str:
+        """The sidecar of a kept task, beside its ``files`` (an older run's name included)."""
+        return f"{self.record_stem(record, files)}.json"
 
     def path(self, relative: str) -> str:
         """Where a name made here lives (no check: these names cannot leave the root)."""

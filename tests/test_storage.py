@@ -127,17 +127,17 @@ def test_slug_respects_max_length() -> None:
 
 
 @pytest.mark.parametrize("task_id", HOSTILE + ["hero-1", "0123456789abcdef" * 2, "DEADBEEF"])
-def test_short_id_is_eight_hex(task_id: str) -> None:
+def test_short_id_is_sixteen_hex(task_id: str) -> None:
     short = short_id(task_id)
-    assert re.fullmatch(r"[0-9a-f]{8}", short)
+    assert re.fullmatch(r"[0-9a-f]{16}", short)
     assert short == short_id(task_id)
 
 
 def test_short_id_is_a_hash_even_of_an_id_that_looks_like_one() -> None:
-    # A user's id may look like batcher's own and share its first eight characters with another.
+    # A user's id may look like batcher's own and share its first characters with another.
     own = "90d65965622c61f49bf219a36c967f2a"
-    assert short_id(own) == hashlib.sha256(own.encode()).hexdigest()[:8]
-    assert short_id(own) != short_id("90d65965" + "0" * 24)
+    assert short_id(own) == hashlib.sha256(own.encode()).hexdigest()[:16]
+    assert short_id(own) != short_id("90d65965622c61f4" + "0" * 16)
 
 
 def test_distinct_user_ids_get_distinct_file_names(tmp_path: Path) -> None:
@@ -159,13 +159,20 @@ def test_layout_names(tmp_path: Path) -> None:
     t = task("A Hedgehog in {city}", job="heroes", model="black-forest-labs/FLUX.1-schnell",
              task_id="90d65965622c61f49bf219a36c967f2a", seed=3)
     folder = "heroes/black-forest-labs-flux-1-schnell/"
-    assert layout.task_stem(t) == folder + "a-hedgehog-in-city-s3-5ff5bc7a"
-    assert layout.image_name(t, 1, 1, "png") == folder + "a-hedgehog-in-city-s3-5ff5bc7a.png"
-    assert layout.image_name(t, 2, 4, "png") == folder + "a-hedgehog-in-city-s3-5ff5bc7a-2.png"
-    assert layout.text_name(t) == folder + "a-hedgehog-in-city-s3-5ff5bc7a.txt"
+    stem = folder + "a-hedgehog-in-city-s3-5ff5bc7ae772333e"
+    assert layout.task_stem(t) == stem
+    assert layout.image_name(t, 1, 1, "png") == stem + ".png"
+    assert layout.image_name(t, 2, 4, "png") == stem + "-2.png"
+    assert layout.text_name(t) == stem + ".txt"
     assert layout.path(layout.text_name(t)) == str(tmp_path / "out" / layout.text_name(t))
     no_seed = task("p", task_id="90d65965622c61f49bf219a36c967f2a", seed=None)
-    assert layout.image_name(no_seed, 1, 1, "png") == "job/model/p-5ff5bc7a.png"
+    assert layout.image_name(no_seed, 1, 1, "png") == "job/model/p-5ff5bc7ae772333e.png"
+    # What batcher wrote before: 8 characters, still read where a ledger row names them.
+    assert layout.legacy_stem(t) == folder + "a-hedgehog-in-city-s3-5ff5bc7a"
+    old = [folder + "a-hedgehog-in-city-s3-5ff5bc7a-2.png"]
+    assert layout.record_stem(t, old) == layout.legacy_stem(t)
+    assert layout.record_sidecar(t, old) == folder + "a-hedgehog-in-city-s3-5ff5bc7a.json"
+    assert layout.record_stem(t, [layout.image_name(t, 1, 1, "png")]) == layout.task_stem(t)
 
 
 @pytest.mark.parametrize("text", HOSTILE)

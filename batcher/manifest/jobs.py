@@ -24,7 +24,7 @@ from batcher.manifest.fields import (
     string_list,
 )
 from batcher.manifest.jsonl import JOB_TYPES, RESERVED_PARAMS
-from batcher.outputs import AS_DELIVERED, FORMATS, Outputs
+from batcher.outputs import AS_DELIVERED, DEFAULT_MAX_PIXELS, FORMATS, Outputs
 from batcher.providers.config import ProviderConfig
 from batcher.providers.rules import check_params
 
@@ -34,7 +34,7 @@ JOB_FIELDS = {
     "images", "params", "system", "file", "vars_file", "outputs", "asset", "keep", "max_seeds",
 }
 FILE_JOB_FIELDS = {"name", "file", "provider", "type", "outputs"}
-OUTPUT_FIELDS = {"format", "quality", "sizes", "metadata"}
+OUTPUT_FIELDS = {"format", "quality", "sizes", "metadata", "max_pixels"}
 MAX_SIDE = 16384  # px: a resized copy's longest side
 
 
@@ -147,12 +147,16 @@ def _parse_outputs(value: Any, where: Where) -> Outputs:
     metadata = data.get("metadata", False)
     if not isinstance(metadata, bool):
         raise sub.error("metadata", f"must be true or false, not {metadata!r}")
+    max_pixels = data.get("max_pixels", DEFAULT_MAX_PIXELS)
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise sub.error("max_pixels", "the most pixels (width x height) an image may have to "
+                        f"be decoded for derived files, a whole number, not {max_pixels!r}")
     if fmt is None and quality is not None and not sizes:
         raise sub.error("quality", "applies to a format or sizes; set format or sizes too")
     if fmt is None and metadata and not sizes:
         raise sub.error("metadata", "goes into derived files, and the image as delivered is "
                         "never rewritten: set format or sizes too")
-    return Outputs(fmt, quality, tuple(sizes), metadata)
+    return Outputs(fmt, quality, tuple(sizes), metadata, max_pixels)
 
 
 def _parse_vars_file(value: Any, where: Where, base_dir: Path) -> Path:

@@ -84,26 +84,64 @@ def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
                                     field=exc.field) from None
 
 
+class UserIds:
+    """The ids users gave (``id``, ``custom_id``) in the task files of one manifest: a task's
+    id is its user id, whatever its job, so an id used twice would make two tasks one.
+
+    Holds a 64-bit digest of each id, not the id: a million ids took 73 MB at peak (a set of
+    the id strings alone takes 100 MB; ``python bench/user_ids.py`` measures it). When a
+    digest repeats, the files read so far are read again to find the line that used the id
+    first, so two ids that only share a digest are not taken for one.
+    """
+
+    def __init__(self) -> None:
+        self._digests: set[int] = set()
+        self._files: list[Path] = []
+
+    def add(self, path: Path, task: JsonlTask) -> None:
+        """Note ``task``'s id; raises ``ManifestError`` at its line when an earlier line (of
+        this file or another) has it."""
+        assert task.id is not None
+        digest = int.from_bytes(hashlib.blake2b(
+            task.id.encode("utf-8", "surrogatepass"), digest_size=8).digest())
+        if digest in self._digests:
+            first = self._first_use(task.id, path, task.line)
+            if first is not None:
+                raise ManifestError(f"{task.id!r} is already the id of {first}",
+                                    file=str(path), line=task.line, field=task.id_field)
+        self._digests.add(digest)
+        if not self._files or self._files[-1] != path:
+            self._files.append(path)
+
+    def _first_use(self, task_id: str, path: Path, line: int) -> str | None:
+        for earlier in self._files:
+            for other in iter_jsonl(earlier):
+                if earlier == path and other.line >= line:
+                    break
+                if other.id == task_id:
+                    return f"line {other.line}" if earlier == path else \
+                        f"{earlier}:{other.line}"
+        return None
+
+
 def check_jsonl(path: Path, *, max_input_bytes: int,
-                provider: ProviderConfig | None = None) -> int:
+                provider: ProviderConfig | None = None, ids: UserIds | None = None) -> int:
     """Validate every line of a JSONL task file; returns the number of tasks.
 
     Local input images must be images of at most ``max_input_bytes`` (the provider's). With
     ``provider``, params are checked against what it documents (providers/rules.py): a value
     it would refuse is an error; an undocumented parameter a warning, logged once per field.
 
-    Two lines asking for the same result without ids would be one task twice over: an error.
+    Two lines asking for the same result without ids would be one task twice over: an error;
+    so is an id used twice, in this file or in another whose ids went into ``ids``.
     """
-    seen: dict[str, int] = {}  # id -> the line that first used it
+    ids = UserIds() if ids is None else ids
     same: dict[bytes, int] = {}  # digest of what shapes a line's result -> its line
     warned: dict[str, list[Any]] = {}  # field -> [first line, lines, message]
     count = 0
     for task in iter_jsonl(path):
         if task.id is not None:
-            if task.id in seen:
-                raise ManifestError(f"{task.id!r} is already the id of line {seen[task.id]}",
-                                    file=str(path), line=task.line, field=task.id_field)
-            seen[task.id] = task.line
+            ids.add(path, task)
         else:
             digest = _shape_digest(task)
             if digest in same:

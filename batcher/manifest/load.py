@@ -17,7 +17,7 @@ from batcher.manifest.fields import (
     require_mapping,
 )
 from batcher.manifest.jobs import JOB_FIELDS, JobSpec, parse_job
-from batcher.manifest.jsonl import check_jsonl
+from batcher.manifest.jsonl import UserIds, check_jsonl
 from batcher.manifest.yamllines import LinedMapping, load_yaml
 from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
 from batcher.providers.prices import ANY_MODEL, PRICE_FIELDS, PriceList, price_from_mapping
@@ -86,10 +86,11 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
             raise job_where.error("name", f"{job.name!r} is used by another job")
         jobs.append(job)
     manifest = Manifest(name, path, output, providers, tuple(jobs), budget)
+    ids = UserIds()  # an id names one task across every file of the manifest
     for job in manifest.jobs:
         if job.file is not None:
             check_jsonl(job.file, max_input_bytes=providers[job.provider].max_input_bytes,
-                        provider=providers[job.provider])
+                        provider=providers[job.provider], ids=ids)
     from batcher.publish.names import check_names
 
     check_names(manifest)

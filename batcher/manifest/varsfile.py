@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
 from batcher import fastjson
 from batcher.errors import ManifestError
@@ -68,13 +68,25 @@ def _text(path: Path, line: int, name: str, value: Any) -> str:
     return text
 
 
+def _text_lines(path: Path, handle: IO[bytes]) -> Iterator[str]:
+    """The lines of a CSV file as text, each decoded on its own: a byte that is not UTF-8 is
+    reported on its own line (a text stream decodes ahead, in blocks)."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _error(path, number, f"not UTF-8 text (byte {exc.start + 1} of the line)") \
+                from None
+        yield text.removeprefix("\ufeff") if number == 1 else text
+
+
 def _csv_rows(path: Path) -> Iterator[Row]:
     try:
-        handle = path.open(encoding="utf-8-sig", newline="")
+        handle = path.open("rb")
     except OSError as exc:
         raise _error(path, None, f"cannot read: {exc.strerror}") from None
     with handle:
-        reader = csv.reader(handle)
+        reader = csv.reader(_text_lines(path, handle))
         try:
             header = next(reader, None)
             if header is None:
@@ -93,8 +105,6 @@ def _csv_rows(path: Path) -> Iterator[Row]:
                 yield Row(line, dict(zip(names, fields, strict=True)))
         except csv.Error as exc:
             raise _error(path, reader.line_num, f"not valid CSV: {exc}") from None
-        except UnicodeDecodeError:
-            raise _error(path, reader.line_num + 1, "not UTF-8 text") from None
 
 
 def _row_of(path: Path, line: int, data: Any) -> Row:
@@ -116,6 +126,11 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             if not raw.strip():
                 continue
             try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _error(path, number, f"not UTF-8 text (byte {exc.start + 1} of the "
+                             "line)") from None
+            try:
                 data = fastjson.loads(raw)
             except ValueError as exc:
                 raise _error(path, number, f"not valid JSON: {exc}") from None
@@ -136,6 +151,11 @@ def _yaml_rows(path: Path) -> Iterator[Row]:
         yield _row_of(path, line, item)
 
 
+def _no_value(path: Path, line: int, name: str) -> NoReturn:
+    raise _error(path, line, f"no value for {{{name}}}, which the job's prompts, system or "
+                 "images use", name)
+
+
 def check_rows(
     path: Path, uses: list[frozenset[str]], var_names: frozenset[str],
     check_row: Callable[[Row], bytes] | None, image_only: frozenset[str] = frozenset(),
@@ -146,10 +166,12 @@ def check_rows(
     and ``check_row`` passes (the row's input images). ``check_row`` returns what a task id
     knows of the row's images (their content), which stands for the names only images use
     (``image_only``): two rows naming different files of the same bytes are the same tasks.
+    An empty (or blank) cell is no value.
     Memory: 8 bytes and a set entry a row.
     """
     seen: list[set[bytes]] = [set() for _ in uses]
     ordered = [sorted(used) for used in uses]
+    needed = sorted(set().union(*uses))
     checked: Any = None  # the last row's columns, checked (a CSV's are the header's)
     count = 0
     for row in iter_rows(path):
@@ -162,10 +184,11 @@ def check_rows(
             for used in uses:
                 missing = used - columns
                 if missing:
-                    name = min(missing)
-                    raise _error(path, row.line, f"no value for {{{name}}}, which the job's "
-                                 "prompts, system or images use", name)
+                    _no_value(path, row.line, min(missing))
             checked = columns
+        for name in needed:  # an empty cell would make "a  Teak Spoon": no value either
+            if not row.values[name].strip():
+                _no_value(path, row.line, name)
         images = check_row(row) if check_row is not None else b""
         for names, keys in zip(ordered, seen, strict=True):
             values = [row.values[n] for n in names if n not in image_only]

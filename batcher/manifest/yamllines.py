@@ -55,11 +55,17 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError("no such file", file=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ManifestError(f"cannot read: {exc}", file=str(path)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # reported on the line that holds the byte
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        raise ManifestError(f"not UTF-8 text (byte {exc.start - line_start + 1} of the line)",
+                            file=str(path), line=data.count(b"\n", 0, exc.start) + 1) from None
 
 
 MAX_DEPTH = 64  # a manifest needs a handful of levels; deeper is a mistake or an attack

@@ -71,9 +71,9 @@ def merge_outputs(inputs: list[Path], output: Path) -> int:
             for entry in entries(derived):  # one missing is made again by the next run
                 if source.resolve(entry["path"]).is_file():
                     _place(source.resolve(entry["path"]), target_layout.resolve(entry["path"]))
-            sidecar = source.sidecar_name(SimpleNamespace(
+            sidecar = source.record_sidecar(SimpleNamespace(
                 id=row["id"], job=row["job"], model=row["model"], prompt=row["prompt"],
-                seed=row["seed"]))
+                seed=row["seed"]), (path for path, _size, _sha in json.loads(row["files"])))
             if source.resolve(sidecar).is_file():
                 _place(source.resolve(sidecar), target_layout.resolve(sidecar))
             rows.append(row)

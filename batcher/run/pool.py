@@ -34,6 +34,7 @@ from batcher.errors import (
     BatcherError,
     DownloadError,
     Interrupted,
+    NameTaken,
     ProviderError,
     TransportError,
     UsageError,
@@ -472,6 +473,9 @@ class Runner:
         attempt = 0
         lost_downloads = 0  # generations paid for whose images could not be downloaded
         bill = _Bill()
+        taken = self._name_taken(task)
+        if taken is not None:  # never sent: its answer would overwrite another task's files
+            return self._failed(saver, task, taken, 0, started, bill), None
         while not provider.stopped:
             attempt += 1
             try:
@@ -502,6 +506,14 @@ class Runner:
             provider.answered = True
             return kept  # None: stopped while waiting for a turn, never sent
         return None
+
+    def _name_taken(self, task: Task) -> NameTaken | None:
+        stem = self.layout.task_stem(task)
+        owner = self.ledger.claim(stem, task.id)
+        if owner is None:
+            return None
+        return NameTaken(f"its files would be named {stem}.*, which task {owner} owns; give "
+                         "one of the two an id (or change its prompt) to run it")
 
     @staticmethod
     def _failed(saver: Saver, task: Task, error: ProviderError, attempt: int, started: float,

@@ -9,7 +9,9 @@ file's own name), ``<stem>@<size>.<ext>`` for each size, ``<job>/inputs/<sha16>.
 input thumbnails (shared by the tasks of a job that use the same input).
 
 An image Pillow cannot decode or encode fails the derivation, not the task: the task was paid
-for and its delivered image is kept; the ``error`` of its ``derived`` value says why.
+for and its delivered image is kept; the ``error`` of its ``derived`` value says why. So does
+an image of more pixels than ``outputs: max_pixels`` (default 8192 x 8192): its header is
+read, never its pixels (``too_many_pixels``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from PIL import Image, PngImagePlugin
 from batcher.imagerefs import DATA, FILE, data_uri_bytes, parse_ref
 from batcher.ledger import Record
 from batcher.manifest import JobSpec, Manifest
-from batcher.outputs import DELIVERED_KINDS, INPUT_SIDE, Outputs, job_spec
+from batcher.outputs import DEFAULT_MAX_PIXELS, DELIVERED_KINDS, INPUT_SIDE, Outputs, job_spec
 from batcher.storage import Layout, atomic_open, slugify
 from batcher.tasks import Task
 
@@ -41,6 +43,27 @@ log = logging.getLogger(__name__)
 _PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG", "avif": "AVIF"}
 _EXT = {"png": "png", "webp": "webp", "jpeg": "jpg", "avif": "avif"}
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
+# batcher bounds the pixels it decodes itself (max_pixels, checked on the header before any
+# pixel is read); Pillow's own bound would only add a raw DecompressionBombWarning, or refuse
+# a max_pixels set above it.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class TooManyPixels(ValueError):
+    """An image whose header claims more pixels than batcher decodes (``max_pixels``)."""
+
+    reason = "too_many_pixels"
+
+    def __init__(self, width: int, height: int, max_pixels: int) -> None:
+        super().__init__(f"{self.reason}: {width} x {height} px is over max_pixels "
+                         f"({max_pixels:,} px; outputs: max_pixels raises it)")
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    """Before anything decodes ``image`` (opening reads only its header)."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise TooManyPixels(width, height, max_pixels)
 XMP_NS = "https://batcher.invalid/ns/1.0/"
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # XML 1.0 forbids these
 
@@ -136,13 +159,15 @@ def derive_sync(
                 continue
             if kind is not None:
                 files.extend(_derive_one(root, original.path, kind, outputs, meta, errors))
+    max_pixels = outputs.max_pixels if outputs is not None else DEFAULT_MAX_PIXELS
     for sha, data in inputs:
         try:
             with Image.open(io.BytesIO(data)) as image:
+                _check_pixels(image, max_pixels)
                 image.thumbnail((INPUT_SIDE, INPUT_SIDE), Image.Resampling.LANCZOS)
                 thumb = encode(image, "webp", 80, None)
         except _DECODE_ERRORS as exc:
-            errors.append(f"input {sha[:16]}: {type(exc).__name__}: {exc}")
+            errors.append(f"input {sha[:16]}: {_why(exc)}")
             continue
         name = f"{slugify(record.job, 64)}/inputs/{sha[:16]}.webp"
         files.append({**_write(root, name, thumb), "role": "input", "of": sha})
@@ -160,6 +185,7 @@ def _derive_one(root: Path, path: str, kind: str, outputs: Outputs,
     made: list[tuple[str, bytes, dict[str, Any]]] = []  # (name, bytes, what the entry adds)
     try:
         with Image.open(root / path) as image:
+            _check_pixels(image, outputs.max_pixels)
             image.load()
             if outputs.format is not None:
                 name = f"{stem}.{_EXT[outputs.format]}"
@@ -177,10 +203,16 @@ def _derive_one(root: Path, path: str, kind: str, outputs: Outputs,
     except _DECODE_ERRORS as exc:
         if isinstance(exc, OSError) and not (root / path).is_file():
             raise  # the delivered file is gone: the caller's problem, not the image's
-        errors.append(f"{path}: {type(exc).__name__}: {exc}")
+        errors.append(f"{path}: {_why(exc)}")
         return []
     # Written only once every encode succeeded: a file on disk means all its siblings are.
     return [{**_write(root, name, data), **extra, "of": path} for name, data, extra in made]
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TooManyPixels):
+        return str(exc)  # its reason first: too_many_pixels
+    return f"{type(exc).__name__}: {exc}"
 
 
 def input_images(task: Task) -> list[tuple[str, bytes]]:

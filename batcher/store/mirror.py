@@ -165,9 +165,14 @@ class StoreOutput:
     async def _adopt(self, manifest: Manifest, selection: Selection, listing: dict[str, int],
                      done: set[str], failed: set[str]) -> int:
         """Read the sidecars of tasks this run would send, a few at a time."""
-        candidates = ((task.id, self.layout.sidecar_name(task))
-                      for task, sends in selection.walk(manifest, done, failed) if sends)
-        found = [(task_id, name) for task_id, name in candidates if name in listing]
+        candidates = ((task.id, name)  # an older batcher's sidecar name too (8-char ids)
+                      for task, sends in selection.walk(manifest, done, failed) if sends
+                      for name in (self.layout.sidecar_name(task),
+                                   self.layout.legacy_sidecar_name(task)))
+        found: dict[str, str] = {}  # task id -> its sidecar, the current name first
+        for task_id, name in candidates:
+            if name in listing:
+                found.setdefault(task_id, name)
         gate = asyncio.Semaphore(ADOPT_READS)
 
         async def adopt(task_id: str, name: str) -> bool:
@@ -179,7 +184,7 @@ class StoreOutput:
             done.add(task_id)
             failed.discard(task_id)
             return True
-        adopted = sum(await asyncio.gather(*(adopt(*item) for item in found)))
+        adopted = sum(await asyncio.gather(*(adopt(*item) for item in found.items())))
         self.ledger.flush()
         return adopted
 

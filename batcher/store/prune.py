@@ -52,7 +52,8 @@ def _lock_of(ledger_name: str) -> str:
 
 
 async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
-                      announce: Announce, required: bool = True) -> PruneSet:
+                      announce: Announce, required: bool = True,
+                      force: bool = False) -> PruneSet:
     """Prune every ledger in the store and the objects only stale rows name; ``announce`` is
     told what goes before anything is removed. A store with no ledger is an error when
     ``required``, else has nothing to prune."""
@@ -81,7 +82,7 @@ async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
             raise UsageError(f"{url}: its ledgers went away while prune read them; try again")
         got = await store.get_bytes(JOURNAL_NAME)
         found = find_stale(ledgers.values(), ids, manifest, str(url), listing.__contains__,
-                           read_journal(got[0] if got else None))
+                           read_journal(got[0] if got else None), force=force)
         announce(found)
         if not dry_run and (found.tasks or found.names or got is not None):
             await _remove(store, found, ledgers, root)

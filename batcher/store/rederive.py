@@ -120,7 +120,7 @@ async def replace_derived(output: Output, deriver: Deriver, task: Task, record: 
 
 def rewrite_sidecar(root: Path, record: Record) -> str:
     """The task's sidecar with its record updated (its request kept); returns its name."""
-    name = Layout(root).sidecar_name(record)
+    name = Layout(root).record_sidecar(record, (f.path for f in record.files))
     path = root / name
     data: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):  # missing or unreadable: the record alone
