@@ -248,10 +248,10 @@ class StoreOutput:
         if self.failure is not None:
             return
         await self.publish()
+        self._finished = True  # the ledger is out: a signal that cuts the rest short loses none
         await self.store.put_bytes(self.summary_name, data)
         if summary["ran"] or self._kept or self._adopted or not self._had_listings:  # else same
             await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
-        self._finished = True
 
     async def close(self) -> None:
         if self._publisher is not None:
