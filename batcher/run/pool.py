@@ -267,7 +267,9 @@ class Runner:
         summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started,
                             spend=self.spend, spent_by_job=self._spent_by_job(plan))
         summary["exit_code"] = exit_code = self._exit_code(summary)
-        finished, _ = await self.signals.graced(self.output.finish(summary))
+        # A moment even after a second signal: a folder's summary is a local write.
+        finished, _ = await self.signals.graced(self.output.finish(summary),
+                                                last_moment=LAST_MOMENT)
         if not finished:
             log.warning("the final writes to %s were cut short", self.output.location)
         if self.interrupted:  # a signal during the final writes: the run was interrupted too

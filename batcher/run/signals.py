@@ -9,7 +9,8 @@ is awaited through this module:
   short at once, and the run goes straight to its final writes.
 - :meth:`Signals.graced` (uploads, final writes, the lock): not bounded before a signal (the
   store's own retry deadline applies); after the first, at most ``grace`` seconds each; after
-  the second, at once (the lock's release keeps a moment, ``LAST_MOMENT``).
+  the second, at once (the final writes and the lock's release keep a moment,
+  ``LAST_MOMENT``: a folder's summary is a local write, a lock's release one request).
 
 The workers subscribe with :meth:`Signals.listen`: the first signal stops new requests and
 gives those in flight the grace period; the second cancels them. Cutting a stage short never
@@ -31,7 +32,7 @@ from batcher.errors import Interrupted
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-LAST_MOMENT = 1.0  # seconds the lock's release keeps after a second signal
+LAST_MOMENT = 1.0  # seconds the final writes and the lock's release keep after a second signal
 _T = TypeVar("_T")
 
 
