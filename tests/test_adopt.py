@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sqlite3
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
-from conftest import ledger_rows, provider_block, run_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
 from s3server import S3Server, s3, store_env
 
 __all__ = ["s3"]  # fixtures, used by name
@@ -222,3 +224,34 @@ def test_merge_takes_the_ok_row_of_a_shard_over_a_failed_one_in_the_output(
     assert merged.returncode == 0, merged.stderr
     rows = ledger_rows(tmp_path / "all")
     assert len(rows) == TASKS and all(row["status"] == "ok" for row in rows)
+
+
+def test_status_and_plan_right_after_a_kill_9_before_the_first_publish_count_what_finished(
+    tmp_path: Path, thread_server: Any, s3: S3Server
+) -> None:
+    server = thread_server(latency=0.1)
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/killed"
+    path = manifest(server, tmp_path, url)
+    proc = start_cli("run", str(path), "--no-progress", "--sync-every", "300",
+                     env=store_env(s3.url, str(tmp_path / "a")))
+    deadline = time.monotonic() + 60
+    while len(sidecars_in(s3, bucket)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert "killed/ledger.sqlite" not in s3.keys(bucket), "published before the kill"
+    finished = len(sidecars_in(s3, bucket))
+    env = store_env(s3.url, str(tmp_path / "b"))
+
+    status = run_cli("status", url, "--json", env=env)
+    plan = run_cli("plan", str(path), env=env)
+
+    assert status.returncode in (0, 1), status.stderr
+    assert json.loads(status.stdout)["ok"] == finished
+    total = next(line for line in plan.stdout.splitlines() if line.startswith("total"))
+    assert int(total.split()[2]) == finished, total
+
+
+def sidecars_in(s3: S3Server, bucket: str) -> list[str]:
+    return [key for key in s3.keys(bucket) if key.endswith(".json") and key.count("/") == 3]

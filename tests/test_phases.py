@@ -234,3 +234,31 @@ def test_ctrl_c_with_a_slow_store_keeps_every_paid_result(
     assert paid(run.server) == 24
     assert max(run.server.stats.generations.values()) == 1, (
         f"a task paid before the Ctrl-C was paid again ({first} paid in the first run)\n{err}")
+
+
+# ---------------------------------------------------------------------- workers, into a store
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_workers_send_into_a_store_publishes_and_releases_the_lock(
+    tmp_path: Path, thread_server: Any, s3: S3Server, proxy: StoreProxy, signum: signal.Signals
+) -> None:
+    run = Setup(tmp_path, thread_server(latency=0.2), s3, proxy, 40)
+    proc = run.start("--grace", "10", "--sync-every", "300")  # no publish before the signal
+    wait_until(proc, lambda: paid(run.server) >= 2 * CONCURRENCY, "some results")
+
+    proc.send_signal(signum)
+    err = finish(proc)
+
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    ok = int(counts_line(err).split()[1])
+    assert ok >= 2 * CONCURRENCY
+    assert not lock_held(run.s3, run.bucket)
+    assert "set/ledger.sqlite" in run.s3.keys(run.bucket)
+    first = paid(run.server)
+    again = run.rerun()
+    assert again.returncode == 0, again.stderr
+    assert paid(run.server) == 40
+    assert first - ok <= CONCURRENCY  # paid, not kept: at most the requests in flight
+    assert max(run.server.stats.generations.values()) == 1, "a kept task was paid again"
