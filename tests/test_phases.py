@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import provider_block, run_cli, start_cli, write_manifest
-from faultproxy import StoreProxy, is_listing, is_upload
+from faultproxy import Predicate, Request, StoreProxy, is_listing, is_upload
 from s3server import S3Server, s3, store_env
 
 __all__ = ["s3"]  # fixtures, used by name
@@ -119,14 +119,20 @@ def setup(tmp_path: Path, thread_server: Any, s3: S3Server,
 # ---------------------------------------------------------------------- startup
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_while_the_startup_listing_hangs_stops_releases_the_lock_and_exits_130(
-    setup: Callable[[int], Setup], signum: signal.Signals
+def is_ledger_download(request: Request) -> bool:
+    return request.method == "GET" and request.key.endswith("ledger.sqlite")
+
+
+@pytest.mark.parametrize(("signum", "hanging"), [
+    (signal.SIGTERM, is_listing), (signal.SIGINT, is_listing),
+    (signal.SIGTERM, is_ledger_download)])
+def test_a_signal_while_the_startup_reads_hang_stops_releases_the_lock_and_exits_130(
+    setup: Callable[[int], Setup], signum: signal.Signals, hanging: Predicate
 ) -> None:
     run = setup(8)
-    run.proxy.hang(is_listing)
+    run.proxy.hang(hanging)
     proc = run.start("--grace", "2")  # the store timeout stays at its 5 minutes
-    wait_until(proc, lambda: run.proxy.seen(is_listing) >= 1, "the listing")
+    wait_until(proc, lambda: run.proxy.seen(hanging) >= 1, "the store's first reads")
     wait_until(proc, lambda: lock_held(run.s3, run.bucket), "the lock")
 
     proc.send_signal(signum)
