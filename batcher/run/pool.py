@@ -270,9 +270,8 @@ class Runner:
         # A moment even after a second signal: a folder's summary is a local write.
         finished, _ = await self.signals.graced(self.output.finish(summary),
                                                 last_moment=LAST_MOMENT)
-        if not finished:
+        if not finished:  # a signal cut the final writes short: the run did not end
             log.warning("the final writes to %s were cut short", self.output.location)
-        if self.interrupted:  # a signal during the final writes: the run was interrupted too
             summary["exit_code"] = exit_code = Interrupted.exit_code
         return Outcome(exit_code, plan, self.counters, summary, self.output.location,
                        self.root, self._message())
