@@ -235,7 +235,10 @@ class Ledger:
         later one (by ``finished``); a row taken keeps its attempt count. Returns the ids of
         the rows taken."""
         self.flush()
-        self._db.execute("ATTACH DATABASE ? AS other", (f"file:{other}?mode=ro",))
+        try:
+            self._db.execute("ATTACH DATABASE ? AS other", (f"file:{other}?mode=ro",))
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"{other}: not a batcher ledger ({exc})") from None
         try:
             with self._db:
                 self._db.execute("BEGIN")
@@ -250,6 +253,8 @@ class Ledger:
                     "((excluded.status = 'ok') = (tasks.status = 'ok') AND "
                     "coalesce(excluded.finished, 0) > coalesce(tasks.finished, 0)) "
                     "RETURNING id").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"{other}: not a batcher ledger ({exc})") from None
         finally:
             self._db.execute("DETACH DATABASE other")
         return [row[0] for row in taken]

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from batcher import fastjson
 from batcher.ledger import FilePresent, Ledger, Record
@@ -28,6 +29,12 @@ log = logging.getLogger(__name__)
 
 READS = 16  # sidecars read at once
 ReadSidecar = Callable[[str], Awaitable[bytes | None]]  # a name's bytes, None when missing
+
+
+def encode(record: Record, request: Mapping[str, Any] | None) -> bytes:
+    """A task's sidecar: everything its ledger row says, and the request as sent (input images
+    named by sha256)."""
+    return fastjson.dumps_bytes({**record.as_dict(), "request": request})
 
 
 def decode(data: bytes) -> Record:
