@@ -88,7 +88,14 @@ class StoreProxy:
         return sum(1 for request in list(self._seen) if matches(request))
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        """Drop every connection (held ones included) and stop the thread."""
+        async def shutdown() -> None:
+            held = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            self._loop.stop()
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
         self._thread.join(5)
 
     # ------------------------------------------------------------------ serving
