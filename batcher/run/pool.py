@@ -234,6 +234,13 @@ class Runner:
     # ------------------------------------------------------------------ the run
 
     async def run(self) -> Outcome:
+        unlisten = self.signals.listen(self._on_signal)  # from the start: none is missed
+        try:
+            return await self._run()
+        finally:
+            unlisten()
+
+    async def _run(self) -> Outcome:
         started = time.time()
         removed = remove_leftovers(self.root)
         if removed:
@@ -400,11 +407,9 @@ class Runner:
             for _ in range(provider.config.concurrency)
         ]
         ticker = asyncio.create_task(self._tick())
-        unlisten = self.signals.listen(self._on_signal)
         try:
             await self._wait_for_workers()
         finally:
-            unlisten()
             helpers = [*producers, ticker, *self._workers]
             for task in helpers:
                 task.cancel()
