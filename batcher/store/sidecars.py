@@ -75,9 +75,11 @@ def unaccounted(ledger: Ledger, names: Iterable[str],
     """The sidecars among ``names`` that no done row of ``ledger`` accounts for (a reader's
     candidates: it has no manifest to go by)."""
     layout = Layout(Path("."))
-    known = {layout.sidecar_name(record) for record in ledger.records() if record.id in done}
-    return [(None, name) for name in sorted(names)
-            if is_sidecar_name(name) and name not in known]
+    left = {name for name in names if is_sidecar_name(name)}
+    for record in ledger.records() if left else ():
+        if record.id in done:
+            left.discard(layout.sidecar_name(record))
+    return [(None, name) for name in sorted(left)]
 
 
 async def adopt(ledger: Ledger, found: list[tuple[str | None, str]], read: ReadSidecar,
@@ -91,8 +93,8 @@ async def adopt(ledger: Ledger, found: list[tuple[str | None, str]], read: ReadS
             data = await read(name)
         record = None if data is None else finished(data, present, task_id)
         if record is None:
-            if data is not None and task_id is not None:
-                log.debug("%s does not say its task finished; the task runs again", name)
+            if data is not None and task_id is not None and not _decodes(data):
+                log.warning("%s is not a task sidecar; the task runs again", name)
             return False
         if task_id is None and record.id in done:
             return False  # two sidecars of one task (should not happen): the first wins
@@ -103,6 +105,14 @@ async def adopt(ledger: Ledger, found: list[tuple[str | None, str]], read: ReadS
     adopted = sum(await asyncio.gather(*(one(*item) for item in found)))
     ledger.flush()
     return adopted
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        decode(data)
+    except ValueError:
+        return False
+    return True
 
 
 def local_reader(root: Path) -> ReadSidecar:
