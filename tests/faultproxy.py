@@ -109,15 +109,12 @@ class StoreProxy:
         self._loop.run_forever()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                request, body = _parse(head), await _read_body(reader, head)
-                self._seen.append(request)
-                if not await self._pass(request, reader):
-                    return
-                if not await self._forward(head, body, writer):
-                    return
+        try:  # one request per connection: the answer says "Connection: close"
+            head = await reader.readuntil(b"\r\n\r\n")
+            request, body = _parse(head), await _read_body(reader, head)
+            self._seen.append(request)
+            if await self._pass(request, reader):
+                await self._forward(head, body, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -140,9 +137,8 @@ class StoreProxy:
                 await asyncio.sleep(rule.seconds)
         return True
 
-    async def _forward(self, head: bytes, body: bytes, writer: asyncio.StreamWriter) -> bool:
-        """One request upstream on a new connection, its answer back; False: close the
-        client's connection (always, as the answer says ``Connection: close``)."""
+    async def _forward(self, head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        """One request upstream on a new connection, its answer back."""
         up_reader, up_writer = await asyncio.open_connection(*self._target)
         try:
             up_writer.write(_with_header(head, b"Connection: close") + body)
@@ -155,7 +151,6 @@ class StoreProxy:
             await writer.drain()
         finally:
             up_writer.close()
-        return False
 
 
 def _parse(head: bytes) -> Request:
