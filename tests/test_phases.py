@@ -88,6 +88,8 @@ def counts_line(err: str) -> str:
 
 
 class Setup:
+    """A manifest into a fresh bucket, run through the proxy on a fresh machine each time."""
+
     def __init__(self, tmp_path: Path, server: Any, s3: S3Server, proxy: StoreProxy,
                  images: int) -> None:
         self.tmp_path, self.server, self.s3, self.proxy = tmp_path, server, s3, proxy
