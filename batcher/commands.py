@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from batcher.errors import AuthError, BatcherError, Interrupted, ProviderError, UsageError
-from batcher.ledger import LEDGER_NAME, Ledger
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import Counts, Plan, make_plan, output_dir
 from batcher.providers import OpenAICompatible, builtin_providers, open_clients, resolve_key
@@ -145,10 +144,9 @@ def _print_failures(root: Path, started: float, location: str) -> None:
 def _done_and_failed(target: Path | StoreURL) -> tuple[set[str], set[str]]:
     if isinstance(target, StoreURL):
         return asyncio.run(_done_and_failed_in_store(target))
-    ledger = Ledger.open_existing(target)
-    if ledger is None:
-        return set(), set()
-    with ledger:
+    from batcher.store.folder import read_folder
+
+    with read_folder(target, required=False) as ledger:
         return ledger.statuses(target)
 
 
@@ -315,9 +313,9 @@ def status(target: str, output: str | None, *, as_json: bool, verify: bool,
     if isinstance(root, StoreURL):
         report = asyncio.run(_store_status(root, manifest, verify=verify))
     else:
-        if not (root / LEDGER_NAME).is_file():
-            raise UsageError(f"{root}: no ledger here (nothing has run into this folder yet)")
-        with Ledger(root / LEDGER_NAME, readonly=True) as ledger:
+        from batcher.store.folder import read_folder
+
+        with read_folder(root) as ledger:
             report = ledger_status(ledger, str(root), manifest,
                                    verify=verify_folder(root) if verify else None,
                                    summary=read_summary(root), running=run_in_progress(root))
@@ -430,10 +428,9 @@ def report(target: str) -> int:
         asyncio.run(_store_report(output))
         print(f"wrote {output}/results.jsonl and {output}/index.html")
         return 0
-    ledger = Ledger.open_existing(output)
-    if ledger is None:
-        raise UsageError(f"{output}: no ledger here")
-    with ledger:
+    from batcher.store.folder import read_folder
+
+    with read_folder(output) as ledger:
         write_listings(output, ledger)
     print(f"wrote {output / 'results.jsonl'} and {output / 'index.html'}")
     return 0

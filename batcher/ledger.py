@@ -258,16 +258,21 @@ class Ledger:
             self._db.executemany("INSERT OR IGNORE INTO claims (stem, id) VALUES (?, ?)",
                                  claims.items())
 
-    def absorb(self, other: Path) -> None:
-        """Take in another ledger's rows (another shard's): an ok row wins over a failed one,
-        else the later one."""
+    def absorb(self, other: Path) -> list[str]:
+        """Take in another ledger's rows: the one merge policy for every place ledgers meet
+        (``merge``, a store's shards, adoption). An ok row wins over a failed one, else the
+        later one (by ``finished``); a row taken keeps its attempt count. Returns the ids of
+        the rows taken."""
         self.flush()
-        self._db.execute("ATTACH DATABASE ? AS other", (f"file:{other}?mode=ro",))
+        try:
+            self._db.execute("ATTACH DATABASE ? AS other", (f"file:{other}?mode=ro",))
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"{other}: not a batcher ledger ({exc})") from None
         try:
             with self._db:
                 self._db.execute("BEGIN")
                 theirs = _columns_of(self._db, "other")
-                self._db.execute(
+                taken = self._db.execute(
                     f"INSERT INTO tasks ({', '.join(_COLUMNS)}) "
                     f"SELECT {', '.join(c if c in theirs else 'NULL' for c in _COLUMNS)} "
                     "FROM other.tasks WHERE true "
@@ -275,9 +280,13 @@ class Ledger:
                     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c != "id")
                     + " WHERE (excluded.status = 'ok') > (tasks.status = 'ok') OR "
                     "((excluded.status = 'ok') = (tasks.status = 'ok') AND "
-                    "coalesce(excluded.finished, 0) > coalesce(tasks.finished, 0))")
+                    "coalesce(excluded.finished, 0) > coalesce(tasks.finished, 0)) "
+                    "RETURNING id").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"{other}: not a batcher ledger ({exc})") from None
         finally:
             self._db.execute("DETACH DATABASE other")
+        return [row[0] for row in taken]
 
     def remove(self, ids: Iterable[str]) -> None:
         """Delete the rows of ``ids`` in one transaction (``batcher prune``)."""
@@ -296,17 +305,6 @@ class Ledger:
             self._db.backup(copy)
         finally:
             copy.close()
-
-    def write_rows(self, rows: list[sqlite3.Row]) -> None:
-        """Copy whole rows from another ledger (``merge``), keeping their attempt counts."""
-        names = set(rows[0].keys()) if rows else set()  # an older ledger lacks added columns
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                [tuple(row[c] if c in names else None for c in _COLUMNS) for row in rows],
-            )
 
     # ------------------------------------------------------------------ reading
 
@@ -358,9 +356,6 @@ class Ledger:
                 " ORDER BY rowid", f" WHERE id IN ({', '.join('?' * len(chunk))})")
             found.extend(Record.from_row(row) for row in self._db.execute(query, chunk))
         return found
-
-    def raw_rows(self) -> list[sqlite3.Row]:
-        return self._db.execute("SELECT * FROM tasks").fetchall()
 
 
 def _tables_of(db: sqlite3.Connection) -> set[str]:

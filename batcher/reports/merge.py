@@ -1,7 +1,8 @@
 """``batcher merge``: join the outputs of shards (files and ledgers) into one output folder.
 
 Files are hard-linked where the file system allows, else copied, each through a temporary name
-and a rename. Where two inputs hold the same task, an ok record wins over a failed one.
+and a rename. Where two inputs (or an input and the output) hold the same task, an ok record
+wins over a failed one (:meth:`Ledger.absorb`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 from pathlib import Path
-from types import SimpleNamespace
 
 from batcher.errors import UsageError
-from batcher.ledger import LEDGER_NAME, Ledger
+from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.outputs import entries
 from batcher.reports.summary import SUMMARY_NAME, write_listings, write_text_atomic
 from batcher.storage import Layout, lock_folder, temporary_name
@@ -36,51 +35,80 @@ def _place(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _check_files(folder: Path, row: sqlite3.Row) -> None:
-    for path, size, _sha in json.loads(row["files"]):
-        file = Layout(folder).resolve(path)
-        if not file.is_file() or file.stat().st_size != size:
-            raise UsageError(f"{folder}: {path} is missing or changed; the shard's ledger "
-                             f"names it for task {row['id']} (run that shard again)")
+def _check_files(folder: Path, record: Record) -> None:
+    for file in record.files:
+        path = Layout(folder).resolve(file.path)
+        if not path.is_file() or path.stat().st_size != file.size:
+            raise UsageError(f"{folder}: {file.path} is missing or changed; the shard's ledger "
+                             f"names it for task {record.id} (run that shard again)")
 
 
 def merge_outputs(inputs: list[Path], output: Path) -> int:
-    """Merge shard outputs into ``output``; returns the number of tasks it now holds."""
-    chosen: dict[str, tuple[Path, sqlite3.Row]] = {}
+    """Merge shard outputs into ``output``; returns the number of tasks the inputs hold.
+
+    Rows meet as they meet everywhere (:meth:`Ledger.absorb`: ok wins, else the later), the
+    output's own rows included: a shard whose task failed never replaces an ok one."""
     for folder in inputs:
         if not (folder / LEDGER_NAME).is_file():
             raise UsageError(f"{folder}: no {LEDGER_NAME} here; is it a batcher output folder?")
-        ledger = Ledger(folder / LEDGER_NAME, readonly=True)
-        with ledger:
-            for row in ledger.raw_rows():
-                earlier = chosen.get(row["id"])
-                if earlier is None or row["status"] == "ok":
-                    chosen[row["id"]] = (folder, row)
-    for folder, row in chosen.values():
-        _check_files(folder, row)  # before anything is placed: no half-merged output
-    target_layout = Layout(output)
-    with lock_folder(output), Ledger(output / LEDGER_NAME) as merged:
-        rows = []
-        for folder, row in chosen.values():
-            source = Layout(folder)
-            for path, _size, _sha in json.loads(row["files"]):
-                _place(source.resolve(path), target_layout.resolve(path))
-            columns = row.keys()  # a sqlite3.Row: "in row" would search its values
-            derived = json.loads(row["derived"]) if "derived" in columns and \
-                row["derived"] else None
-            for entry in entries(derived):  # one missing is made again by the next run
-                if source.resolve(entry["path"]).is_file():
-                    _place(source.resolve(entry["path"]), target_layout.resolve(entry["path"]))
-            sidecar = source.record_sidecar(SimpleNamespace(
-                id=row["id"], job=row["job"], model=row["model"], prompt=row["prompt"],
-                seed=row["seed"]), (path for path, _size, _sha in json.loads(row["files"])))
-            if source.resolve(sidecar).is_file():
-                _place(source.resolve(sidecar), target_layout.resolve(sidecar))
-            rows.append(row)
-        merged.write_rows(rows)
-        write_listings(output, merged)
+    with lock_folder(output):
+        winners = _winners(inputs, output)
+        chosen: list[tuple[Path, Record]] = []
+        for folder in inputs:
+            ids = [task_id for task_id, source in winners.items() if source == folder]
+            with Ledger(folder / LEDGER_NAME, readonly=True) as ledger:
+                chosen.extend((folder, record) for record in ledger.records_by_id(ids))
+        for folder, record in chosen:
+            _check_files(folder, record)  # before anything is placed: no half-merged output
+        for folder, record in chosen:
+            _place_task(folder, output, record)
+        with Ledger(output / LEDGER_NAME) as merged:
+            for folder in inputs:  # the same order as _winners: the same rows win
+                merged.absorb(folder / LEDGER_NAME)
+            write_listings(output, merged)
     _merge_summaries(inputs, output)
-    return len(chosen)
+    return _count_tasks(inputs)
+
+
+def _winners(inputs: list[Path], output: Path) -> dict[str, Path]:
+    """Which input's row each task takes in the merged ledger (tasks whose row in ``output``
+    stays are left out), decided on a scratch copy so that nothing is written before every
+    file is checked."""
+    scratch = temporary_name(output / LEDGER_NAME)
+    try:
+        existing = Ledger.open_existing(output)
+        if existing is not None:
+            with existing:
+                existing.snapshot(scratch)
+        winners: dict[str, Path] = {}
+        with Ledger(scratch) as view:
+            for folder in inputs:
+                winners.update(dict.fromkeys(view.absorb(folder / LEDGER_NAME), folder))
+        return winners
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            scratch.with_name(scratch.name + suffix).unlink(missing_ok=True)
+
+
+def _place_task(source_root: Path, output: Path, record: Record) -> None:
+    """A task's files, its derived files (those present) and its sidecar, into ``output``."""
+    source, target = Layout(source_root), Layout(output)
+    for file in record.files:
+        _place(source.resolve(file.path), target.resolve(file.path))
+    for entry in entries(record.derived):  # one missing is made again by the next run
+        if source.resolve(entry["path"]).is_file():
+            _place(source.resolve(entry["path"]), target.resolve(entry["path"]))
+    sidecar = source.record_sidecar(record, (file.path for file in record.files))
+    if source.resolve(sidecar).is_file():
+        _place(source.resolve(sidecar), target.resolve(sidecar))
+
+
+def _count_tasks(inputs: list[Path]) -> int:
+    ids: set[str] = set()
+    for folder in inputs:
+        with Ledger(folder / LEDGER_NAME, readonly=True) as ledger:
+            ids.update(record.id for record in ledger.records())
+    return len(ids)
 
 
 def _merge_summaries(inputs: list[Path], output: Path) -> None:

@@ -5,11 +5,14 @@ and as many workers as its concurrency, so a slow provider never holds back a fa
 Retries, 429 pauses and the decision to stop come from :mod:`batcher.run.retry`; pacing from
 :mod:`batcher.run.limits`.
 
-Shutdown has two stages: the first signal stops new requests, cancels the workers that have
-nothing in flight (waiting for a turn, a 429 pause or a backoff) and gives the others a grace
-period; the second signal (or the end of the grace period) cancels those too. A result's files
-are renamed into place before its ledger row is queued, and queuing a row is synchronous, so a
-cancellation can lose a request in flight but never split a file from its row.
+Signals (:mod:`batcher.run.signals`) are handled from the opening of the output to its closing.
+While workers send, the first signal stops new requests, cancels the workers that have nothing
+in flight (waiting for a turn, a 429 pause or a backoff) and gives the others a grace period;
+the second signal (or the end of the grace period) cancels those too. A paid result is kept by
+a task of its own, shielded from its worker's cancellation (as arq shields its bookkeeping), and
+the run waits for it with the uploads. A result's files are renamed into place before its ledger
+row is queued, and queuing a row is synchronous, so a cancellation can lose a request in flight
+but never split a file from its row.
 """
 
 from __future__ import annotations
@@ -18,10 +21,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from batcher.reports.summary import JobTally, ok_costs_by_job, summarize
 from batcher.run.limits import Pacer, Rate
 from batcher.run.retry import Action, Verdict, backoff, classify, stop_reason
 from batcher.run.saving import Saver, task_boundary
+from batcher.run.signals import LAST_MOMENT, Signals
 from batcher.run.spend import (
     Cost,
     OverBudget,
@@ -152,11 +155,39 @@ async def run(manifest: Manifest, options: RunOptions) -> Outcome:
     target = output_dir(manifest, options.output)
     configs = effective_configs(manifest, options, used_providers(manifest, options.selection.only))
     keys = {name: resolve_key(config) for name, config in configs.items()}  # before any request
-    async with open_output(
-        target, shard=options.selection.shard, sync_every=options.sync_every,
-        store_timeout=options.store_timeout, slots=sum(c.concurrency for c in configs.values()),
-    ) as output:
-        return await Runner(manifest, options, output, configs, keys).run()
+    signals = Signals(options.grace)
+    with signals.installed(options.handle_signals):
+        opening = open_output(
+            target, shard=options.selection.shard, sync_every=options.sync_every,
+            store_timeout=options.store_timeout,
+            slots=sum(c.concurrency for c in configs.values()))
+        try:
+            output = await signals.interruptible(opening.__aenter__())
+        except Interrupted as stop:  # waiting for the lock, or for the store's first answer
+            return _interrupted_before(manifest, options, configs, str(target), str(stop))
+        try:
+            return await Runner(manifest, options, output, configs, keys, signals).run()
+        finally:
+            # Publishing what is left and releasing the lock: bounded once a signal came.
+            closed, _ = await signals.graced(opening.__aexit__(None, None, None),
+                                             last_moment=LAST_MOMENT)
+            if not closed:
+                log.warning("closing %s was cut short: its lock may stay until it expires",
+                            output.location)
+
+
+def _interrupted_before(manifest: Manifest, options: RunOptions,
+                        configs: dict[str, ProviderConfig], location: str,
+                        message: str) -> Outcome:
+    """The outcome of a run stopped before its output was open: nothing ran, nothing is
+    known done."""
+    plan = make_plan(manifest, options.selection, set(), set(),
+                     prices={name: c.prices for name, c in configs.items()})
+    counters = Counters()
+    summary = summarize(plan, counters, {}, elapsed=0.0, spend=Spend(), spent_by_job={})
+    summary["exit_code"] = Interrupted.exit_code
+    return Outcome(Interrupted.exit_code, plan, counters, summary, location,
+                   Path(location), message)
 
 
 class Runner:
@@ -169,8 +200,10 @@ class Runner:
         output: Output,
         configs: dict[str, ProviderConfig],
         keys: dict[str, str | None],
+        signals: Signals | None = None,
     ) -> None:
         self.manifest = manifest
+        self.signals = signals or Signals(options.grace)
         self.options = options
         self.output = output
         self.root = output.root
@@ -184,10 +217,10 @@ class Runner:
         self.stopping = asyncio.Event()
         self.auth_error: AuthError | None = None
         self.crash: BaseException | None = None  # batcher's own or the store's, not the provider's
-        self.interrupted = False
         self._providers: dict[str, _Provider] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[Any]] = set()  # workers with a request under way
+        self._keeping: set[asyncio.Task[None]] = set()  # paid results on their way to the output
         self._progress: Progress | None = None
         self._tally: dict[str, JobTally] = {}
         budget = options.budget if options.budget is not None else manifest.budget
@@ -195,15 +228,30 @@ class Runner:
         self.counters.priced = any(config.prices for config in configs.values())
         self.budget_stop: str | None = None  # why the budget stopped the run
 
+    @property
+    def interrupted(self) -> bool:
+        return self.signals.interrupted
+
     # ------------------------------------------------------------------ the run
 
     async def run(self) -> Outcome:
+        unlisten = self.signals.listen(self._on_signal)  # from the start: none is missed
+        try:
+            return await self._run()
+        finally:
+            unlisten()
+
+    async def _run(self) -> Outcome:
         started = time.time()
         removed = remove_leftovers(self.root)
         if removed:
             log.info("removed %s left by an interrupted run", plural(removed, "temporary file"))
-        done, failed = await self.output.statuses(self.manifest, self.options.selection)
-        await self._refresh_derived(done)
+        try:  # nothing is paid yet: a signal stops the listing and adoption at once
+            done, failed = await self.signals.interruptible(
+                self.output.statuses(self.manifest, self.options.selection))
+            await self.signals.interruptible(self._refresh_derived(done))
+        except Interrupted as stop:
+            return self._interrupted_at_start(started, str(stop))
         plan = make_plan(self.manifest, self.options.selection, done, failed,
                          prices={name: c.prices for name, c in self.configs.items()})
         self._check_budget(plan)
@@ -217,15 +265,44 @@ class Runner:
             if totals.to_run:
                 await self._run_tasks(done, failed)
         finally:
-            await self.output.drain()  # uploads under way finish (or fail) before the summary
+            # Uploads under way finish (or fail) before the summary; after a signal they get
+            # the grace period, and a task whose upload is cut short stays pending.
+            settled, _ = await self.signals.graced(self._settle())
+            if not settled:
+                log.warning("uploads cut short: their tasks stay pending")
             self._progress.close()
             self.ledger.flush()
         summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started,
                             spend=self.spend, spent_by_job=self._spent_by_job(plan))
         summary["exit_code"] = exit_code = self._exit_code(summary)
-        await self.output.finish(summary)
+        # A moment even after a second signal: a folder's summary is a local write.
+        finished, _ = await self.signals.graced(self.output.finish(summary),
+                                                last_moment=LAST_MOMENT)
+        if not finished:  # a signal cut the final writes short: the run did not end
+            log.warning("the final writes to %s were cut short", self.output.location)
+            summary["exit_code"] = exit_code = Interrupted.exit_code
         return Outcome(exit_code, plan, self.counters, summary, self.output.location,
                        self.root, self._message())
+
+    async def _settle(self) -> None:
+        """Wait for the paid results being kept, then for the output's uploads."""
+        while self._keeping:
+            for result in await asyncio.gather(*list(self._keeping), return_exceptions=True):
+                if isinstance(result, Exception):  # its worker, cancelled, could not say so
+                    self._crashed(result)
+        await self.output.drain()
+
+    def _interrupted_at_start(self, started: float, message: str) -> Outcome:
+        """The outcome of a run stopped while it read its output: nothing was sent; the
+        counts are the ledger's word (a store's listing may not have been read)."""
+        done, failed = self.ledger.statuses(lambda _path, _size: True)
+        plan = make_plan(self.manifest, self.options.selection, done, failed,
+                         prices={name: c.prices for name, c in self.configs.items()})
+        summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started,
+                            spend=self.spend, spent_by_job=self._spent_by_job(plan))
+        summary["exit_code"] = Interrupted.exit_code
+        return Outcome(Interrupted.exit_code, plan, self.counters, summary,
+                       self.output.location, self.root, message)
 
     def _check_budget(self, plan: Plan) -> None:
         """A budget cannot be kept with a cost it cannot estimate: refuse before any request."""
@@ -328,11 +405,9 @@ class Runner:
             for _ in range(provider.config.concurrency)
         ]
         ticker = asyncio.create_task(self._tick())
-        remove_handlers = self._install_signal_handlers()
         try:
             await self._wait_for_workers()
         finally:
-            remove_handlers()
             helpers = [*producers, ticker, *self._workers]
             for task in helpers:
                 task.cancel()
@@ -365,28 +440,14 @@ class Runner:
             if worker not in self._in_flight:
                 worker.cancel()
 
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        if not self.options.handle_signals:
-            return lambda: None
-        loop = asyncio.get_running_loop()
-
-        def on_signal(signum: int) -> None:
-            self.interrupted = True
-            if self.stopping.is_set():
-                log.warning("second signal: cancelling the requests in flight")
-                for worker in self._workers:
-                    worker.cancel()
-            else:
-                self.stop(signal.Signals(signum).name)
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
-
-        def remove() -> None:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
-
-        return remove
+    def _on_signal(self, count: int) -> None:
+        """The first signal stops new requests; the second cancels those in flight, and the
+        paid results waiting for an upload slot."""
+        if count == 1:
+            self.stopping.set()
+            return
+        for task in [*self._workers, *self._keeping]:
+            task.cancel()
 
     async def _tick(self) -> None:
         assert self._progress is not None
@@ -429,8 +490,7 @@ class Runner:
                 kept = await self._execute(provider, task, saver)
                 if kept is not None:
                     record, sidecar = kept
-                    await self.output.keep(record, sidecar, functools.partial(
-                        self._kept, was_failed=task.id in failed), self._crashed)
+                    await asyncio.shield(self._keep(record, sidecar, task.id in failed))
                     if record.status == "ok" and self.deriver.spec(task.job) is not None:
                         # After the paid image is kept: a kill while deriving loses only
                         # derived files, which the next run makes with no request.
@@ -438,6 +498,15 @@ class Runner:
                                               self._crashed)
         except Exception as exc:  # batcher's own fault (a full disk, a bug): stop, never hang
             self._crashed(exc)
+
+    def _keep(self, record: Record, sidecar: str | None, was_failed: bool) -> asyncio.Task[None]:
+        """Keep a paid result in a task of its own: a signal that cancels its worker (which
+        may wait for an upload slot) does not cancel the keeping; the run waits for it."""
+        keeping = asyncio.create_task(self.output.keep(record, sidecar, functools.partial(
+            self._kept, was_failed=was_failed), self._crashed))
+        self._keeping.add(keeping)
+        keeping.add_done_callback(self._keeping.discard)
+        return keeping
 
     def _kept(self, record: Record, *, was_failed: bool) -> None:
         """A task's outcome is durable: record it."""

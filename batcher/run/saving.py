@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from batcher import fastjson
 from batcher.bodies import InputImages, build_body
 from batcher.errors import HTTPStatusError, InternalError, ProviderError, ResponseError
 from batcher.imagegen import image_kind
@@ -24,6 +23,7 @@ from batcher.ledger import FileRecord, Record
 from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
 from batcher.providers.download import Downloader
 from batcher.storage import FileWriter, Layout
+from batcher.store import sidecars
 from batcher.tasks import Task
 
 Answer = ImageAnswer | ChatAnswer
@@ -112,8 +112,7 @@ class Saver:
         sent (input images by sha256). A run on another machine adopts a task from it instead
         of paying for it again. Returns its name."""
         name = self.layout.sidecar_name(record)
-        sidecar = {**record.as_dict(), "request": request}
-        await self.files.write(self.layout.path(name), fastjson.dumps_bytes(sidecar))
+        await self.files.write(self.layout.path(name), sidecars.encode(record, request))
         return name
 
     def _base(self, task: Task, status: str, attempts: int, started: float) -> Record:

@@ -1,18 +1,25 @@
 """A run's output in a plain folder: files are final once renamed, so keeping a task is
-recording it."""
+recording it. Tasks whose sidecars say they finished but that the ledger lacks (a deleted
+``ledger.sqlite``) are adopted, by a run and by the readers alike."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from batcher.errors import UsageError
 from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record, on_disk
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.reports.summary import write_reports
 from batcher.storage import lock_folder
+from batcher.store import sidecars
+
+log = logging.getLogger(__name__)
 
 
 class FolderOutput:
@@ -23,10 +30,19 @@ class FolderOutput:
         self.ledger = ledger
         self.location = str(root)
         self.present = on_disk(root)
-        self._kept = 0  # tasks kept by this run (ran, or derived files made again)
+        self._kept = 0  # tasks kept by this run (ran, or derived files made again, or adopted)
 
     async def statuses(self, manifest: Manifest, selection: Selection) -> tuple[set[str], set[str]]:
-        return self.ledger.statuses(self.root)
+        """Done and failed by the ledger; finished tasks only a sidecar tells of are adopted."""
+        done, failed = self.ledger.statuses(self.root)
+        found = sidecars.wanted(manifest, selection, self.root, done, failed,
+                                lambda name: (self.root / name).is_file())
+        adopted = await sidecars.adopt(self.ledger, found, sidecars.local_reader(self.root),
+                                       self.present, done, failed)
+        if adopted:
+            log.info("adopted %d finished tasks from their sidecars in %s", adopted, self.root)
+            self._kept += adopted
+        return done, failed
 
     def ok_costs(self) -> Iterable[tuple[str, str, float | None]]:
         return self.ledger.ok_costs()
@@ -56,3 +72,23 @@ class FolderOutput:
 async def open_folder(root: Path) -> AsyncIterator[FolderOutput]:
     with lock_folder(root), Ledger(root / LEDGER_NAME) as ledger:
         yield FolderOutput(root, ledger)
+
+
+@contextlib.contextmanager
+def read_folder(root: Path, *, required: bool = True) -> Iterator[Ledger]:
+    """The folder's ledger for reading (``status``, ``plan``, ``report``), with the tasks only
+    sidecars tell of adopted into it; nothing in the folder is written. A folder with neither
+    a ledger nor a sidecar is an error when ``required``, else reads as an empty ledger."""
+    view = Ledger(Path(":memory:"))  # a copy: the folder's own ledger stays as it is
+    try:
+        if (root / LEDGER_NAME).is_file():
+            view.absorb(root / LEDGER_NAME)
+        elif required and next(sidecars.folder_sidecars(root), None) is None:
+            raise UsageError(f"{root}: no ledger here (nothing has run into this folder yet)")
+        done, failed = view.statuses(root)
+        found = sidecars.unaccounted(view, sidecars.folder_sidecars(root), done)
+        asyncio.run(sidecars.adopt(view, found, sidecars.local_reader(root), on_disk(root),
+                                   done, failed))
+        yield view
+    finally:
+        view.close()

@@ -32,6 +32,7 @@ from batcher.plan import Selection
 from batcher.reports.sheet import Mark
 from batcher.reports.summary import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME, write_listings
 from batcher.storage import Layout, lock_folder, slugify
+from batcher.store import sidecars
 from batcher.store.lock import LockLost, StoreLock
 from batcher.store.objects import ObjectStore, StoreURL
 
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 LEDGERS = "ledgers/"  # shards' ledgers, locks and summaries
 LOCK_NAME = ".batcher.lock"
 DEFAULT_SYNC_EVERY = 30.0
-ADOPT_READS = 16  # sidecars read at once when adopting
 
 
 def cache_root(url: StoreURL, part: str) -> Path:
@@ -151,7 +151,10 @@ class StoreOutput:
         finally:
             if view is not self.ledger:
                 view.close()
-        adopted = self._adopted = await self._adopt(manifest, selection, listing, done, failed)
+        found = sidecars.wanted(manifest, selection, self.root, done, failed,
+                                listing.__contains__)
+        adopted = self._adopted = await sidecars.adopt(
+            self.ledger, found, self._read, self.present, done, failed)
         if adopted:
             log.info("adopted %d finished tasks from their sidecars in %s", adopted,
                      self.store.url)
@@ -162,46 +165,9 @@ class StoreOutput:
         costs.update((task_id, (job, cost)) for task_id, job, cost in self.ledger.ok_costs())
         return ((task_id, job, cost) for task_id, (job, cost) in costs.items())
 
-    async def _adopt(self, manifest: Manifest, selection: Selection, listing: dict[str, int],
-                     done: set[str], failed: set[str]) -> int:
-        """Read the sidecars of tasks this run would send, a few at a time."""
-        candidates = ((task.id, name)  # an older batcher's sidecar name too (8-char ids)
-                      for task, sends in selection.walk(manifest, done, failed) if sends
-                      for name in (self.layout.sidecar_name(task),
-                                   self.layout.legacy_sidecar_name(task)))
-        found: dict[str, str] = {}  # task id -> its sidecar, the current name first
-        for task_id, name in candidates:
-            if name in listing:
-                found.setdefault(task_id, name)
-        gate = asyncio.Semaphore(ADOPT_READS)
-
-        async def adopt(task_id: str, name: str) -> bool:
-            async with gate:
-                record = await self._read_sidecar(name, task_id, listing)
-            if record is None:
-                return False
-            self.ledger.record(record)
-            done.add(task_id)
-            failed.discard(task_id)
-            return True
-        adopted = sum(await asyncio.gather(*(adopt(*item) for item in found.items())))
-        self.ledger.flush()
-        return adopted
-
-    async def _read_sidecar(self, name: str, task_id: str,
-                            listing: dict[str, int]) -> Record | None:
+    async def _read(self, name: str) -> bytes | None:
         got = await self.store.get_bytes(name)
-        if got is None:
-            return None
-        try:
-            record = Record.from_dict(fastjson.loads(got[0]))
-        except ValueError:
-            log.warning("%s: %s is not a task sidecar; the task runs again", self.store.url, name)
-            return None
-        if record.id != task_id or record.status != "ok" or not all(
-                listing.get(f.path) == f.size for f in record.files):
-            return None  # a different task's, or its files did not all arrive
-        return record
+        return None if got is None else got[0]
 
     # ------------------------------------------------------------------ per task
 
@@ -292,10 +258,10 @@ class StoreOutput:
         if self.failure is not None:
             return
         await self.publish()
+        self._finished = True  # the ledger is out: a signal that cuts the rest short loses none
         await self.store.put_bytes(self.summary_name, data)
         if summary["ran"] or self._kept or self._adopted or not self._had_listings:  # else same
             await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
-        self._finished = True
 
     async def close(self) -> None:
         if self._publisher is not None:
@@ -371,24 +337,41 @@ async def read_store(
     url: StoreURL, *, required: bool = True
 ) -> AsyncIterator[tuple[ObjectStore, Ledger, dict[str, int], Path]]:
     """Every ledger in the store merged into one, read-only, with the store's listing and a
-    scratch folder (for ``plan``, ``status`` and ``report``: no lock is taken). A store with no
-    ledger is an error when ``required``, else reads as an empty ledger."""
+    scratch folder (for ``plan``, ``status`` and ``report``: no lock is taken). Tasks only
+    their sidecars tell of (a run killed before its first publish) are adopted into the view,
+    as a run would adopt them. A store with neither a ledger nor a sidecar is an error when
+    ``required``, else reads as an empty ledger."""
     store = ObjectStore(url)
     root = cache_root(url, f"read-{os.getpid()}")
     listing = await first_listing(store)
     paths = await restore_ledgers(store, root, sorted(n for n in listing if is_ledger(n)))
-    if not paths and required:
+    if not paths and required and not any(sidecars.is_sidecar_name(n) for n in listing):
         shutil.rmtree(root, ignore_errors=True)
         raise UsageError(f"{url}: no ledger here (nothing has run into it yet)")
     first = Ledger(paths[0] if paths else root / LEDGER_NAME)
     view = merged_view(first, paths[1:], root)
     try:
+        await _adopt_unaccounted(store, view, listing)
         yield store, view, listing, root
     finally:
         view.close()
         if view is not first:
             first.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def _adopt_unaccounted(store: ObjectStore, view: Ledger, listing: dict[str, int]) -> None:
+    """Adopt into a reader's view every sidecar in ``listing`` no done row accounts for."""
+    def present(path: str, size: int) -> bool:
+        return listing.get(path) == size
+
+    async def read(name: str) -> bytes | None:
+        got = await store.get_bytes(name)
+        return None if got is None else got[0]
+
+    done, failed = view.statuses(present)
+    await sidecars.adopt(view, sidecars.unaccounted(view, listing, done), read, present,
+                         done, failed)
 
 
 @contextlib.asynccontextmanager

@@ -24,6 +24,7 @@ from batcher.manifest import Manifest
 from batcher.outputs import derived_files, entries
 from batcher.plan import Selection
 from batcher.storage import Layout, atomic_open
+from batcher.store import sidecars
 from batcher.store.derive import Deriver
 from batcher.store.output import Output
 from batcher.tasks import Task
@@ -127,5 +128,5 @@ def rewrite_sidecar(root: Path, record: Record) -> str:
         data = fastjson.loads(path.read_bytes())
     request = data.get("request") if isinstance(data, dict) else None
     with atomic_open(path) as handle:
-        handle.write(fastjson.dumps_bytes({**record.as_dict(), "request": request}))
+        handle.write(sidecars.encode(record, request))
     return name
