@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -163,8 +164,15 @@ def read_summary(root: Path) -> dict[str, Any] | None:
 def _summary_totals(
     summary: dict[str, Any], groups: dict[tuple[str, str], Counter[str]]
 ) -> dict[tuple[str, str], int]:
-    """Without a manifest, the last summary gives the totals per job (spread over its models)."""
+    """Without a manifest, the last summary gives the totals per job and model in the
+    manifest's order (its ``models``); a summary from before batcher kept them spreads each
+    job's total over the models the ledger has, in the order their rows were written."""
     totals: dict[tuple[str, str], int] = {}
+    for item in summary.get("models") or ():
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            totals[(str(item["job"]), str(item["model"]))] = int(item["total"])
+    if totals:
+        return totals
     for job, counts in summary.get("jobs", {}).items():
         keys = [key for key in groups if key[0] == job] or [(job, "?")]
         recorded = sum(groups.get(key, Counter()).total() for key in keys)
