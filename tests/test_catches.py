@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import provider_block, run_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, write_manifest
 from s3server import S3Server, s3, store_env
-from scripted import ScriptedServer, json_reply
+from scripted import Reply, ScriptedServer, good_image, json_reply
 from test_store import ledger_in_store, manifest, paid
 
 from batcher.ledger import FileRecord, Record
@@ -383,3 +383,59 @@ async def test_an_attempt_that_never_reached_the_provider_costs_nothing(
     assert outcome.message is not None and "unreachable" in outcome.message
     assert "budget" not in outcome.message
 
+
+
+# --------------------------------------------------------------------------- resume, merge
+
+
+def scripted_images(folder: Path, server: ScriptedServer, prompts: list[str]) -> Path:
+    return write_manifest(folder, "name: again\noutput: out\n"
+                          + provider_block(server, concurrency=1, extra="retries: 0")
+                          + "jobs:\n  - name: pics\n    type: image\n    provider: test\n"
+                          + f"    model: m\n    prompts: {json.dumps(prompts)}\n"
+                          + "    params: {response_format: b64_json}\n")
+
+
+def test_skip_failed_sends_no_failed_task_again(tmp_path: Path) -> None:
+    # Break: Selection.walk ignores --skip-failed.
+    server = ScriptedServer().start()
+    try:
+        server.replies["good"] = good_image()
+        server.replies["refused"] = Reply(b'{"error": {"message": "no"}}', status=400)
+        path = scripted_images(tmp_path, server, ["good", "refused"])
+        first = run_cli("run", str(path), "--no-progress")
+        assert first.returncode == 1, first.stderr
+        assert dict(server.requests) == {"good": 1, "refused": 1}
+
+        skipped = run_cli("run", str(path), "--no-progress", "--skip-failed")
+        assert skipped.returncode == 1, skipped.stderr  # a failed task is left, not ok
+        assert dict(server.requests) == {"good": 1, "refused": 1}
+
+        retried = run_cli("run", str(path), "--no-progress")
+        assert dict(server.requests) == {"good": 1, "refused": 2}, retried.stderr
+    finally:
+        server.stop()
+
+
+def test_merge_keeps_the_ok_result_of_a_task_whatever_the_order(tmp_path: Path) -> None:
+    # Break: merge_outputs takes the first folder's row even when it failed and another
+    # folder has the task ok.
+    server = ScriptedServer().start()
+    try:
+        path = scripted_images(tmp_path, server, ["one", "two"])
+        server.default = Reply(b'{"error": {"message": "no"}}', status=400)
+        assert run_cli("run", str(path), "--no-progress", "--output", "failed").returncode == 1
+        server.default = good_image()
+        assert run_cli("run", str(path), "--no-progress", "--output", "ok").returncode == 0
+    finally:
+        server.stop()
+
+    for order in (["failed", "ok"], ["ok", "failed"]):
+        target = tmp_path / f"merged-{order[0]}"
+        done = run_cli("merge", *order, "--output", str(target))
+        assert done.returncode == 0, done.stderr
+        rows = ledger_rows(target, decode=True)
+        assert sorted(row["status"] for row in rows) == ["ok", "ok"], order
+        for row in rows:
+            for rel, size, _digest in row["files"]:
+                assert (target / rel).stat().st_size == size
