@@ -439,3 +439,20 @@ def test_merge_keeps_the_ok_result_of_a_task_whatever_the_order(tmp_path: Path) 
         for row in rows:
             for rel, size, _digest in row["files"]:
                 assert (target / rel).stat().st_size == size
+
+
+def test_a_finished_store_run_again_adopts_nothing_and_keeps_the_attempt_counts(
+    tmp_path: Path, thread_server: Any, s3: S3Server
+) -> None:
+    # Break: StoreOutput._adopt reads the sidecars of every selected task, done ones too (its
+    # `if sends` dropped): each re-run adds their attempts again.
+    server = thread_server()
+    bucket = s3.bucket()
+    path = manifest(server, tmp_path, f"s3://{bucket}/twice", images=2, chats=2)
+    for machine in ("c1", "c2", "c3"):
+        done = run_cli("run", str(path), "--no-progress",
+                       env=store_env(s3.url, str(tmp_path / machine)))
+        assert done.returncode == 0, done.stderr
+    assert paid(server) == 4
+    rows = ledger_in_store(s3, bucket, "twice/ledger.sqlite", tmp_path)
+    assert [row["attempts"] for row in rows] == [1, 1, 1, 1]
