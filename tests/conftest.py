@@ -23,10 +23,12 @@ KEY_VARS = ("VULTR_API_KEY", "MODELVERSE_API_KEY", "OPENAI_API_KEY", "TEST_KEY")
 
 @pytest.fixture(autouse=True)
 def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test runs in its own folder with its own HOME and no API keys set."""
+    """Every test runs in its own folder with its own HOME, its own cache folder (a store's
+    working copy goes there, never into the developer's ~/.cache) and no API keys set."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     for name in KEY_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -372,6 +373,12 @@ def test_progress_lines_show_the_spend(tmp_path: Path, thread_server: Any) -> No
     assert done.returncode == 0, done.stderr
     progress = [line for line in done.stderr.splitlines() if line.startswith("progress ")]
     assert progress and all(" spent=$" in line for line in progress)
+    # One request at a time, each image answered at its price: a line written after N tasks
+    # finished shows exactly N images' worth.
+    shown = [(int(re.search(r" ok=(\d+)", line)[1]),  # type: ignore[index]
+              re.search(r" spent=(\S+)", line)[1]) for line in progress]  # type: ignore[index]
+    assert any(ok for ok, _spent in shown), progress
+    assert all(spent == f"${ok * IMAGE_PRICE:.2f}" for ok, spent in shown), progress
 
 
 async def test_one_budget_holds_across_providers_each_at_its_own_prices(
@@ -389,8 +396,13 @@ async def test_one_budget_holds_across_providers_each_at_its_own_prices(
 
     summary = outcome.summary
     assert outcome.exit_code == 1 and summary["pending"] > 0
+    assert outcome.message is not None and "budget" in outcome.message
     paid = posts(cheap) * IMAGE_PRICE + posts(dear) * 0.03
     assert math.isclose(summary["cost_usd"], paid, abs_tol=1e-6) and paid <= 0.2 + 1e-9
+    # Each answer costs its estimate, so the run stops only when the next request would pass
+    # the budget: within the dearer estimate of it, with both providers paid for.
+    assert paid > 0.2 - 0.03 + 1e-9, paid
+    assert posts(cheap) and posts(dear)
     assert math.isclose(summary["jobs"]["cheap"]["cost_usd"], posts(cheap) * IMAGE_PRICE,
                         abs_tol=1e-6)
     assert math.isclose(summary["jobs"]["dear"]["cost_usd"], posts(dear) * 0.03, abs_tol=1e-6)
@@ -408,7 +420,13 @@ def test_shards_into_a_store_keep_their_own_budgets_and_status_adds_up_their_spe
                              "--budget", budget, env=store_env(s3.url, str(tmp_path / f"m{i}")))
                    for i in (1, 2)]
         for shard in running:
-            shard.communicate(timeout=120)
+            _out, err = shard.communicate(timeout=120)
+            assert "Traceback" not in err, err
+            if budget == "1":
+                assert shard.returncode == 0, err
+            else:  # each shard stopped by its own budget, having spent it
+                assert shard.returncode == 1, err
+                assert "the budget stopped the run" in err and "spent $0.05 this run" in err
 
     shards("0.05")  # each shard may spend $0.05: five images each
     assert posts(server) == 10

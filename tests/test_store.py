@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, provider_block, run_cli, start_cli, write_manifest
+from conftest import REPO, ledger_rows, provider_block, run_cli, start_cli, write_manifest
 from s3server import FaultProxy, S3Server, fault_proxy, s3, store_env
 from test_sheet import CHROMIUM, LOAD_EVERY_IMAGE, chromium_page
 
@@ -117,6 +117,20 @@ def test_run_into_s3_then_a_fresh_machine_sends_nothing(
     assert paid(server) == 12, "a fresh machine paid again for finished tasks"
     assert "12 already done" in again.stderr
 
+    # Without the published ledger only the sidecars tell what finished: a fresh machine
+    # adopts them and pays for exactly the one image that is gone.
+    lost = next(row["files"][0][0] for row in rows if row["job"] == "pics")
+    s3.client.delete_object(Bucket=bucket, Key="assets/v1/ledger.sqlite")
+    s3.client.delete_object(Bucket=bucket, Key=f"assets/v1/{lost}")
+    third = run_cli("run", str(path), "--no-progress",
+                    env=store_env(s3.url, str(tmp_path / "cache-c")))
+
+    assert third.returncode == 0, third.stderr
+    assert paid(server) == 13
+    rows = ledger_in_store(s3, bucket, "assets/v1/ledger.sqlite", tmp_path)
+    assert len(rows) == 12
+    check_store_matches(s3, bucket, "assets/v1", rows)
+
 
 def test_an_edited_prompt_on_a_fresh_machine_requests_only_its_tasks(
     tmp_path: Path, thread_server: Any, s3: S3Server
@@ -174,6 +188,21 @@ def test_kill_9_at_random_points_then_fresh_machines_pay_at_most_what_was_in_fli
     repaid = paid(server) - 60
     assert repaid <= kills * 2 * CONCURRENCY, f"seed {seed}: {repaid} paid twice, {kills} kills"
 
+    # Those limits would let adoption from sidecars fail unnoticed: without the published
+    # ledger, a fresh machine pays for exactly the one image that is gone.
+    lost = next(row["files"][0][0] for row in rows if row["job"] == "pics")
+    s3.client.delete_object(Bucket=bucket, Key="killed/ledger.sqlite")
+    s3.client.delete_object(Bucket=bucket, Key=f"killed/{lost}")
+    before = paid(server)
+    adopted = run_cli("run", str(path), "--no-progress",
+                      env=store_env(s3.url, str(tmp_path / "cache-adopt")))
+
+    assert adopted.returncode == 0, adopted.stderr
+    assert paid(server) - before == 1, f"seed {seed}"
+    rows = ledger_in_store(s3, bucket, "killed/ledger.sqlite", tmp_path)
+    assert len(rows) == 60
+    check_store_matches(s3, bucket, "killed", rows)
+
 
 def test_a_store_down_for_a_while_is_waited_out(
     tmp_path: Path, thread_server: Any, s3: S3Server, fault_proxy: FaultProxy
@@ -203,33 +232,46 @@ def test_a_store_down_for_good_stops_the_run_with_tasks_pending(
 ) -> None:
     server = thread_server(latency=0.05)
     bucket = s3.bucket()
-    path = manifest(server, tmp_path, f"s3://{bucket}/down", images=20, chats=20)
+    path = manifest(server, tmp_path, f"s3://{bucket}/outage", images=20, chats=20)
     env = store_env(fault_proxy.url, str(tmp_path / "cache"))
     process = start_cli("run", str(path), "--no-progress", "--store-timeout", "2", env=env)
-    while paid(server) < 6 and process.poll() is None:
-        time.sleep(0.01)
+    while not any(key.endswith(".json") for key in s3.keys(bucket, "outage/pics/")) \
+            and process.poll() is None:
+        time.sleep(0.01)  # until a task has finished whole: at least one sidecar to check
     fault_proxy.set_mode("reset")
     _out, err = process.communicate(timeout=120)
 
     assert process.returncode == 1, err
     assert "Traceback" not in err
-    assert f"s3://{bucket}/down" in err and "down" in err
+    # Names the store and says it is down (the prefix is named so that no word of it says so).
+    assert f"s3://{bucket}/outage" in err and "down" in err, err
     fault_proxy.set_mode("pass")
-    # Nothing counts as ok without its objects: every sidecar that arrived has all its files.
-    keys = s3.keys(bucket, "down/")
-    for key in keys:
-        if key.endswith(".json") and key.startswith(("down/pics/", "down/lines/")):
-            sidecar = json.loads(s3.get(bucket, key))
-            for item in sidecar["files"]:
-                assert keys.get(f"down/{item['path']}") == item["size"], key
+    # Nothing counts as ok without its objects: every sidecar that arrived has all its files,
+    # and so has every ok row of the run's ledger (its working copy: the store was down).
+    keys = s3.keys(bucket, "outage/")
+    sidecars = [key for key in keys if key.endswith(".json")
+                and key.startswith(("outage/pics/", "outage/lines/"))]
+    assert sidecars
+    for key in sidecars:
+        sidecar = json.loads(s3.get(bucket, key))
+        for item in sidecar["files"]:
+            assert keys.get(f"outage/{item['path']}") == item["size"], key
+    working = next((tmp_path / "cache").rglob("all/ledger.sqlite")).parent
+    rows = ledger_rows(working, decode=True)
+    assert rows and all(row["status"] == "ok" for row in rows)  # a store fault fails no task
+    for row in rows:
+        for rel, size, _digest in row["files"]:
+            assert keys.get(f"outage/{rel}") == size, rel
+    summary = json.loads((working / "summary.json").read_text())
+    assert summary["failed"] == 0 and summary["pending"] > 0 and summary["exit_code"] == 1
 
-    age_lock(s3, bucket, "down/.batcher.lock")  # the stopped run could not remove it
+    age_lock(s3, bucket, "outage/.batcher.lock")  # the stopped run could not remove it
     again = run_cli("run", str(path), "--no-progress", env=store_env(s3.url, str(tmp_path / "c2")))
 
     assert again.returncode == 0, again.stderr
-    rows = ledger_in_store(s3, bucket, "down/ledger.sqlite", tmp_path)
+    rows = ledger_in_store(s3, bucket, "outage/ledger.sqlite", tmp_path)
     assert len(rows) == 40
-    check_store_matches(s3, bucket, "down", rows)
+    check_store_matches(s3, bucket, "outage", rows)
     # Paid twice at most: the requests in flight and the results waiting for an upload slot.
     assert paid(server) <= 40 + 2 * CONCURRENCY
 

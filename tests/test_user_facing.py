@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import provider_block, run_cli, start_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
 
 from batcher.cli import build_parser
 from batcher.server import FAULT_KINDS, ServerOptions
@@ -333,12 +333,15 @@ def test_counts_of_one_are_singular(tmp_path: Path, thread_server: Any) -> None:
 
 def test_status_lists_jobs_and_models_in_manifest_order(tmp_path: Path,
                                                         thread_server: Any) -> None:
+    # The ledger is written in the order tasks finish. To make that order differ from the
+    # manifest's every time, the first run has only flux in zeta; the second adds
+    # stable-diffusion before it, so its row is written last.
     jobs = """\
 jobs:
   - name: zeta
     type: image
     provider: test
-    models: [stable-diffusion-3.5-medium, flux.1-schnell]
+    models: [MODELS]
     prompt: A poster
     params: {size: 256x256, response_format: b64_json}
   - name: alpha
@@ -347,10 +350,16 @@ jobs:
     model: llama-3.1-8b-instruct
     prompt: A caption
 """
-    path = write_manifest(tmp_path, "name: order\noutput: out\n"
-                          + provider_block(thread_server()) + jobs)
+    server = thread_server()
+    head = "name: order\noutput: out\n" + provider_block(server)
+    path = write_manifest(tmp_path, head + jobs.replace("MODELS", "flux.1-schnell"))
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    path = write_manifest(tmp_path, head + jobs.replace(
+        "MODELS", "stable-diffusion-3.5-medium, flux.1-schnell"))
     plan = run_cli("plan", str(path)).stdout.splitlines()[1:4]
     assert run_cli("run", str(path), "--no-progress").returncode == 0
+    assert [row["model"] for row in ledger_rows(tmp_path / "out")][-1] == \
+        "stable-diffusion-3.5-medium"
     expected = [("zeta", "stable-diffusion-3.5-medium"), ("zeta", "flux.1-schnell"),
                 ("alpha", "llama-3.1-8b-instruct")]
 
@@ -358,6 +367,7 @@ jobs:
     for target in (str(path), "out"):
         report = json.loads(run_cli("status", target, "--json").stdout)
         assert [(row["job"], row["model"]) for row in report["models"]] == expected, target
+        assert [row["ok"] for row in report["models"]] == [1, 1, 1], target
         table = run_cli("status", target).stdout.splitlines()[2:5]
         assert [tuple(row.split()[:2]) for row in table] == expected, target
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -164,24 +165,44 @@ def _summary_totals(
     summary: dict[str, Any], groups: dict[tuple[str, str], Counter[str]]
 ) -> dict[tuple[str, str], int]:
     """Without a manifest, the ledgers give the totals; the last summary adds the tasks it
-    left pending, per job, only while it still agrees with the ledgers: a job whose ledger
-    rows are fewer than the ok and failed tasks the summary counted was pruned since (or
-    dropped), and its old pending tasks no longer exist."""
-    totals: dict[tuple[str, str], int] = {}
+    left pending, only for jobs where it still agrees with the ledgers: a job whose ledger rows
+    are fewer than the ok and failed tasks the summary counted was pruned since (or dropped),
+    and its old pending tasks no longer exist. Rows come in the manifest's order as the
+    summary's ``models`` keeps it; a summary from before batcher kept them gives each job's
+    pending tasks to its first model in the ledger's order."""
     jobs = summary.get("jobs")
-    for job, counts in (jobs.items() if isinstance(jobs, dict) else ()):
-        keys = [key for key in groups if key[0] == job]
-        recorded = sum(groups[key].total() for key in keys)
-        totals.update((key, groups[key].total()) for key in keys)
-        if not isinstance(counts, dict) or \
-                recorded < _count(counts, "ok") + _count(counts, "failed"):
-            continue  # pruned since that summary: the ledgers tell the whole story
-        missing = max(_count(counts, "total") - recorded, 0)
-        if missing:
-            first = keys[0] if keys else (job, "?")
-            totals[first] = totals.get(first, 0) + missing
+    current = _jobs_agreeing(jobs if isinstance(jobs, dict) else {}, groups)
+    totals: dict[tuple[str, str], int] = {}
+    for item in summary.get("models") or ():
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            key = (str(item["job"]), str(item["model"]))
+            recorded = groups[key].total() if key in groups else 0
+            if key[0] in current:
+                totals[key] = max(int(item["total"]), recorded)
+            elif recorded:
+                totals[key] = recorded
+    if not totals:
+        for job, missing in current.items():
+            keys = [key for key in groups if key[0] == job] or [(job, "?")]
+            totals.update((key, groups[key].total()) for key in keys if key in groups)
+            if missing:
+                totals[keys[0]] = totals.get(keys[0], 0) + missing
     totals.update((key, counts.total()) for key, counts in groups.items() if key not in totals)
     return totals
+
+
+def _jobs_agreeing(jobs: dict[str, Any], groups: dict[tuple[str, str], Counter[str]]
+                   ) -> dict[str, int]:
+    """The jobs of a summary whose ledger rows still hold at least the ok and failed tasks it
+    counted, each with the tasks it counted that the ledgers lack (left pending)."""
+    agreeing: dict[str, int] = {}
+    for job, counts in jobs.items():
+        if not isinstance(counts, dict):
+            continue
+        recorded = sum(group.total() for key, group in groups.items() if key[0] == job)
+        if recorded >= _count(counts, "ok") + _count(counts, "failed"):
+            agreeing[job] = max(_count(counts, "total") - recorded, 0)
+    return agreeing
 
 
 def _count(counts: dict[str, Any], name: str) -> int:

@@ -78,7 +78,7 @@ def summarize(
         "budget_usd": spend.limit if spend is not None else None,
         "requests": counters.requests, "retries": counters.retries,
         "rate_limited": counters.rate_limited, "elapsed_s": round(elapsed, 3),
-        "exit_code": None, "jobs": jobs,
+        "exit_code": None, "jobs": jobs, "models": _models_in_order(plan),
     }
 
 
@@ -94,6 +94,13 @@ def ok_costs_by_job(
         if task.id in costs and task.job in spent:
             spent[task.job].add(costs.pop(task.id))
     return spent
+
+
+def _models_in_order(plan: Plan) -> list[dict[str, Any]]:
+    """Each job and model with its task count, in the manifest's order: ``status`` of the
+    output lists its rows in this order, not in the order tasks happened to finish."""
+    return [{"job": job, "model": model, "total": counts.total}
+            for (job, model), counts in plan.by_model.items()]
 
 
 def _costs(run: Cost, total: Cost) -> dict[str, Any]:
