@@ -270,7 +270,7 @@ def test_prune_dry_run_on_a_store_changes_nothing_there(
     path = manifest(server, tmp_path, url, images=2, chats=1, prompt="A paper lantern {n}")
     before = {key: s3.get(bucket, key) for key in s3.keys(bucket, "dry/")}
 
-    dry = run_cli("prune", str(path), "--dry-run", env=env)
+    dry = run_cli("prune", str(path), "--dry-run", "--force", env=env)
 
     assert dry.returncode == 0, dry.stderr
     assert "would remove 2 tasks" in dry.stdout, dry.stdout

@@ -378,7 +378,9 @@ def test_progress_lines_show_the_spend(tmp_path: Path, thread_server: Any) -> No
     shown = [(int(re.search(r" ok=(\d+)", line)[1]),  # type: ignore[index]
               re.search(r" spent=(\S+)", line)[1]) for line in progress]  # type: ignore[index]
     assert any(ok for ok, _spent in shown), progress
-    assert all(spent == f"${ok * IMAGE_PRICE:.2f}" for ok, spent in shown), progress
+    # three significant digits below $1: 2 images at $0.01 read $0.0200
+    assert all(spent == (f"${ok * IMAGE_PRICE:.4f}" if ok else "$0.00")
+               for ok, spent in shown), progress
 
 
 async def test_one_budget_holds_across_providers_each_at_its_own_prices(
@@ -426,7 +428,7 @@ def test_shards_into_a_store_keep_their_own_budgets_and_status_adds_up_their_spe
                 assert shard.returncode == 0, err
             else:  # each shard stopped by its own budget, having spent it
                 assert shard.returncode == 1, err
-                assert "the budget stopped the run" in err and "spent $0.05 this run" in err
+                assert "the budget stopped the run" in err and "spent $0.0500 this run" in err
 
     shards("0.05")  # each shard may spend $0.05: five images each
     assert posts(server) == 10
