@@ -157,6 +157,8 @@ _EPILOGS = {
              "       or none of its tasks belongs to a job of the manifest; nothing was "
              "removed\n"
              "\nexample:\n  batcher prune jobs/demo.yaml --dry-run",
+    "unlock": "exit codes:\n  0    removed (or there was no lock)\n  2    not a store URL, or "
+              "no such bucket\n\nexample:\n  batcher unlock s3://assets/launch --shard 2/4",
     "report": "exit codes:\n  0    written\n  2    no ledger in the folder\n\nexample:\n"
               "  batcher report output/demo",
 }
@@ -282,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = _command(sub, "report", "write results.jsonl and index.html again")
     report.add_argument("output", type=_target, metavar="DIR|URL",
                         help="an output folder or a store URL")
+
+    unlock = _command(sub, "unlock", "remove a store's lock left by a run that is gone")
+    unlock.add_argument("output", type=_target, metavar="URL", help="the store URL of the output")
+    unlock.add_argument("--shard", type=_shard, metavar="I/N",
+                        help="the lock of shard I of N (default: the unsharded run's)")
     return parser
 
 
@@ -325,6 +332,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return commands.merge(args.inputs, args.output)
     if args.command == "report":
         return commands.report(args.output)
+    if args.command == "unlock":
+        return commands.unlock(args.output, args.shard)
     if args.command == "prune":
         return commands.prune(args.manifest, args.provider, args.output, dry_run=args.dry_run)
     raise UsageError(f"unknown command {args.command}")
