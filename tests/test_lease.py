@@ -151,13 +151,14 @@ def test_a_dead_holder_whose_clock_is_ahead_is_taken_over_after_its_lease(
 ) -> None:
     server = thread_server()
     bucket = s3.bucket()
-    FakeHolder(s3, bucket, "ahead/.batcher.lock", clock_offset=+3600, lease=1.5, alive=False)
+    FakeHolder(s3, bucket, "ahead/.batcher.lock", clock_offset=+3600, lease=3.2, alive=False)
     path = manifest(server, tmp_path, f"s3://{bucket}/ahead")
 
     result = run_cli("run", str(path), "--no-progress", env=env(s3.url, tmp_path / "c"))
 
     assert result.returncode == 0, result.stderr
-    assert "waiting up to 2 s" in result.stderr  # whom, and how long at most (1.5 s rounded)
+    # Whom, and how long at most: the holder's lease, not this run's own (2 s).
+    assert "waiting up to 3 s" in result.stderr
     assert "taking over" in result.stderr and "ci-runner-7" in result.stderr
     assert paid(server) == 12
     assert ".batcher.lock" not in s3.keys(bucket, "ahead/")
@@ -183,7 +184,9 @@ def test_kill_9_then_a_fresh_machine_finishes_within_the_lease(
     lock["machine"] = "a-vanished-runner"
     s3.put(bucket, "killed/.batcher.lock", json.dumps(lock).encode())
 
-    fresh = run_cli("run", str(path), "--no-progress", env=env(s3.url, tmp_path / "fresh"))
+    # The fresh machine's own lease is long: the dead holder's (2 s) is the one waited out.
+    fresh = run_cli("run", str(path), "--no-progress",
+                    env=env(s3.url, tmp_path / "fresh", lease="600"))
 
     assert fresh.returncode == 0, fresh.stderr
     assert f"pid {lock['pid']}" in fresh.stderr and "waiting up to 2 s" in fresh.stderr

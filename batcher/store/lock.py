@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ def lease_from_env() -> float:
     return lease
 
 
+@functools.cache
 def _machine() -> str:
     """This machine and pid namespace: a pid means the same process only within it (two
     containers may share a host name)."""
