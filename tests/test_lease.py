@@ -108,6 +108,23 @@ def test_overlapping_layouts_started_together_never_both_send(
         "the run that stopped sent requests"
 
 
+def test_three_layouts_started_together_let_exactly_one_send(
+    tmp_path: Path, thread_server: Any, s3: S3Server
+) -> None:
+    server = thread_server(latency=0.3)
+    bucket = s3.bucket()
+    path = manifest(server, tmp_path, f"s3://{bucket}/three", images=20, chats=20)
+    runs = [start_cli("run", str(path), "--no-progress", *extra,
+                      env=env(s3.url, tmp_path / f"machine-{i}"))
+            for i, extra in enumerate([[], ["--shard", "2/2"], ["--shard", "3/3"]])]
+    for run in runs:
+        run.communicate(timeout=120)
+    codes = sorted(run.returncode for run in runs)
+
+    assert codes == [0, 2, 2]
+    assert paid_twice(server) == 0
+
+
 def test_shards_of_one_count_still_run_side_by_side(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
