@@ -291,6 +291,9 @@ def status(target: str, output: str | None, *, as_json: bool, verify: bool) -> i
         print(json.dumps(report, indent=2))
     else:
         print_status(report)
+        for holder in report.get("holders", []):  # a store's live locks: who, for unlock
+            print(f"lock {holder['lock']}: held by {holder['holder']} (lease "
+                  f"{holder['lease_s']:g} s)")
     # 0 only when every task is ok: a CI step can gate on `batcher status`.
     return 1 if report["failed"] or report["pending"] or report.get("changed") else 0
 

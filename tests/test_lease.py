@@ -231,7 +231,7 @@ def test_kill_9_then_a_rerun_on_the_same_machine_takes_over_at_once(
 def test_unlock_stops_a_live_holder_which_overwrites_nothing(
     tmp_path: Path, thread_server: Any, s3: S3Server, recorder: RecordingProxy
 ) -> None:
-    server = thread_server(latency=0.1)
+    server = thread_server(latency=0.2)
     bucket = s3.bucket()
     url = f"s3://{bucket}/unlocked"
     path = manifest(server, tmp_path, url, images=40, chats=40)
@@ -243,6 +243,7 @@ def test_unlock_stops_a_live_holder_which_overwrites_nothing(
     status = run_cli("status", url, "--json", env=ours)  # 8: the live lock is reported
     assert json.loads(status.stdout)["running"] is True, status.stderr
     assert [h["pid"] for h in json.loads(status.stdout)["holders"]] == [holder.pid]
+    assert f"pid {holder.pid}" in run_cli("status", url, env=ours).stdout
     unlock = run_cli("unlock", url, env=ours)
     unlocked = time.monotonic()
     _out, err = holder.communicate(timeout=60)
