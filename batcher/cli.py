@@ -172,6 +172,8 @@ _EPILOGS = {
              "every task\n       of a job the manifest still has (a different --provider, "
              "params or vars?;\n       --force prunes anyway); nothing was removed\n"
              "\nexample:\n  batcher prune jobs/demo.yaml --dry-run",
+    "unlock": "exit codes:\n  0    removed (or there was no lock)\n  2    not a store URL, or "
+              "no such bucket\n\nexample:\n  batcher unlock s3://assets/launch --shard 2/4",
     "report": "exit codes:\n  0    written\n  2    no ledger in the folder\n\nexample:\n"
               "  batcher report output/demo",
     "publish": "exit codes:\n  0    every asset published\n  1    some assets have no ok, "
@@ -315,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("output", type=_target, metavar="DIR|URL|MANIFEST",
                         help="an output folder or a store URL; or a manifest with asset: "
                              "(its output's sheet grouped by asset, with the picks marked)")
+
+    unlock = _command(sub, "unlock", "remove a store's lock left by a run that is gone")
+    unlock.add_argument("output", type=_target, metavar="URL", help="the store URL of the output")
+    unlock.add_argument("--shard", type=_shard, metavar="I/N",
+                        help="the lock of shard I of N (default: the unsharded run's)")
     _add_asset_commands(sub)
     return parser
 
@@ -391,6 +398,8 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.command == "publish":
             return command.publish(args.manifest, args.output, args.to, dry_run=args.dry_run)
         return command.review(args.manifest, args.output, port=args.port)
+    if args.command == "unlock":
+        return commands.unlock(args.output, args.shard)
     if args.command == "prune":
         return commands.prune(args.manifest, args.provider, args.output, dry_run=args.dry_run,
                               force=args.force)

@@ -329,13 +329,16 @@ def status(target: str, output: str | None, *, as_json: bool, verify: bool,
         print(json.dumps(report, indent=2))
     else:
         print_status(report)
+        for holder in report.get("holders", []):  # a store's live locks: who, for unlock
+            print(f"lock {holder['lock']}: held by {holder['holder']} (lease "
+                  f"{holder['lease_s']:g} s)")
     # 0 only when every task is ok: a CI step can gate on `batcher status`.
     return 1 if report["failed"] or report["pending"] or report.get("changed") else 0
 
 
 async def _store_status(url: StoreURL, manifest: Manifest | None, *,
                         verify: bool) -> dict[str, Any]:
-    from batcher.store.mirror import read_store, verify_store
+    from batcher.store.mirror import lock_holders, read_store, verify_store
 
     async with read_store(url) as (store, ledger, _listing, _root):
         problems = await verify_store(store, ledger) if verify else None
@@ -343,9 +346,13 @@ async def _store_status(url: StoreURL, manifest: Manifest | None, *,
         summary = None
         with contextlib.suppress(ValueError, TypeError):
             summary = json.loads(got[0]) if got is not None else None
-        return ledger_status(
+        holders = await lock_holders(store, _listing)
+        report = ledger_status(
             ledger, str(url), manifest, summary=summary if isinstance(summary, dict) else None,
-            verify=None if problems is None else lambda record: problems.get(record.id, []))
+            verify=None if problems is None else lambda record: problems.get(record.id, []),
+            running=bool(holders))
+        report["holders"] = holders
+        return report
 
 
 def merge(inputs: list[Path], output: Path) -> int:
@@ -441,3 +448,20 @@ async def _store_report(url: StoreURL) -> None:
 
     async with read_store(url) as (store, ledger, _listing, root):
         await upload_listings(store, root, ledger)
+
+
+def unlock(target: str, shard: tuple[int, int] | None) -> int:
+    """Remove a store's lock (a run's, or its shard's), saying whose it was."""
+    url = output_target(target)
+    if not isinstance(url, StoreURL):
+        raise UsageError(f"{url}: unlock is for store outputs (s3://, gs://, az://); a folder's "
+                         "lock ends with the process that holds it")
+    from batcher.store.mirror import remove_lock
+
+    name, holder = asyncio.run(remove_lock(url, shard))
+    if holder is None:
+        print(f"unlock: {url} has no lock {name}; nothing to remove")
+    else:
+        print(f"unlock: removed {url}/{name}, held by {holder}; that run stops writing at its "
+              "next heartbeat")
+    return 0

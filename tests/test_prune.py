@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 from conftest import ledger_rows, provider_block, run_cli, write_manifest
 from s3server import S3Server, s3, store_env
+from test_lease import FakeHolder
 
 from batcher.imagegen import render_png
 from batcher.ledger import Ledger
@@ -311,17 +311,20 @@ def test_prune_refuses_a_store_a_run_holds(
     env = store_env(s3.url, str(tmp_path / "cache"))
     assert run_cli("run", str(path), "--no-progress", env=env).returncode == 0
     path = manifest(server, tmp_path, prompt=NEW, output=url)
-    s3.put(bucket, "held/.batcher.lock", json.dumps(
-        {"host": "ci-runner-7", "pid": 4242, "started": time.time(),
-         "refreshed": time.time()}).encode())
+    holder = FakeHolder(s3, bucket, "held/.batcher.lock", clock_offset=0, lease=60, alive=True)
     keys = s3.keys(bucket, "held/")
+    del keys["held/.batcher.lock"]  # its heartbeat changes it
 
-    refused = run_cli("prune", str(path), env=env)
+    try:
+        refused = run_cli("prune", str(path), env=env)
+    finally:
+        holder.stop()
 
     assert refused.returncode == 2
     assert "another batcher run holds .batcher.lock" in refused.stderr
     assert "ci-runner-7" in refused.stderr
-    assert s3.keys(bucket, "held/") == keys
+    assert {k: v for k, v in s3.keys(bucket, "held/").items() if k in keys} == keys
+    assert s3.keys(bucket, "held/").keys() - keys.keys() == {"held/.batcher.lock"}
     # Reads only: no lock needed (--force: every task of pics goes, see tests/test_files.py).
     dry = run_cli("prune", str(path), "--dry-run", "--force", env=env)
     assert dry.returncode == 0 and "would remove 3 tasks" in dry.stdout

@@ -279,35 +279,39 @@ def test_a_store_down_for_good_stops_the_run_with_tasks_pending(
 def test_a_second_run_on_a_held_store_exits_2_naming_the_holder(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
-    server = thread_server()
+    server = thread_server(latency=0.2)
     bucket = s3.bucket()
-    holder = {"host": "ci-runner-7", "pid": 4242, "started": time.time() - 5,
-              "refreshed": time.time() - 5}
-    s3.put(bucket, "held/.batcher.lock", json.dumps(holder).encode())
-    path = manifest(server, tmp_path, f"s3://{bucket}/held")
+    path = manifest(server, tmp_path, f"s3://{bucket}/held", images=30, chats=30)
+    env = {**store_env(s3.url, str(tmp_path / "a")), "BATCHER_LOCK_LEASE": "2"}
+    first = start_cli("run", str(path), "--no-progress", env=env)
+    while paid(server) < 2 and first.poll() is None:
+        time.sleep(0.01)
 
     second = run_cli("run", str(path), "--no-progress", env=store_env(s3.url, str(tmp_path / "c")))
+    first.communicate(timeout=60)
 
     assert second.returncode == 2, second.stderr
-    assert "ci-runner-7" in second.stderr and "4242" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and "alive" in second.stderr
     assert "Traceback" not in second.stderr
-    assert paid(server) == 0
+    assert paid(server) == 60  # the second run sent nothing
 
 
-def test_a_stale_lock_is_taken_over_with_a_warning(
+def test_a_dead_runs_lock_is_taken_over_with_a_warning_after_its_lease(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
     server = thread_server()
     bucket = s3.bucket()
-    dead = {"host": "gone", "pid": 1, "started": time.time() - 7200,
-            "refreshed": time.time() - 3600}
-    s3.put(bucket, "stale/.batcher.lock", json.dumps(dead).encode())
-    path = manifest(server, tmp_path, f"s3://{bucket}/stale")
+    dead = {"host": "vanished-runner", "pid": 1, "started": time.time() - 7200, "lease": 1,
+            "nonce": "0" * 24}
+    s3.put(bucket, "p/.batcher.lock", json.dumps(dead).encode())
+    path = manifest(server, tmp_path, f"s3://{bucket}/p")
 
     result = run_cli("run", str(path), "--no-progress", env=store_env(s3.url, str(tmp_path / "c")))
 
     assert result.returncode == 0, result.stderr
-    assert "stale" in result.stderr and "gone" in result.stderr
+    warning = [line for line in result.stderr.splitlines() if "taking over" in line]
+    assert len(warning) == 1 and "vanished-runner" in warning[0], result.stderr
+    assert "unchanged for its whole lease" in warning[0]
     assert paid(server) == 12
 
 

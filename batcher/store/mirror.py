@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from obstore.exceptions import AlreadyExistsError, PreconditionError
+
 from batcher import fastjson
 from batcher.errors import StoreError, UsageError
 from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
@@ -33,13 +35,14 @@ from batcher.reports.sheet import Mark
 from batcher.reports.summary import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME, write_listings
 from batcher.storage import Layout, lock_folder, slugify
 from batcher.store import sidecars
-from batcher.store.lock import LockLost, StoreLock
+from batcher.store.layouts import UNSHARDED_LOCK, claim_layout
+from batcher.store.lock import Holder, LockLost, StoreLock
 from batcher.store.objects import ObjectStore, StoreURL
 
 log = logging.getLogger(__name__)
 
 LEDGERS = "ledgers/"  # shards' ledgers, locks and summaries
-LOCK_NAME = ".batcher.lock"
+LOCK_NAME = UNSHARDED_LOCK
 DEFAULT_SYNC_EVERY = 30.0
 
 
@@ -97,9 +100,10 @@ class StoreOutput:
         self.location = str(store.url)
         self.ledger_name, lock_name, self.summary_name, _ = _names(shard)
         self.sync_every = sync_every
-        self.lock = StoreLock(store, lock_name, stale_after=3 * sync_every)
+        self.lock = StoreLock(store, lock_name, on_lost=self._lock_lost)
         self.layout = Layout(root)
         self._ledger: Ledger | None = None
+        self._ledger_version: str | None = None  # the store's ledger as this run last saw it
         self._slots = asyncio.Semaphore(max(slots, 1))
         self._uploads: set[asyncio.Task[None]] = set()
         self._publishing = asyncio.Lock()
@@ -121,9 +125,12 @@ class StoreOutput:
     # ------------------------------------------------------------------ start
 
     async def open(self) -> None:
-        """Take the lock, restore this run's ledger, start publishing it."""
+        """Take the lock (and the prefix from runs whose tasks could overlap), restore this
+        run's ledger, start publishing it."""
         try:
-            await self.lock.acquire()
+            await self.lock.acquire(phase="starting")
+            self.lock.start_heartbeat()
+            await claim_layout(self.store, self.lock)
         except StoreError as exc:  # nothing was sent yet: the store or its credentials are off
             raise UsageError(str(exc)) from None
         except FileNotFoundError:
@@ -131,7 +138,7 @@ class StoreOutput:
         path = self.root / LEDGER_NAME
         for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             stale.unlink(missing_ok=True)  # the store's copy is the truth
-        await self.store.get_file(self.ledger_name, path)
+        _found, self._ledger_version = await self.store.get_file_version(self.ledger_name, path)
         self._ledger = Ledger(path)
         self._publisher = asyncio.create_task(self._publish_every())
 
@@ -192,12 +199,13 @@ class StoreOutput:
                       failed: Callable[[BaseException], None]) -> None:
         self._on_failure = failed
         try:
-            if self.failure is not None:  # the store is down: the run is stopping
+            if self.failure is not None:  # the store is down or the lock lost: stopping
+                failed(self.failure)
                 return
             for file in files:
-                await self.store.put_file(file.path, self.root / file.path)
+                await self._put_kept(file.path)
             if sidecar is not None:  # last: its presence says every file arrived
-                await self.store.put_file(sidecar, self.root / sidecar)
+                await self._put_kept(sidecar)
         except Exception as exc:  # the store stayed down, or the working copy lost a file
             self.failure = self.failure or exc
             failed(exc)
@@ -206,6 +214,10 @@ class StoreOutput:
             kept(record)
         finally:
             self._slots.release()
+
+    async def _put_kept(self, name: str) -> None:
+        await self.lock.ensure()  # a run that lost its lock writes nothing more
+        await self.store.put_file(name, self.root / name)
 
     def present(self, path: str, size: int) -> bool:
         return self._listing.get(path) == size
@@ -225,24 +237,40 @@ class StoreOutput:
 
     # ------------------------------------------------------------------ publishing
 
+    def _lock_lost(self, exc: LockLost) -> None:
+        """Another run writes here now (or `unlock` removed the lock): stop, write nothing."""
+        self.failure = self.failure or exc
+        if self._on_failure is not None:
+            self._on_failure(exc)
+
     async def publish(self) -> None:
-        """Put a consistent copy of this run's ledger in the store and refresh the lock."""
+        """Put a consistent copy of this run's ledger in the store, only while the lock is
+        this run's and over the version this run last saw."""
         async with self._publishing:
             snapshot = self.root / ".ledger-publish.sqlite"
             snapshot.unlink(missing_ok=True)
             self.ledger.snapshot(snapshot)
-            await self.store.put_file(self.ledger_name, snapshot)
-            await self.lock.refresh()
+            await self.lock.check()
+            self._ledger_version = await self._put_ledger(snapshot.read_bytes())
+
+    async def _put_ledger(self, data: bytes) -> str | None:
+        mode: Any = "create" if self._ledger_version is None else {"e_tag": self._ledger_version}
+        try:
+            return await self.store.put_bytes(self.ledger_name, data, mode=mode)
+        except (PreconditionError, AlreadyExistsError):
+            # Only the lock's holder writes the ledger: if the lock is still ours, the version
+            # we did not expect is our own put whose answer was lost.
+            await self.lock.check()
+            now = await self.store.version(self.ledger_name)
+            return await self.store.put_bytes(
+                self.ledger_name, data, mode="create" if now is None else {"e_tag": now})
 
     async def _publish_every(self) -> None:
         while True:
             await asyncio.sleep(self.sync_every)
             try:
                 await self.publish()
-            except LockLost as exc:  # another run writes here now: stop, never write over it
-                self.failure = exc
-                if self._on_failure is not None:
-                    self._on_failure(exc)
+            except LockLost:  # the heartbeat or the check said so: _lock_lost stops the run
                 return
             except StoreError as exc:
                 log.warning("publishing the ledger failed: %s; trying again in %.0f s", exc,
@@ -259,6 +287,7 @@ class StoreOutput:
             return
         await self.publish()
         self._finished = True  # the ledger is out: a signal that cuts the rest short loses none
+        await self.lock.ensure()
         await self.store.put_bytes(self.summary_name, data)
         if summary["ran"] or self._kept or self._adopted or not self._had_listings:  # else same
             await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
@@ -274,9 +303,8 @@ class StoreOutput:
                     await self.drain()
                     await self.publish()  # a crash of batcher's own: keep what finished
             self._ledger.close()
-        if not isinstance(self.failure, LockLost):
-            with contextlib.suppress(StoreError):
-                await self.lock.release()
+        with contextlib.suppress(StoreError):
+            await self.lock.release()  # stops the heartbeat; removes the lock if still ours
 
 
 async def write_store_listings(store: ObjectStore, root: Path, own: Ledger,
@@ -372,6 +400,33 @@ async def _adopt_unaccounted(store: ObjectStore, view: Ledger, listing: dict[str
     done, failed = view.statuses(present)
     await sidecars.adopt(view, sidecars.unaccounted(view, listing, done), read, present,
                          done, failed)
+
+
+async def lock_holders(store: ObjectStore, listing: dict[str, int]) -> list[dict[str, Any]]:
+    """Who holds the store's locks now, one entry per lock (for ``status``)."""
+    found = []
+    for name in sorted(name for name in listing if name == LOCK_NAME or (
+            name.startswith(LEDGERS) and name.endswith(".lock"))):
+        got = await store.get_bytes(name)
+        if got is not None:
+            holder = Holder.parse(got[0])
+            found.append({"lock": name, "host": holder.host, "pid": holder.pid,
+                          "started": holder.started, "lease_s": holder.lease,
+                          "holder": holder.describe()})
+    return found
+
+
+async def remove_lock(url: StoreURL, shard: tuple[int, int] | None) -> tuple[str, str | None]:
+    """``batcher unlock``: delete the lock of a run (or shard); its name, and whose it was."""
+    store = ObjectStore(url)
+    name = _names(shard)[1]
+    try:
+        got = await store.get_bytes(name)
+        if got is not None:
+            await store.delete(name)
+    except StoreError as exc:  # a missing bucket, refused credentials, a store that is down
+        raise UsageError(str(exc)) from None
+    return name, None if got is None else Holder.parse(got[0]).describe()
 
 
 @contextlib.asynccontextmanager

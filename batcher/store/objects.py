@@ -8,8 +8,10 @@ manifest and never prints or writes them.
 
 Every call is retried with capped backoff while the store fails in a way that may pass (5xx,
 throttling, timeouts, resets) until ``timeout`` seconds have gone by since the call began; then
-:class:`StoreError` says the store is down. Answers that will not change by waiting (missing
-object, refused credentials, a failed precondition) come back at once.
+:class:`StoreError` says the store is down. A store silent for ``SILENT_AFTER`` seconds gets one
+line on stderr saying so and how long batcher keeps trying. Answers that will not change by
+waiting (missing object, refused credentials, a failed precondition) come back at once; a
+missing bucket or container is :class:`MissingBucket` at once, whatever the call.
 """
 
 from __future__ import annotations
@@ -44,7 +46,21 @@ from batcher.store.url import StoreURL
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 300.0  # seconds a store may keep failing before a run gives up on it
+SILENT_AFTER = 10.0  # seconds without an answer before a user is told the store is silent
 _T = TypeVar("_T")
+# How S3, GCS and Azure say the bucket (container) itself is missing; obstore reports some of
+# these as a missing object, and a listing's as a generic error.
+_NO_BUCKET = ("NoSuchBucket", "ContainerNotFound", "bucket does not exist",
+              "The specified bucket does not exist")
+
+
+class MissingBucket(StoreError):
+    """The bucket or container of a store URL does not exist: waiting will not create it."""
+
+
+def _is_missing_bucket(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(mark in text for mark in _NO_BUCKET)
 
 
 def _is_final(exc: BaseException) -> bool:
@@ -72,27 +88,54 @@ class ObjectStore:
                                               retry_config={"max_retries": 0})
         except (BaseError, ValueError, UnknownConfigurationKeyError) as exc:
             raise UsageError(f"{url}: cannot open the store ({_first_line(exc)})") from None
+        self._said_silent = False
+
+    def _say_silent(self, what: str) -> None:
+        """One line per silence: the store has not answered ``what`` for SILENT_AFTER s."""
+        if self._said_silent:
+            return
+        self._said_silent = True
+        left = max(self.timeout - SILENT_AFTER, 0.0)
+        log.warning("%s has not answered for %.0f s (%s); batcher keeps trying for up "
+                    "to %.0f s more (--store-timeout)", self.url, SILENT_AFTER, what, left)
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        silent = asyncio.get_running_loop().call_later(SILENT_AFTER, self._say_silent, what)
+        try:
+            result = await self._retry_until_deadline(what, call)
+        finally:
+            silent.cancel()
+        self._said_silent = False  # it answered: a later silence is news again
+        return result
+
+    async def _retry_until_deadline(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
         deadline = time.monotonic() + self.timeout
         attempt = 0
         while True:
             attempt += 1
             try:
                 return await call()
-            except (PermissionDeniedError, UnauthenticatedError) as exc:
-                raise StoreError(f"{self.url}: the store refused {what} ({_first_line(exc)}); "
-                                 f"check its credentials in the environment") from exc
             except Exception as exc:
-                if _is_final(exc):
-                    raise
-                wait = backoff(attempt, base=0.2, cap=10.0)
-                if time.monotonic() + wait > deadline:
-                    raise StoreError(f"{self.url}: {what} failed for {self.timeout:g} s; "
-                                     f"the store seems down ({_first_line(exc)})") from exc
-                log.debug("%s: %s failed (%s); retrying in %.1f s", self.url, what,
-                          _first_line(exc), wait)
-                await asyncio.sleep(wait)
+                if _is_missing_bucket(exc):
+                    raise MissingBucket(f"{self.url}: no such bucket or container "
+                                        f"({self.url.bucket})") from exc
+                await self._after_failure(what, exc, attempt, deadline)
+
+    async def _after_failure(self, what: str, exc: Exception, attempt: int,
+                             deadline: float) -> None:
+        """Raise what waiting will not cure; else wait before the next attempt."""
+        if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+            raise StoreError(f"{self.url}: the store refused {what} ({_first_line(exc)}); "
+                             f"check its credentials in the environment") from exc
+        if _is_final(exc):
+            raise exc
+        wait = backoff(attempt, base=0.2, cap=10.0)
+        if time.monotonic() + wait > deadline:
+            raise StoreError(f"{self.url}: {what} failed for {self.timeout:g} s; "
+                             f"the store seems down ({_first_line(exc)})") from exc
+        log.debug("%s: %s failed (%s); retrying in %.1f s", self.url, what, _first_line(exc),
+                  wait)
+        await asyncio.sleep(wait)
 
     async def put_file(self, name: str, path: Path) -> None:
         """Upload a local file, streamed in parts when large."""
@@ -119,17 +162,30 @@ class ObjectStore:
 
     async def get_file(self, name: str, path: Path) -> bool:
         """Download an object to ``path`` (through a temporary name); False when missing."""
-        async def get() -> None:
+        return (await self.get_file_version(name, path))[0]
+
+    async def get_file_version(self, name: str, path: Path) -> tuple[bool, str | None]:
+        """:meth:`get_file`, and the ETag of the version downloaded (None when missing)."""
+        async def get() -> str | None:
             result = await obstore.get_async(self._store, name)
             with atomic_open(path) as handle:
                 async for chunk in result.stream(min_chunk_size=1 << 20):
                     handle.write(chunk)
+            return cast(str | None, result.meta["e_tag"])
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            await self._retry(f"reading {name}", get)
+            return True, await self._retry(f"reading {name}", get)
         except FileNotFoundError:
-            return False
-        return True
+            return False, None
+
+    async def version(self, name: str) -> str | None:
+        """The ETag of an object now, or ``None`` when there is no such object."""
+        try:
+            meta = await self._retry(f"reading {name}",
+                                     lambda: obstore.head_async(self._store, name))
+        except FileNotFoundError:
+            return None
+        return cast(str | None, meta["e_tag"])
 
     async def chunks(self, name: str) -> AsyncIterator[bytes]:
         """An object's bytes in pieces (for hashing without holding it whole)."""

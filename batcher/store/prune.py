@@ -30,7 +30,6 @@ from batcher.prune import (
 )
 from batcher.store.lock import StoreLock
 from batcher.store.mirror import (
-    DEFAULT_SYNC_EVERY,
     LOCK_NAME,
     cache_root,
     first_listing,
@@ -71,8 +70,9 @@ async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
     try:
         if not dry_run:
             for name in names:
-                lock = StoreLock(store, _lock_of(name), stale_after=3 * DEFAULT_SYNC_EVERY)
+                lock = StoreLock(store, _lock_of(name))
                 await lock.acquire()
+                lock.start_heartbeat()  # a run starting meanwhile sees prune is alive
                 locks.append(lock)
         for name in names:  # read after locking: no run changes them from here on
             path = root / name.replace("/", "-")
