@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import ledger_rows, provider_block, run_cli, write_manifest
+from s3server import S3Server, s3, store_env
 from scripted import GOOD_PNG, Reply, ScriptedServer, json_reply
 
 from batcher.manifest import load_manifest
@@ -25,6 +26,7 @@ from batcher.run.pool import Outcome, RunOptions, run
 from batcher.wording import usd
 
 B64 = base64.b64encode(GOOD_PNG).decode()
+__all__ = ["s3"]  # a fixture, used by name
 
 
 async def run_manifest(path: Path, **options: Any) -> Outcome:
@@ -357,6 +359,31 @@ def test_status_of_an_output_after_a_prune_that_dropped_a_pending_job_has_nothin
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["total"], summary["pending"]) == (1, 0)
     assert summary["cost_total_usd"] == pytest.approx(0.006)
+    assert scripted.requests.total() == 3
+
+
+def test_status_of_a_store_after_a_prune_that_dropped_a_pending_job_has_nothing_pending(
+    tmp_path: Path, scripted: ScriptedServer, s3: S3Server
+) -> None:
+    scripted.default = json_reply({"created": 1, "data": [{"b64_json": B64}]})
+    second = image_job(["k1", "k2", "k3"]).replace("name: shots", "name: later")
+    url = f"s3://{s3.bucket()}/p"
+    path = manifest(tmp_path, scripted, image_job(["a", "b", "c"]) + second,
+                    prices="m: {image: 0.006}", top="budget: 0.02\n")
+    path.write_text(path.read_text().replace("output: out", f"output: {url}"))
+    env = store_env(s3.url, str(tmp_path / "cache"))
+    first = run_cli("run", str(path), "--no-progress", env=env)
+    assert first.returncode == 1, first.stderr  # the budget left job "later" pending
+    smaller = manifest(tmp_path, scripted, image_job(["a"]), prices="m: {image: 0.006}")
+    smaller.write_text(smaller.read_text().replace("output: out", f"output: {url}"))
+    pruned = run_cli("prune", str(smaller), env=env)
+    assert pruned.returncode == 0, pruned.stderr
+
+    done = run_cli("status", url, "--json", env=env)
+
+    report = json.loads(done.stdout)
+    assert (report["total"], report["ok"], report["pending"]) == (1, 1, 0)
+    assert done.returncode == 0, done.stdout
     assert scripted.requests.total() == 3
 
 
