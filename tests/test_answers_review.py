@@ -418,6 +418,12 @@ STREAM_ANSWERS = {
         b"data: " + json.dumps(chunk(0, "A", "stop")).encode(),
         b"data: " + json.dumps(chunk(1, "B", "stop")).encode(), done=False),
         content_type="text/event-stream"), ["A", "B"]),
+    "usage chunk without done": (Reply(events(
+        b"data: " + json.dumps(chunk(0, "A")).encode(),
+        b"data: " + json.dumps(chunk(1, "B")).encode(),
+        b"data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 1,
+                                                         "completion_tokens": 2}}).encode(),
+        done=False), content_type="text/event-stream"), ["A", "B"]),
 }
 
 
@@ -438,12 +444,19 @@ async def test_a_streamed_request_keeps_what_its_answer_holds_on_the_first_reque
         prompt: texts for prompt, (_reply, texts) in STREAM_ANSWERS.items()}
 
 
+def with_usage(value: dict[str, Any]) -> dict[str, Any]:
+    return {**value, "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+
+
+@pytest.mark.parametrize("usage_in_chunks", [False, True])
 async def test_a_stream_cut_before_every_choice_finished_is_still_truncated(
-    tmp_path: Path, scripted: ScriptedServer
+    tmp_path: Path, scripted: ScriptedServer, usage_in_chunks: bool
 ) -> None:
-    scripted.default = Reply(events(b"data: " + json.dumps(chunk(0, "A", "stop")).encode(),
-                                    b"data: " + json.dumps(chunk(1, "B")).encode(), done=False),
-                             content_type="text/event-stream")
+    pieces = [chunk(0, "A", "stop"), chunk(1, "B")]
+    if usage_in_chunks:  # some servers send usage in every chunk: it does not end a stream
+        pieces = [with_usage(piece) for piece in pieces]
+    scripted.default = Reply(events(*(b"data: " + json.dumps(p).encode() for p in pieces),
+                                    done=False), content_type="text/event-stream")
     path = manifest(tmp_path, scripted, chat_job(["cut"], "{n: 2, max_tokens: 10, "
                                                           "stream: true}"), retries=1)
 

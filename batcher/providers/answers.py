@@ -35,10 +35,13 @@ class Stream:
         self.last: dict[str, Any] = {}
         self.usage: Any = None
         self.finished = False
+        self.closing = False  # the usage chunk (usage, no choices) came: the last one sent
 
     def add(self, chunk: dict[str, Any]) -> None:
         self.last = chunk
         self.usage = chunk.get("usage") or self.usage
+        if isinstance(chunk.get("usage"), dict) and not chunk.get("choices"):
+            self.closing = True
         for index, text, finish in _delta_texts(chunk):
             self.parts.setdefault(index, [])
             if text:
@@ -49,13 +52,14 @@ class Stream:
     @property
     def whole(self) -> bool:
         """Whether the stream holds a whole completion: it ended with ``[DONE]``, or without
-        it once every choice had its ``finish_reason`` or the usage chunk (the last one a
-        provider sends) had come."""
+        it once every choice had its ``finish_reason`` or the usage chunk (usage and no
+        choices: the last one a provider sends) had come. A usage object inside every chunk
+        (as some servers send) does not end a stream."""
         if self.finished:
             return True
         if not self.parts:
             return False
-        return all(index in self.finish for index in self.parts) or isinstance(self.usage, dict)
+        return all(index in self.finish for index in self.parts) or self.closing
 
     def answer(self) -> ChatAnswer:
         if not self.whole:

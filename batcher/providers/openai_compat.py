@@ -104,7 +104,6 @@ class OpenAICompatible:
                         method, self.base_url + path, data=data, headers=headers,
                         timeout=self._timeout, allow_redirects=False, trace_request_ctx=clock,
                     ) as response:
-                _check_encoding(response)
                 if response.status >= 300:
                     error = await _status_error(response, sent=body or {})
                     if self._key:  # a provider may echo the key back in its message
@@ -112,6 +111,7 @@ class OpenAICompatible:
                         if self._key in fastjson.dumps(error.body):
                             error.body = None  # results.jsonl then shows the scrubbed message
                     raise error
+                _check_encoding(response)
                 yield response
         except aiohttp.ConnectionTimeoutError as exc:  # the connection never opened: unsent
             raise TransportError(
