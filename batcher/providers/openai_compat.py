@@ -37,7 +37,7 @@ MAX_ERROR_MESSAGE = 500
 MAX_ERROR_BODY = 64 * 1024
 READ_CHUNK = 256 * 1024
 ACCEPTED_ENCODINGS = "gzip, deflate"
-_DECODED = {"", "identity", "gzip", "x-gzip", "deflate"}
+_DECODED = {"", "identity", "gzip", "deflate"}  # what aiohttp inflates without extras
 # A Modelverse error names its request id in error.param; a field name is not one.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{7,199}")
 
