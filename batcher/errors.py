@@ -119,11 +119,14 @@ class HTTPStatusError(ProviderError):
 
 
 class ResponseError(ProviderError):
-    """A 2xx answer that does not hold what it promises."""
+    """A 2xx answer that does not hold what it promises. ``usage`` is the answer's own usage
+    object where it had one: the answer was paid for, and is charged by it."""
 
-    def __init__(self, message: str, *, reason: str = "bad_response") -> None:
+    def __init__(self, message: str, *, reason: str = "bad_response",
+                 usage: Any = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.usage = usage
 
 
 class TransportError(ProviderError):

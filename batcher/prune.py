@@ -31,7 +31,7 @@ from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
-from batcher.reports.summary import write_listings
+from batcher.reports.summary import rewrite_summary, write_listings
 from batcher.storage import Layout, atomic_open, lock_folder
 
 JOURNAL_NAME = ".batcher-prune.json"
@@ -208,8 +208,11 @@ def prune_folder(manifest: Manifest, root: Path, *, dry_run: bool, announce: Ann
         found = find_stale([ledger], ids, manifest, str(root),
                            lambda name: (root / name).is_file(), leftover, force=force)
         announce(found)
-        if dry_run or not (found.tasks or found.names or had_journal):
-            return found  # nothing changes: the listings still hold
+        if dry_run:
+            return found
+        if not (found.tasks or found.names or had_journal):  # the listings still hold
+            rewrite_summary(root, ledger, lambda: Selection().tasks(manifest))
+            return found
         with atomic_open(journal) as handle:
             handle.write(journal_bytes(found.names))
             handle.flush()
@@ -218,6 +221,7 @@ def prune_folder(manifest: Manifest, root: Path, *, dry_run: bool, announce: Ann
         for name in found.names:
             _remove_file(root, name)
         write_listings(root, ledger)  # before the journal goes: a kill here is redone
+        rewrite_summary(root, ledger, lambda: Selection().tasks(manifest))
         journal.unlink()
     return found
 

@@ -18,8 +18,8 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
 def usd(amount: float) -> str:
     """An amount in USD for people: cents from $1 up, three significant digits below (so
     $0.018 reads ``$0.0180``, never ``$0.02``); ``$0.00`` for nothing."""
-    if amount == 0 or abs(amount) >= 1:
+    rounded = float(f"{amount:.3g}")  # 0.0999996 is $0.100, not $0.1000
+    if rounded == 0 or abs(rounded) >= 1:
         return f"${amount:,.2f}"
-    decimals = max(2 - math.floor(math.log10(abs(amount))), 2)
-    text = f"{amount:.{decimals}f}"
-    return f"${text}" if abs(float(text)) < 1 else f"${amount:,.2f}"
+    decimals = max(2 - math.floor(math.log10(abs(rounded))), 2)
+    return f"${rounded:.{decimals}f}"

@@ -72,6 +72,7 @@ class ScriptedServer:
         self.requests: collections.Counter[str] = collections.Counter()
         self.downloads: collections.Counter[str] = collections.Counter()
         self.bodies: list[dict[str, Any]] = []  # every generation request's body, in order
+        self.encodings: list[str] = []  # every generation request's Accept-Encoding, in order
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -117,6 +118,7 @@ class ScriptedServer:
     async def _generate(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.bodies.append(body)
+        self.encodings.append(request.headers.get("Accept-Encoding", ""))
         key = body.get("prompt") or body["messages"][-1]["content"]
         self.requests[key] += 1
         reply = self.replies.get(key, self.default)

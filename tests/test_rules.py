@@ -181,7 +181,7 @@ def test_a_built_in_name_pointed_at_another_server_is_left_to_that_server(
           vultr: {base_url: "http://127.0.0.1:9/v1"}
         jobs:
           - {name: a, type: image, provider: vultr, model: flux.1-schnell, prompt: a fox,
-             params: {size: 64x64, n: "1", quality: hd}}
+             params: {size: 64x64, n: 9, quality: hd}}
         """)
 
     done = run_cli("validate", str(path))

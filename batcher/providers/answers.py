@@ -1,12 +1,19 @@
 """What an OpenAI-compatible answer must hold: images (bare base64 or a data URI, or a URL),
-chat completions with every choice by its ``index``, and a streamed completion put together
-from its chunks. Each check raises a :class:`~batcher.errors.ResponseError` naming what was
-wrong; nothing here touches the network.
+chat completions with every choice that has content, in ``index`` order, and a streamed
+completion put together from its chunks. Each check raises a
+:class:`~batcher.errors.ResponseError` naming what was wrong (carrying the answer's ``usage``,
+so a paid answer is charged by it); nothing here touches the network.
+
+A paid answer's good parts are kept: a choice without content (a content filter, a tool call)
+or an image item without a payload is left out, and the answer fails only when nothing of it
+is usable.
 """
 
 from __future__ import annotations
 
+import base64
 import re
+import urllib.parse
 from typing import Any
 
 from batcher import fastjson
@@ -14,8 +21,9 @@ from batcher.errors import ResponseError, TransportError
 from batcher.providers.base import ChatAnswer, ImageAnswer, ImageItem
 
 MAX_CHOICES = 128  # a choice index beyond this is a bad answer, not a list to fill
-# An image sent as a data URI (Modelverse's b64_json): the base64 after the comma is the image.
-_DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+# An image sent as a data URI (RFC 2397; Modelverse's b64_json): any media type and parameters
+# before the comma (the bytes are checked to be an image when saved).
+_DATA_URI = re.compile(r"\s*data:([^,]*),", re.IGNORECASE)
 
 
 class Stream:
@@ -27,10 +35,13 @@ class Stream:
         self.last: dict[str, Any] = {}
         self.usage: Any = None
         self.finished = False
+        self.closing = False  # the usage chunk (usage, no choices) came: the last one sent
 
     def add(self, chunk: dict[str, Any]) -> None:
         self.last = chunk
         self.usage = chunk.get("usage") or self.usage
+        if isinstance(chunk.get("usage"), dict) and not chunk.get("choices"):
+            self.closing = True
         for index, text, finish in _delta_texts(chunk):
             self.parts.setdefault(index, [])
             if text:
@@ -38,19 +49,34 @@ class Stream:
             if finish is not None:
                 self.finish[index] = finish
 
+    @property
+    def whole(self) -> bool:
+        """Whether the stream holds a whole completion: it ended with ``[DONE]``, or without
+        it once every choice had its ``finish_reason`` or the usage chunk (usage and no
+        choices: the last one a provider sends) had come. A usage object inside every chunk
+        (as some servers send) does not end a stream."""
+        if self.finished:
+            return True
+        if not self.parts:
+            return False
+        return all(index in self.finish for index in self.parts) or self.closing
+
     def answer(self) -> ChatAnswer:
-        if not self.finished:
+        if not self.whole:
             raise TransportError("the stream ended without [DONE]", reason="truncated")
         if self.usage is not None and not isinstance(self.usage, dict):
             raise ResponseError("the stream's usage is not an object", reason="bad_response")
-        count = max(self.parts, default=0) + 1
-        texts = tuple("".join(self.parts.get(index, [])) for index in range(count))
+        indices = sorted(self.parts)  # the choices present, densely: files -1 .. -k
+        texts = tuple("".join(self.parts[index]) for index in indices)
+        if not texts:
+            raise ResponseError("the stream holds no choice", reason="bad_response",
+                                usage=self.usage)
         completion = {
             "id": self.last.get("id"), "object": "chat.completion",
             "model": self.last.get("model"),
             "choices": [{"index": index, "message": {"role": "assistant", "content": text},
                          "finish_reason": self.finish.get(index, "stop")}
-                        for index, text in enumerate(texts)],
+                        for index, text in zip(indices, texts, strict=True)],
             "usage": self.usage,
         }
         return ChatAnswer(texts=texts, body=_kept(completion), usage=self.usage)
@@ -75,7 +101,8 @@ def _delta_texts(chunk: dict[str, Any]) -> list[tuple[int, str, Any]]:
     for position, choice in enumerate(choices):
         if not isinstance(choice, dict):
             raise ResponseError("a stream chunk's choice is not an object", reason="bad_response")
-        index = _choice_index(choice, position)
+        index = _choice_index(choice)
+        index = position if index is None else index
         delta = choice.get("delta")
         if delta is None:
             texts.append((index, "", choice.get("finish_reason")))  # only a finish_reason
@@ -91,12 +118,14 @@ def _delta_texts(chunk: dict[str, Any]) -> list[tuple[int, str, Any]]:
     return texts
 
 
-def _choice_index(choice: dict[str, Any], position: int) -> int:
-    """A choice's ``index`` (its position where it has none)."""
-    index = choice.get("index", position)
+def _choice_index(choice: dict[str, Any]) -> int | None:
+    """A choice's ``index``: a count below :data:`MAX_CHOICES` (written as a number or a
+    string of digits); ``None`` when it has none or another one."""
+    index = choice.get("index")
+    if isinstance(index, str) and index.isascii() and index.isdigit():
+        index = int(index)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_CHOICES:
-        raise ResponseError(f"a choice's index is not a count below {MAX_CHOICES}: "
-                            f"{_show(index)}", reason="bad_response")
+        return None
     return index
 
 
@@ -121,6 +150,12 @@ def _usage(data: dict[str, Any]) -> dict[str, Any] | None:
     return usage
 
 
+def paid_usage(data: Any) -> dict[str, Any] | None:
+    """An answer's ``usage`` where it is an object, whatever else is wrong with the answer."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
 def decode_json(raw: bytes) -> Any:
     try:
         return fastjson.loads(raw)
@@ -130,8 +165,49 @@ def decode_json(raw: bytes) -> Any:
         ) from exc
 
 
+def image_base64(value: str) -> str:
+    """The base64 of an image sent as bare base64 or as a data URI (any media type and
+    parameters; a data URI without ``;base64`` is percent-encoded bytes), ASCII whitespace
+    (line wrapping) taken out."""
+    found = _DATA_URI.match(value)
+    if found is None:
+        return "".join(value.split())
+    payload = value[found.end():]
+    if found.group(1).lower().replace(" ", "").endswith(";base64"):
+        return "".join(payload.split())
+    return base64.b64encode(urllib.parse.unquote_to_bytes(payload.strip())).decode("ascii")
+
+
+def is_data_uri(value: str) -> bool:
+    return _DATA_URI.match(value) is not None
+
+
+def _image_item(item: Any) -> ImageItem:
+    """One image of an answer: its ``b64_json`` (bare or a data URI), else its ``url`` (a data
+    URI there is decoded, never fetched); an item with neither is kept empty, and fails alone
+    when saved."""
+    b64 = item.get("b64_json") if isinstance(item, dict) else None
+    url = item.get("url") if isinstance(item, dict) else None
+    if isinstance(b64, str) and (payload := image_base64(b64)):
+        return ImageItem(b64=payload)
+    if isinstance(url, str) and is_data_uri(url):
+        return ImageItem(b64=image_base64(url))
+    if isinstance(url, str) and url.strip():
+        return ImageItem(url=url.strip())
+    return ImageItem()
+
+
 def parse_image_answer(data: Any) -> ImageAnswer:
-    """Check an images/generations answer; a missing or empty ``data`` is a retryable error."""
+    """Check an images/generations answer; a missing or empty ``data``, or one without any
+    image, is a retryable error."""
+    try:
+        return _parse_image_answer(data)
+    except ResponseError as exc:
+        exc.usage = paid_usage(data)
+        raise
+
+
+def _parse_image_answer(data: Any) -> ImageAnswer:
     if not isinstance(data, dict):
         raise ResponseError(f"the answer is not a JSON object: {_show(data)}",
                             reason="bad_response")
@@ -139,41 +215,48 @@ def parse_image_answer(data: Any) -> ImageAnswer:
     if not isinstance(items, list) or not items:
         raise ResponseError("the answer holds no images (empty or missing data)",
                             reason="empty_data")
-    images = []
-    for item in items:
-        b64 = item.get("b64_json") if isinstance(item, dict) else None
-        url = item.get("url") if isinstance(item, dict) else None
-        if isinstance(b64, str) and (prefix := _DATA_URI.match(b64)):
-            b64 = b64[prefix.end():]  # Modelverse sends data:image/png;base64,...
-        if isinstance(b64, str) and b64:
-            images.append(ImageItem(b64=b64))
-        elif isinstance(url, str) and url:
-            images.append(ImageItem(url=url))
-        else:
-            raise ResponseError("an image item has neither b64_json nor url", reason="bad_item")
+    images = tuple(_image_item(item) for item in items)
+    if all(image.b64 is None and image.url is None for image in images):
+        raise ResponseError("no image item has b64_json or url", reason="bad_item")
     # The body kept for results.jsonl: every item's fields but the image bytes themselves.
-    stripped = {**data, "data": [{k: v for k, v in item.items() if k != "b64_json"}
-                                 for item in items]}
-    return ImageAnswer(tuple(images), _kept(stripped), _usage(data))
+    stripped = {**data, "data": [_without_payload(item) for item in items]}
+    return ImageAnswer(images, _kept(stripped), _usage(data))
+
+
+def _without_payload(item: Any) -> Any:
+    if not isinstance(item, dict):
+        return item
+    return {key: value for key, value in item.items() if key != "b64_json"
+            and not (key == "url" and isinstance(value, str) and is_data_uri(value))}
 
 
 def parse_chat_answer(data: Any) -> ChatAnswer:
-    """Check a chat completion: every choice's content, in ``index`` order; a missing message
-    content is a retryable error."""
+    """Check a chat completion: the content of every choice that has one, in ``index`` order
+    (in the order sent when the indices are missing, repeated or not counts); an answer with
+    no choice content at all is a retryable error."""
+    try:
+        return _parse_chat_answer(data)
+    except ResponseError as exc:
+        exc.usage = paid_usage(data)
+        raise
+
+
+def _parse_chat_answer(data: Any) -> ChatAnswer:
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not choices:
         raise ResponseError("the completion has no choices[0].message.content",
                             reason="bad_response")
-    texts: dict[int, str] = {}
-    for position, choice in enumerate(choices):
+    found: list[tuple[int | None, str | None]] = []
+    for choice in choices:
         message = choice.get("message") if isinstance(choice, dict) else None
         content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, str):
-            raise ResponseError(f"the completion has no choices[{position}].message.content",
-                                reason="bad_response")
-        index = _choice_index(choice, position)
-        if index in texts:
-            raise ResponseError(f"two choices have index {index}", reason="bad_response")
-        texts[index] = content
-    ordered = tuple(texts.get(index, "") for index in range(max(texts) + 1))
-    return ChatAnswer(texts=ordered, body=_kept(data), usage=_usage(data))
+        index = _choice_index(choice) if isinstance(choice, dict) else None
+        found.append((index, content if isinstance(content, str) else None))
+    indices = [index for index, _content in found]
+    if None not in indices and len(set(indices)) == len(indices):
+        found.sort(key=lambda pair: pair[0] or 0)
+    texts = tuple(content for _index, content in found if content is not None)
+    if not texts:
+        raise ResponseError("the completion has no choice with a message.content",
+                            reason="bad_response")
+    return ChatAnswer(texts=texts, body=_kept(data), usage=_usage(data))

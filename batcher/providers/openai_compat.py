@@ -9,14 +9,16 @@ client makes to its own base URL; redirects are never followed, so it cannot lea
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import yarl
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 
 from batcher import fastjson
 from batcher.errors import HTTPStatusError, ResponseError, TransportError
@@ -34,6 +36,8 @@ from batcher.run.retry import parse_retry_after
 MAX_ERROR_MESSAGE = 500
 MAX_ERROR_BODY = 64 * 1024
 READ_CHUNK = 256 * 1024
+ACCEPTED_ENCODINGS = "gzip, deflate"
+_DECODED = {"", "identity", "gzip", "deflate"}  # what aiohttp inflates without extras
 # A Modelverse error names its request id in error.param; a field name is not one.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{7,199}")
 
@@ -53,10 +57,16 @@ class OpenAICompatible:
         self.base_url = (base_url or config.base_url).rstrip("/")
         self._session = session
         self._key = api_key
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Only the encodings batcher can decode (aiohttp would offer br with a brotli package).
+        self._headers = {"Accept-Encoding": ACCEPTED_ENCODINGS,
+                         **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        # The connection has connect_timeout; the answer has timeout from the moment the
+        # connection opened (see AnswerClock). One timer over both would fire while connecting
+        # when timeout < connect_timeout, and a connection that never opened (free) would be
+        # taken for an answer that never came.
         self._timeout = aiohttp.ClientTimeout(
-            total=config.timeout, sock_connect=config.connect_timeout
+            total=None, connect=config.connect_timeout, sock_connect=config.connect_timeout,
         )
         self._cap = config.max_response_bytes
 
@@ -89,10 +99,11 @@ class OpenAICompatible:
         data, headers = (None, self._headers) if body is None else (
             fastjson.dumps_bytes(body), self._json_headers)
         try:
-            async with self._session.request(
-                method, self.base_url + path, data=data, headers=headers,
-                timeout=self._timeout, allow_redirects=False,
-            ) as response:
+            async with AnswerClock(self.config.timeout, self.config.connect_timeout) as clock, \
+                    self._session.request(
+                        method, self.base_url + path, data=data, headers=headers,
+                        timeout=self._timeout, allow_redirects=False, trace_request_ctx=clock,
+                    ) as response:
                 if response.status >= 300:
                     error = await _status_error(response, sent=body or {})
                     if self._key:  # a provider may echo the key back in its message
@@ -100,6 +111,7 @@ class OpenAICompatible:
                         if self._key in fastjson.dumps(error.body):
                             error.body = None  # results.jsonl then shows the scrubbed message
                     raise error
+                _check_encoding(response)
                 yield response
         except aiohttp.ConnectionTimeoutError as exc:  # the connection never opened: unsent
             raise TransportError(
@@ -110,7 +122,11 @@ class OpenAICompatible:
             raise TransportError(
                 f"no answer within {self.config.timeout:g} s", reason="timeout"
             ) from exc
-        except aiohttp.ClientPayloadError as exc:
+        except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
+            if _undecodable(exc):
+                raise _bad_encoding(str(exc.__cause__ or exc)[:200]) from exc
+            if isinstance(exc, aiohttp.ClientResponseError):
+                raise TransportError(f"connection failed: {exc}", reason="connection") from exc
             raise TransportError(f"the answer was cut short: {exc}", reason="truncated") from exc
         except aiohttp.ClientConnectorError as exc:  # before any byte was sent
             raise TransportError(f"connection failed: {exc}", reason="connection",
@@ -126,20 +142,66 @@ class OpenAICompatible:
     async def _stream_chat(self, body: Mapping[str, Any]) -> ChatAnswer:
         async with self._request("POST", "/chat/completions", body) as response:
             request_id = request_id_of(response)
-            if not _is_event_stream(response):
+            blocks = response.content.iter_chunked(READ_CHUNK)
+            head = await _first_bytes(blocks, self._cap)
+            if _is_whole_json(response, head):
                 # Some compatible servers ignore "stream": a whole completion is as good.
-                data = decode_json(await read_capped(response, self._cap))
+                data = decode_json(await _read_rest(blocks, head, self._cap))
                 return replace(parse_chat_answer(data), request_id=request_id)
             stream = Stream()
             try:
-                async for payload in _events(response, self._cap):
+                async for payload in _events(blocks, head, self._cap):
                     if payload == b"[DONE]":
                         stream.finished = True
                         break
                     stream.add(stream_chunk(decode_json(payload)))
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                raise TransportError(f"the stream broke off: {exc}", reason="truncated") from exc
+                if not stream.whole:
+                    raise TransportError(f"the stream broke off: {exc}",
+                                         reason="truncated") from exc
         return replace(stream.answer(), request_id=request_id)
+
+
+class AnswerClock:
+    """The answer timer of one request: ``timeout`` seconds from the moment its connection
+    opened (a session traced by :func:`connection_tracing` says when). Without that trace it
+    runs ``timeout + connect_timeout`` from the start, so the connect timer, which alone marks a
+    connection that never opened, still fires first."""
+
+    def __init__(self, timeout: float, connect_timeout: float) -> None:
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._timer: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> AnswerClock:
+        loop = asyncio.get_running_loop()
+        self._timer = asyncio.timeout(loop.time() + self._timeout + self._connect_timeout)
+        await self._timer.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._timer is not None
+        await self._timer.__aexit__(*exc)
+
+    def connected(self) -> None:
+        """The connection is open (new or reused): the answer has ``timeout`` from now."""
+        if self._timer is not None:
+            self._timer.reschedule(asyncio.get_running_loop().time() + self._timeout)
+
+
+def connection_tracing() -> aiohttp.TraceConfig:
+    """A trace for the API session: it tells each request's :class:`AnswerClock` when its
+    connection opened."""
+    trace = aiohttp.TraceConfig()
+
+    async def opened(_session: aiohttp.ClientSession, context: Any, _params: Any) -> None:
+        clock = context.trace_request_ctx
+        if isinstance(clock, AnswerClock):
+            clock.connected()
+
+    trace.on_connection_create_end.append(opened)
+    trace.on_connection_reuseconn.append(opened)
+    return trace
 
 
 async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
@@ -148,12 +210,49 @@ async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
     length = response.content_length
     if length is not None and length > cap and not response.headers.get("Content-Encoding"):
         raise _too_large(cap)
-    body = bytearray()
-    async for block in response.content.iter_chunked(READ_CHUNK):
+    return await _read_rest(response.content.iter_chunked(READ_CHUNK), b"", cap)
+
+
+async def _read_rest(blocks: AsyncIterator[bytes], head: bytes, cap: int) -> bytes:
+    """``head`` and the rest of ``blocks``, refused once past ``cap`` bytes."""
+    body = bytearray(head)
+    async for block in blocks:
         if len(body) + len(block) > cap:
             raise _too_large(cap)
         body += block
     return bytes(body)
+
+
+async def _first_bytes(blocks: AsyncIterator[bytes], cap: int) -> bytes:
+    """The start of an answer, up to its first byte that is not white space (or its end)."""
+    head = bytearray()
+    async for block in blocks:
+        head += block
+        if len(head) > cap:
+            raise _too_large(cap)
+        if head.strip():
+            break
+    return bytes(head)
+
+
+def _check_encoding(response: aiohttp.ClientResponse) -> None:
+    """An answer in a Content-Encoding batcher did not ask for and cannot decode is a bad
+    answer (the same request would get the same), never a broken connection."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _DECODED:
+        raise _bad_encoding(f"Content-Encoding {encoding[:40]!r}")
+
+
+def _undecodable(exc: aiohttp.ClientError) -> bool:
+    """Whether aiohttp failed on the answer's Content-Encoding (its own parser names it)."""
+    cause = exc.__cause__
+    return isinstance(cause, ContentEncodingError) or (
+        isinstance(cause, HttpProcessingError) and "content-encoding" in str(cause).lower())
+
+
+def _bad_encoding(what: str) -> ResponseError:
+    return ResponseError(f"the answer is in an encoding batcher cannot decode ({what}); it "
+                         f"asks for {ACCEPTED_ENCODINGS} only", reason="bad_encoding")
 
 
 def _too_large(cap: int) -> ResponseError:
@@ -171,36 +270,85 @@ async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
-def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
-    """Whether a streamed request got server-sent events (else a whole JSON answer)."""
-    kind = response.content_type.lower()
-    return kind == "text/event-stream" or "json" not in kind
+def _is_whole_json(response: aiohttp.ClientResponse, head: bytes) -> bool:
+    """Whether a streamed request got a whole JSON answer rather than server-sent events: its
+    Content-Type says JSON, or (whatever it says) the answer starts with ``{``, which no
+    event stream does."""
+    return "json" in response.content_type.lower() or head.lstrip()[:1] == b"{"
 
 
-async def _events(response: aiohttp.ClientResponse, cap: int) -> AsyncIterator[bytes]:
+async def _events(blocks: AsyncIterator[bytes], head: bytes, cap: int) -> AsyncIterator[bytes]:
     """The ``data:`` payloads of a server-sent event stream, at most ``cap`` bytes in all (a
-    line longer than that included)."""
+    line longer than that included). An event's data lines are joined with a newline (a JSON
+    chunk may be spread over several); a ``data:`` line that starts a new JSON object after a
+    whole one ends the event before it, for servers that leave out the blank line."""
     pending = bytearray()
+    event: list[bytes] = []
     read = 0
-    async for block in response.content.iter_chunked(READ_CHUNK):
+
+    def lines_of(text: bytes) -> Iterator[bytes | None]:
+        """Each event's payload once it ends (``None``: nothing ended)."""
+        for raw in text.split(b"\n"):
+            line = raw.strip()
+            if not line:  # a blank line ends the event
+                yield _dispatch(event)
+                continue
+            value = _data(line)
+            if value is None:
+                continue  # a comment, an event name, an id: nothing batcher reads
+            if event and value[:1] in (b"{", b"[") and _whole_json(b"\n".join(event)):
+                yield _dispatch(event)
+            event.append(value)
+
+    async for block in _with_head(blocks, head):
         read += len(block)
         if read > cap:
             raise _too_large(cap)
         pending += block
         if b"\n" not in block:
             continue  # a long line grows in place until its end comes
-        *lines, rest = bytes(pending).split(b"\n")
+        *complete, rest = bytes(pending).split(b"\n")
         pending = bytearray(rest)
-        for line in lines:
-            if (payload := _data(line)) is not None:
+        for payload in lines_of(b"\n".join(complete)):
+            if payload is not None:
                 yield payload
-    if (payload := _data(bytes(pending))) is not None:
+    for payload in lines_of(bytes(pending)):
+        if payload is not None:
+            yield payload
+    if (payload := _dispatch(event)) is not None:
         yield payload
 
 
-def _data(raw_line: bytes) -> bytes | None:
-    line = raw_line.strip()
-    return line[5:].strip() if line.startswith(b"data:") else None
+async def _with_head(blocks: AsyncIterator[bytes], head: bytes) -> AsyncIterator[bytes]:
+    if head:
+        yield head
+    async for block in blocks:
+        yield block
+
+
+def _dispatch(event: list[bytes]) -> bytes | None:
+    """The payload of the event ``event`` holds (emptied), ``None`` when it held no data."""
+    if not event:
+        return None
+    payload = b"\n".join(event).strip()
+    event.clear()
+    return payload
+
+
+def _whole_json(payload: bytes) -> bool:
+    try:
+        fastjson.loads(payload)
+    except ValueError:
+        return False
+    return True
+
+
+def _data(line: bytes) -> bytes | None:
+    """A ``data:`` line's value (one space after the colon taken off), else ``None``."""
+    if not line.startswith(b"data:"):
+        return None
+    value = line[5:]
+    return value[1:] if value.startswith(b" ") else value
 
 
 def request_id_of(response: aiohttp.ClientResponse) -> str | None:
@@ -295,4 +443,5 @@ def _error_fields(raw: bytes) -> tuple[str, str | None]:
     return "", None
 
 
-__all__ = ["OpenAICompatible", "parse_chat_answer", "parse_image_answer", "read_capped"]
+__all__ = ["AnswerClock", "OpenAICompatible", "connection_tracing", "parse_chat_answer",
+           "parse_image_answer", "read_capped"]

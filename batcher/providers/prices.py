@@ -18,10 +18,11 @@ PRICE_FIELDS = {
     "request": "per request",
 }
 ANY_MODEL = "*"
-# The price fields that can price an answer of each kind: a ``"*"`` entry prices a model of a
-# kind only when it names one of them (``"*": {image: 0.003}`` leaves chat models unknown).
+# The price fields that can price an answer of each kind: an entry prices a model of a kind
+# only when it names one of them (``"*": {image: 0.003}`` or ``m: {input: 1}`` leaves chat
+# model m unknown: a chat answer is charged for its output, or per request).
 KIND_FIELDS = {"image": frozenset({"image", "request", "input", "output"}),
-               "chat": frozenset({"input", "output", "request"})}
+               "chat": frozenset({"output", "request"})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +49,12 @@ class PriceList:
 
     def of(self, model: str, kind: str) -> Price | None:
         """The price of ``model``, whose answers are of ``kind`` (image or chat); ``None``
-        when unknown. A ``"*"`` entry prices only the kinds it names a part of."""
+        when unknown. An entry prices only the kinds it names a part of: a chat model's needs
+        ``output`` or ``request``; a model's own entry that does not is unknown, not 0."""
         fallback = None
         for name, price in self.models:
             if name == model:
-                return price
+                return price if price.prices_kind(kind) else None
             if name == ANY_MODEL and price.prices_kind(kind):
                 fallback = price
         return fallback

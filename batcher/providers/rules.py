@@ -166,7 +166,27 @@ def check_params(config: ProviderConfig, kind: str, models: Iterable[str],
             message = _problem(param, value)
             if message is not None and not (name in found and found[name].error):
                 found[name] = Problem(name, f"{message} ({rules.source})", True)
+    for problem in _count_problems(params):  # every provider's, where its rules said nothing
+        if not (problem.field in found and found[problem.field].error):
+            found[problem.field] = problem
     return sorted(found.values(), key=lambda p: not p.error)
+
+
+# The params batcher estimates a request's cost by, for every provider: a lax server reads
+# ``n: "4"`` or ``n: 4.0`` as 4 images, so a value batcher would not count as written is refused.
+COUNTED_PARAMS = ("n", "max_tokens", "max_completion_tokens")
+
+
+def _count_problems(params: Mapping[str, Any]) -> list[Problem]:
+    problems = []
+    for name in COUNTED_PARAMS:
+        value = params.get(name)
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)
+                             and value >= 1):
+            continue
+        problems.append(Problem(name, f"must be a whole number, 1 or more, not {value!r} "
+                                      "(batcher estimates the cost by it)", True))
+    return problems
 
 
 def _problem(param: Param, value: Any) -> str | None:

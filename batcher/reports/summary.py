@@ -7,7 +7,8 @@ All three are derived from the ledger (and, for the summary, the run's plan and 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,58 @@ def _models_in_order(plan: Plan) -> list[dict[str, Any]]:
             for (job, model), counts in plan.by_model.items()]
 
 
+def summary_for_manifest(
+    summary: dict[str, Any], tasks: Callable[[], Iterable[Task]], ledger: Ledger
+) -> dict[str, Any]:
+    """A summary brought in line with the manifest after a prune: jobs it no longer has are
+    dropped, and each remaining job's total, ok, failed, pending and ``cost_total_usd`` come
+    from the manifest's tasks (``tasks`` lists them, twice) and the ledger, so ``status
+    OUTPUT`` reports no pending task that no longer exists. What the run spent stays."""
+    counts: dict[str, Counter[str]] = {}
+    by_model: Counter[tuple[str, str]] = Counter()  # in the manifest's order
+    job_of: dict[str, str] = {}
+    for task in tasks():
+        counts.setdefault(task.job, Counter())["total"] += 1
+        by_model[(task.job, task.model)] += 1
+        job_of[task.id] = task.job
+    for record in ledger.records():
+        job = job_of.get(record.id)
+        if job is not None and record.status in ("ok", "failed"):
+            counts[job][record.status] += 1
+    costs = ok_costs_by_job(tasks(), ledger.ok_costs(), counts)
+    old_jobs = summary.get("jobs")
+    jobs: dict[str, Any] = {}
+    for name, old in (old_jobs.items() if isinstance(old_jobs, dict) else ()):
+        if name not in counts:
+            continue  # a job the manifest no longer has: its pending tasks do not exist
+        count, cost = counts[name], costs[name]
+        jobs[name] = {**(old if isinstance(old, dict) else {}), "total": count["total"],
+                      "ok": count["ok"], "failed": count["failed"],
+                      "pending": count["total"] - count["ok"] - count["failed"],
+                      "cost_total_usd": cost.value, "cost_unknown": cost.unknown}
+    total = Cost()
+    for name in jobs:
+        total.merge(costs[name])
+    sums = {key: sum(job[key] for job in jobs.values())
+            for key in ("total", "ok", "failed", "pending")}
+    models = [{"job": job, "model": model, "total": count}
+              for (job, model), count in by_model.items() if job in jobs]
+    return {**summary, **sums, "cost_total_usd": total.value, "cost_unknown": total.unknown,
+            "jobs": jobs, "models": models}
+
+
+def rewrite_summary(root: Path, ledger: Ledger, tasks: Callable[[], Iterable[Task]]) -> None:
+    """:func:`summary_for_manifest` over the folder's summary.json, where it has one."""
+    path = root / SUMMARY_NAME
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(summary, dict):
+        fresh = summary_for_manifest(summary, tasks, ledger)
+        write_text_atomic(path, [json.dumps(fresh, indent=2), "\n"])
+
+
 def _costs(run: Cost, total: Cost) -> dict[str, Any]:
     return {"cost_usd": run.value, "cost_unknown_requests": run.unknown,
             "cost_total_usd": total.value, "cost_unknown": total.unknown}
@@ -133,7 +186,9 @@ def write_listings(root: Path, ledger: Ledger, title: str | None = None,
     asset set's names and decisions by task id (batcher.publish), for the sheet."""
     sheet = ContactSheet(marks)
     records = (sheet.add(record) for record in ledger.records())
-    write_text_atomic(root / RESULTS_NAME, _result_lines(records))
+    with atomic_open(root / RESULTS_NAME) as handle:  # bytes as encoded: no copy per line
+        for chunk in _result_lines(records):
+            handle.write(chunk)
     write_text_atomic(root / INDEX_NAME, sheet.render(root, title))
 
 
@@ -173,6 +228,9 @@ def _metadata(record: Record) -> dict[str, Any]:
     }
 
 
-def _result_lines(records: Iterator[Record]) -> Iterator[str]:
+def _result_lines(records: Iterator[Record]) -> Iterator[bytes]:
+    """Each record's line, and its newline apart: a line as large as an answer near
+    ``max_response_bytes`` is held once, not copied to join them."""
     for record in records:
-        yield fastjson.dumps(result_line(record)) + "\n"
+        yield fastjson.dumps_bytes(result_line(record))
+        yield b"\n"

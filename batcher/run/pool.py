@@ -48,6 +48,7 @@ from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.base import ImageAnswer
 from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.providers.download import Downloader
+from batcher.providers.openai_compat import connection_tracing
 from batcher.reports.progress import Counters, Progress
 from batcher.reports.summary import JobTally, ok_costs_by_job, summarize
 from batcher.run.limits import Pacer, Rate
@@ -61,6 +62,7 @@ from batcher.run.spend import (
     answer_cost,
     estimate,
     failed_attempt_cost,
+    run_spend_text,
 )
 from batcher.storage import FileWriter, Layout, remove_leftovers
 from batcher.store.derive import Deriver
@@ -367,16 +369,16 @@ class Runner:
         if self.crash is not None:
             return f"stopped by an error: {self.crash!r} (run again with -v for details)"
         if self.budget_stop:
-            unknown = f" ({self.spend.unknown} of unknown cost)" if self.spend.unknown else ""
             return (f"the budget stopped the run: {self.budget_stop}; spent "
-                    f"{usd(self.spend.spent)} this run{unknown}; the rest stay pending (raise "
-                    "--budget and run again to finish)")
+                    f"{run_spend_text(self._tally.values())} this run; the rest stay pending "
+                    "(raise --budget and run again to finish)")
         return self._stopped_providers()
 
     async def _run_tasks(self, done: set[str], failed: set[str]) -> None:
         # One session for the APIs; another, with no default headers, for image downloads.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        async with aiohttp.ClientSession(connector=connector) as api, \
+        async with aiohttp.ClientSession(connector=connector,
+                                         trace_configs=[connection_tracing()]) as api, \
                 aiohttp.ClientSession() as downloads, \
                 open_clients(self.configs, self.keys, api) as clients:
             for name, config in self.configs.items():
@@ -632,7 +634,8 @@ class Runner:
                         answer, logged = await saver.request(provider.client, task, self.images)
                     except ProviderError as error:
                         settled = self._charge(task, bill, reservation,
-                                               failed_attempt_cost(error, estimated))
+                                               failed_attempt_cost(error, estimated,
+                                                                   kind=task.kind, price=price))
                         raise
                     images = len(answer.items) if isinstance(answer, ImageAnswer) else 0
                     settled = self._charge(task, bill, reservation, None if price is None else

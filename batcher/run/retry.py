@@ -70,7 +70,7 @@ def classify(error: ProviderError) -> Verdict:
         return Verdict(Action.FAIL)
     if isinstance(error, InternalError):  # the same answer would fail the same way
         return Verdict(Action.FAIL)
-    if isinstance(error, ResponseError) and error.reason == "too_large":
+    if isinstance(error, ResponseError) and error.reason in {"too_large", "bad_encoding"}:
         return Verdict(Action.FAIL)
     return Verdict(Action.RETRY)
 

@@ -1,6 +1,8 @@
 """From a provider's answer to files on disk and a ledger record.
 
 Images: ``b64_json`` is decoded and checked to be an image; a ``url`` is downloaded at once.
+An image that cannot be saved is left out (logged) while another of the same answer is kept:
+the answer was paid for, and asking again would pay for the good ones twice.
 A completion's text goes to a ``.txt`` file; with ``n`` > 1, each choice to its own
 ``<stem>-<k>.txt`` (k from 1), as the images of one answer do. Every finished task gets a
 ``.json`` sidecar carrying its ledger record and request. Every file is atomic (see
@@ -17,7 +19,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from batcher.bodies import InputImages, build_body
-from batcher.errors import HTTPStatusError, InternalError, ProviderError, ResponseError
+from batcher.errors import (
+    DownloadError,
+    HTTPStatusError,
+    InternalError,
+    ProviderError,
+    ResponseError,
+)
 from batcher.imagegen import image_kind
 from batcher.ledger import FileRecord, Record
 from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
@@ -77,9 +85,16 @@ class Saver:
                 texts.append(FileRecord(path, size, sha))
             return texts, dict(answer.body)
         files: list[FileRecord] = []
+        lost: list[ProviderError] = []
         count = len(answer.items)
         for index, item in enumerate(answer.items, start=1):
-            files.append(await self._save_image(task, item, index, count))
+            try:
+                files.append(await self._save_image(task, item, index, count))
+            except (ResponseError, DownloadError) as exc:
+                lost.append(exc)
+                log.warning("task %s: image %d of %d left out: %s", task.id, index, count, exc)
+        if not files:  # nothing of the answer is usable: it fails (and may be asked again)
+            raise lost[0]
         return files, dict(answer.body)
 
     def _choice_name(self, task: Task, index: int, count: int) -> str:
@@ -90,6 +105,8 @@ class Saver:
         return f"{self.layout.task_stem(task)}-{index}.txt"
 
     async def _save_image(self, task: Task, item: Any, index: int, count: int) -> FileRecord:
+        if item.b64 is None and item.url is None:
+            raise ResponseError(f"image {index} has neither b64_json nor url", reason="bad_item")
         if item.b64 is not None:
             try:
                 data = binascii.a2b_base64(item.b64.encode("ascii"), strict_mode=True)

@@ -9,14 +9,14 @@ is *unknown*: it is never counted as 0, and a budget cannot be kept with it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batcher.errors import HTTPStatusError, ProviderError, TransportError
+from batcher.errors import HTTPStatusError, ProviderError, ResponseError, TransportError
 from batcher.providers.prices import Price
 from batcher.tasks import Task
-from batcher.wording import usd
+from batcher.wording import plural, usd
 
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text
 # The output bound of a chat request without max_tokens: an upper estimate needs one, and
@@ -94,15 +94,25 @@ def answer_cost(
     return cost + (prompt * price.input + completion * price.output) / TOKENS_PER_PRICE
 
 
-def failed_attempt_cost(error: ProviderError, estimated: float | None) -> float | None:
+def failed_attempt_cost(
+    error: ProviderError, estimated: float | None, *, kind: str = "image",
+    price: Price | None = None,
+) -> float | None:
     """What an attempt that brought no usable answer is counted at: nothing when the provider
-    refused it (a 4xx: rate limit, validation, key) or it never reached the provider; else its
-    estimate: after a 5xx, a timeout, a reset or a malformed answer batcher cannot tell whether
-    the work was done and charged, and a budget must assume it was."""
+    refused it (a 4xx: rate limit, validation, key) or it never reached the provider; a chat
+    answer that came but could not be used, by the ``usage`` it carried (it was paid for,
+    and says how much) when that is readable; else its estimate: after a 5xx, a timeout, a
+    reset or a malformed answer batcher cannot tell whether the work was done and charged,
+    and a budget must assume it was."""
     if isinstance(error, HTTPStatusError) and 400 <= error.status < 500:
         return 0.0
     if isinstance(error, TransportError) and not error.reached:
         return 0.0
+    usage = error.usage if isinstance(error, ResponseError) else None
+    if kind == "chat" and price is not None and isinstance(usage, Mapping):
+        paid = answer_cost(kind, price, images=0, usage=usage)
+        if paid is not None:
+            return paid
     return estimated
 
 
@@ -168,6 +178,23 @@ def cost_text(amount: float | None, unknown: int = 0, *, upper: bool = False) ->
         return "unknown"
     text = f"<= {usd(amount)}" if upper else usd(amount)
     return f"{text} + {unknown} unknown" if unknown else text
+
+
+def spend_text(cost: Cost, noun: str = "request") -> str:
+    """What a run spent, for people, as its last line says it: ``$0.12``, ``unknown``, and
+    ``(+ 3 requests of unknown price)`` where some costs were unknown."""
+    text = cost_text(cost.value)
+    if cost.unknown:
+        text += f" (+ {plural(cost.unknown, noun)} of unknown price)"
+    return text
+
+
+def run_spend_text(tallies: Iterable[Any]) -> str:
+    """:func:`spend_text` of the jobs' tallies (anything with a ``cost``) of one run."""
+    total = Cost()
+    for tally in tallies:
+        total.merge(tally.cost)
+    return spend_text(total)
 
 
 # --------------------------------------------------------------------------- the budget

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from batcher.errors import StoreError, UsageError
 from batcher.ledger import LEDGER_NAME, Ledger
 from batcher.manifest import Manifest
+from batcher.plan import Selection
 from batcher.prune import (
     JOURNAL_NAME,
     Announce,
@@ -28,6 +30,7 @@ from batcher.prune import (
     manifest_ids,
     read_journal,
 )
+from batcher.reports.summary import SUMMARY_NAME, summary_for_manifest
 from batcher.store.lock import StoreLock
 from batcher.store.mirror import (
     LOCK_NAME,
@@ -86,6 +89,8 @@ async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
         announce(found)
         if not dry_run and (found.tasks or found.names or got is not None):
             await _remove(store, found, ledgers, root)
+        if not dry_run:
+            await _rewrite_summary(store, manifest, ledgers, root)
         return found
     finally:
         for ledger in ledgers.values():
@@ -94,6 +99,27 @@ async def prune_store(manifest: Manifest, url: StoreURL, *, dry_run: bool,
             with contextlib.suppress(StoreError):
                 await lock.release()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def _rewrite_summary(store: ObjectStore, manifest: Manifest, ledgers: dict[str, Ledger],
+                           root: Path) -> None:
+    """The store's summary.json brought in line with the manifest (see
+    :func:`batcher.reports.summary.summary_for_manifest`), over every ledger's rows."""
+    got = await store.get_bytes(SUMMARY_NAME)
+    try:
+        summary = json.loads(got[0]) if got else None
+    except ValueError:
+        return
+    if not isinstance(summary, dict):
+        return
+    first, *others = ledgers.values()
+    view = merged_view(first, [ledger.path for ledger in others], root)
+    try:
+        fresh = summary_for_manifest(summary, lambda: Selection().tasks(manifest), view)
+    finally:
+        if view is not first:
+            view.close()
+    await store.put_bytes(SUMMARY_NAME, json.dumps(fresh, indent=2).encode() + b"\n")
 
 
 async def _remove(store: ObjectStore, found: PruneSet, ledgers: dict[str, Ledger],
