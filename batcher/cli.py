@@ -57,7 +57,8 @@ def _bounded(
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+            article = "an" if noun[:1] in "aeiou" else "a"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {article} {noun}") from None
         too_low = value <= low if low_open else value < low
         if too_low or value > high or value != value:  # value != value: NaN
             bound = f"more than {low:g}" if low_open else f"at least {low:g}"
@@ -415,7 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     A closed stdout (``batcher status ... | head -1``: the reader stopped) ends any command
     quietly with :data:`STDOUT_CLOSED`, never 1, which a CI gate reads as "tasks pending".
     What a run finished is saved by then: its ledger is written before anything is printed.
+    A stdout (or stderr) closed before the start (``batcher run ... >&-``) is the null device:
+    the command runs and keeps its own exit code.
     """
+    _open_closed_streams()
     try:
         try:
             code = _main(argv)
@@ -428,6 +432,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stdout_closed()
         print(f"batcher: {error}", file=sys.stderr)  # a socket or a file of batcher's own
         return 1
+
+
+def _open_closed_streams() -> None:
+    """Give a standard stream that was closed as a descriptor (Python then sets it to None)
+    the null device, on its own descriptor while that is free: a file batcher opens later (the
+    ledger) must never be descriptor 1 or 2, where a stray write would land in it."""
+    for number, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(number)
+        except OSError:  # free: the null device takes it
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != number:
+                os.dup2(null, number)
+                os.close(null)
+            setattr(sys, name, open(number, "w", closefd=False))  # noqa: SIM115
+        else:  # already taken by a file of its own: leave that alone
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115
 
 
 def _stdout_is_closed() -> bool:

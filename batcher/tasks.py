@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import json
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 from batcher.errors import ManifestError
 from batcher.imagerefs import FILE, digest, parse_ref
 from batcher.manifest import JobSpec, Manifest, placeholders
-from batcher.manifest.jsonl import TRANSPORT_FIELDS, iter_jsonl
+from batcher.manifest.jsonl import TRANSPORT_FIELDS, JsonlTask, iter_jsonl
 
 ENDPOINTS = {"image": "/images/generations", "chat": "/chat/completions"}
 ID_LENGTH = 32
@@ -236,19 +236,38 @@ def _grid_cell(
             )
 
 
+def computed_tasks(manifest: Manifest, files: Collection[tuple[str | None, Path]]
+                   ) -> Iterator[Task]:
+    """The tasks of ``manifest`` whose id batcher computes: every task of a grid job, and the
+    lines without an id of the task files in ``files`` (job name, file) (the others have
+    none)."""
+    digests = ImageDigests()
+    for job in manifest.jobs:
+        if job.file is None:
+            yield from _expand_grid(job, manifest.base_dir, digests)
+        elif (job.name, job.file) in files or (None, job.file) in files:
+            yield from (_file_task(job, line, digests) for line in iter_jsonl(job.file)
+                        if line.id is None)
+
+
 def _expand_file(job: JobSpec, digests: ImageDigests) -> Iterator[Task]:
     assert job.file is not None
-    base_dir = job.file.parent
     for line in iter_jsonl(job.file):
-        task_id = line.id
-        if task_id is None:
-            hasher = _base_hasher(job.name, job.provider, line.type, line.params,
-                                  digests.of(line.images, base_dir))
-            content = _content_text(line.type, line.prompt, line.system, line.messages)
-            hasher = _with(_with(hasher, "content", content), "model", line.model)
-            task_id = _finish(hasher, line.seed)
-        yield Task(
-            id=task_id, job=job.name, kind=line.type, provider=job.provider, model=line.model,
-            prompt=line.prompt, seed=line.seed, params=line.params, images=line.images,
-            system=line.system, messages=line.messages, base_dir=base_dir,
-        )
+        yield _file_task(job, line, digests)
+
+
+def _file_task(job: JobSpec, line: JsonlTask, digests: ImageDigests) -> Task:
+    assert job.file is not None
+    base_dir = job.file.parent
+    task_id = line.id
+    if task_id is None:
+        hasher = _base_hasher(job.name, job.provider, line.type, line.params,
+                              digests.of(line.images, base_dir))
+        content = _content_text(line.type, line.prompt, line.system, line.messages)
+        hasher = _with(_with(hasher, "content", content), "model", line.model)
+        task_id = _finish(hasher, line.seed)
+    return Task(
+        id=task_id, job=job.name, kind=line.type, provider=job.provider, model=line.model,
+        prompt=line.prompt, seed=line.seed, params=line.params, images=line.images,
+        system=line.system, messages=line.messages, base_dir=base_dir,
+    )

@@ -150,7 +150,7 @@ def _parse_outputs(value: Any, where: Where) -> Outputs:
     max_pixels = data.get("max_pixels", DEFAULT_MAX_PIXELS)
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise sub.error("max_pixels", "the most pixels (width x height) an image may have to "
-                        f"be decoded for derived files, a whole number, not {max_pixels!r}")
+                        f"be decoded for derived files, a whole number above 0, not {max_pixels!r}")
     if fmt is None and quality is not None and not sizes:
         raise sub.error("quality", "applies to a format or sizes; set format or sizes too")
     if fmt is None and metadata and not sizes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
         raise ManifestError(f"cannot read: {exc}", file=str(path)) from None
     with handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1:  # a byte order mark, as some editors save UTF-8
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             if not raw.strip():
                 continue
             try:
@@ -84,48 +87,88 @@ def iter_jsonl(path: Path) -> Iterator[JsonlTask]:
                                     field=exc.field) from None
 
 
+#: What batcher's own task ids look like (tasks.ID_LENGTH hex characters of a sha256): a user
+#: id of that form may be the computed id of another task of the manifest.
+COMPUTED_ID = re.compile(r"[0-9a-f]{32}")
+
+Listing = tuple[str | None, Path]  # a job's name (None: a bare task file) and its task file
+
+
 class UserIds:
     """The ids users gave (``id``, ``custom_id``) in the task files of one manifest: a task's
     id is its user id, whatever its job, so an id used twice would make two tasks one.
 
     Holds a 64-bit digest of each id, not the id: a million ids took 73 MB at peak (a set of
     the id strings alone takes 100 MB; ``python bench/user_ids.py`` measures it). When a
-    digest repeats, the files read so far are read again to find the line that used the id
-    first, so two ids that only share a digest are not taken for one.
+    digest repeats, the listings read so far (a job and its file: one file read by two jobs is
+    two listings) are read again to find the line that used the id first, so two ids that
+    only share a digest are not taken for one; a real repeat stops the check there, so the
+    files are read again at most once.
+
+    :meth:`find_computed` then checks the ids batcher computes for the other tasks against
+    the same digests: a user id copied from results.jsonl would be a second task's id.
     """
 
     def __init__(self) -> None:
         self._digests: set[int] = set()
-        self._files: list[Path] = []
+        self._listings: list[Listing] = []
+        self.hashlike = 0  # user ids of the form of a computed id
+        self.with_computed: set[Listing] = set()  # listings with lines without an id
 
-    def add(self, path: Path, task: JsonlTask) -> None:
-        """Note ``task``'s id; raises ``ManifestError`` at its line when an earlier line (of
-        this file or another) has it."""
+    def add(self, path: Path, task: JsonlTask, job: str | None = None) -> None:
+        """Note ``task``'s id, read by ``job`` from ``path``; raises ``ManifestError`` at its
+        line when an earlier line (of this listing or an earlier one) has it."""
         assert task.id is not None
-        digest = int.from_bytes(hashlib.blake2b(
-            task.id.encode("utf-8", "surrogatepass"), digest_size=8).digest())
+        listing = (job, path)
+        if not self._listings or self._listings[-1] != listing:
+            self._listings.append(listing)
+        digest = _id_digest(task.id)
         if digest in self._digests:
-            first = self._first_use(task.id, path, task.line)
+            first = self._find(task.id, until=(listing, task.line))
             if first is not None:
-                raise ManifestError(f"{task.id!r} is already the id of {first}",
+                raise ManifestError(f"{task.id!r} is already the id of "
+                                    f"{self._where(first, listing)}",
                                     file=str(path), line=task.line, field=task.id_field)
         self._digests.add(digest)
-        if not self._files or self._files[-1] != path:
-            self._files.append(path)
+        if COMPUTED_ID.fullmatch(task.id):
+            self.hashlike += 1
 
-    def _first_use(self, task_id: str, path: Path, line: int) -> str | None:
-        for earlier in self._files:
-            for other in iter_jsonl(earlier):
-                if earlier == path and other.line >= line:
-                    break
+    def find_computed(self, task_id: str) -> tuple[Path, JsonlTask] | None:
+        """The line whose user id is ``task_id``, an id batcher computed for another task."""
+        if _id_digest(task_id) not in self._digests:
+            return None
+        found = self._find(task_id, until=None)
+        return None if found is None else (found[0][1], found[1])
+
+    def _find(self, task_id: str, until: tuple[Listing, int] | None
+              ) -> tuple[Listing, JsonlTask] | None:
+        """The first line with ``task_id``, before line ``until`` of its listing."""
+        for listing in self._listings:
+            for other in iter_jsonl(listing[1]):
+                if until is not None and listing == until[0] and other.line >= until[1]:
+                    return None
                 if other.id == task_id:
-                    return f"line {other.line}" if earlier == path else \
-                        f"{earlier}:{other.line}"
+                    return listing, other
         return None
 
+    @staticmethod
+    def _where(first: tuple[Listing, JsonlTask], listing: Listing) -> str:
+        (job, path), other = first
+        if (job, path) == listing:
+            return f"line {other.line}"
+        if path == listing[1]:
+            return (f"{path}:{other.line} in job {job}: a file with ids gives its tasks to one "
+                    "job only (copy it, or drop the ids)")
+        return f"{path}:{other.line}"
 
-def check_jsonl(path: Path, *, max_input_bytes: int,
-                provider: ProviderConfig | None = None, ids: UserIds | None = None) -> int:
+
+def _id_digest(task_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(task_id.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest())
+
+
+def check_jsonl(path: Path, *, max_input_bytes: int, provider: ProviderConfig | None = None,
+                ids: UserIds | None = None, job: str | None = None) -> int:
     """Validate every line of a JSONL task file; returns the number of tasks.
 
     Local input images must be images of at most ``max_input_bytes`` (the provider's). With
@@ -133,7 +176,8 @@ def check_jsonl(path: Path, *, max_input_bytes: int,
     it would refuse is an error; an undocumented parameter a warning, logged once per field.
 
     Two lines asking for the same result without ids would be one task twice over: an error;
-    so is an id used twice, in this file or in another whose ids went into ``ids``.
+    so is an id used twice, in this file or in another whose ids went into ``ids`` (``job``
+    names the job reading the file: one file read by two jobs gives its ids twice).
     """
     ids = UserIds() if ids is None else ids
     same: dict[bytes, int] = {}  # digest of what shapes a line's result -> its line
@@ -141,8 +185,9 @@ def check_jsonl(path: Path, *, max_input_bytes: int,
     count = 0
     for task in iter_jsonl(path):
         if task.id is not None:
-            ids.add(path, task)
+            ids.add(path, task, job)
         else:
+            ids.with_computed.add((job, path))
             digest = _shape_digest(task)
             if digest in same:
                 raise ManifestError(

@@ -90,11 +90,32 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
     for job in manifest.jobs:
         if job.file is not None:
             check_jsonl(job.file, max_input_bytes=providers[job.provider].max_input_bytes,
-                        provider=providers[job.provider], ids=ids)
+                        provider=providers[job.provider], ids=ids, job=job.name)
     from batcher.publish.names import check_names
 
     check_names(manifest)
+    _check_computed_ids(manifest, ids)
     return manifest
+
+
+def _check_computed_ids(manifest: Manifest, ids: UserIds) -> None:
+    """A user id may not be the id batcher computes for another task of the manifest (a
+    custom_id copied from results.jsonl into a retry file): the two tasks would be one ledger
+    row, both paid, one kept. Only a user id of a computed id's form can be one, so the
+    manifest's computed ids are walked (streamed, against the ids' digests) only when the task
+    files have such an id."""
+    if not ids.hashlike:
+        return
+    from batcher.tasks import computed_tasks
+
+    for task in computed_tasks(manifest, ids.with_computed):
+        found = ids.find_computed(task.id)
+        if found is not None:
+            path, line = found
+            raise ManifestError(
+                f"{task.id!r} is the id batcher computes for a task of job {task.job} "
+                f"({task.prompt[:60]!r}, {task.model}); a user id names one task: give this "
+                "line an id of its own", file=str(path), line=line.line, field=line.id_field)
 
 
 def _with_defaults(
@@ -171,6 +192,9 @@ def _load_jsonl_manifest(path: Path, provider: str) -> Manifest:
         raise ManifestError("no such file", file=str(path))
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-") or "tasks"
     job = JobSpec(name=name, type="file", provider=provider, file=path)
+    ids = UserIds()
     check_jsonl(path, max_input_bytes=providers[provider].max_input_bytes,
-                provider=providers[provider])
-    return Manifest(name, path, f"output/{name}", providers, (job,))
+                provider=providers[provider], ids=ids)
+    manifest = Manifest(name, path, f"output/{name}", providers, (job,))
+    _check_computed_ids(manifest, ids)
+    return manifest

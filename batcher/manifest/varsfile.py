@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,29 @@ def _text(path: Path, line: int, name: str, value: Any) -> str:
     except UnicodeEncodeError:  # a lone surrogate (\ud800) that JSON can spell
         raise _error(path, line, "holds a character that is not valid Unicode (a lone "
                      "surrogate)", name) from None
+    return _no_nul(path, line, name, text)
+
+
+def _no_nul(path: Path, line: int, name: str, text: str) -> str:
+    if "\x00" in text:  # never meant, and cut short or refused along the way
+        raise _error(path, line, "holds a NUL character (\\x00)", name)
     return text
+
+
+def _cell(path: Path, line: int, name: str, text: str) -> str:
+    """A CSV cell: its line breaks are \\n whatever the file's line endings (a quoted cell
+    keeps the file's own, CRLF after a re-save on Windows, which would change task ids)."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _no_nul(path, line, name, text)
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: only whitespace, control characters (Cc: NUL, BEL) and
+    format characters (Cf: a zero-width space, a byte order mark, a direction mark)."""
+    if text.isprintable() and text.strip():
+        return False  # the usual case, without a look at each character
+    return all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf") for char in text)
 
 
 def _text_lines(path: Path, handle: IO[bytes]) -> Iterator[str]:
@@ -102,7 +125,8 @@ def _csv_rows(path: Path) -> Iterator[Row]:
                 if len(fields) != len(names):
                     raise _error(path, line, f"{len(fields)} fields where the header has "
                                  f"{len(names)}")
-                yield Row(line, dict(zip(names, fields, strict=True)))
+                yield Row(line, {name: _cell(path, line, name, field)
+                                 for name, field in zip(names, fields, strict=True)})
         except csv.Error as exc:
             raise _error(path, reader.line_num, f"not valid CSV: {exc}") from None
 
@@ -166,7 +190,7 @@ def check_rows(
     and ``check_row`` passes (the row's input images). ``check_row`` returns what a task id
     knows of the row's images (their content), which stands for the names only images use
     (``image_only``): two rows naming different files of the same bytes are the same tasks.
-    An empty (or blank) cell is no value.
+    An empty cell, or one that shows nothing (:func:`is_blank`), is no value.
     Memory: 8 bytes and a set entry a row.
     """
     seen: list[set[bytes]] = [set() for _ in uses]
@@ -187,7 +211,7 @@ def check_rows(
                     _no_value(path, row.line, min(missing))
             checked = columns
         for name in needed:  # an empty cell would make "a  Teak Spoon": no value either
-            if not row.values[name].strip():
+            if is_blank(row.values[name]):
                 _no_value(path, row.line, name)
         images = check_row(row) if check_row is not None else b""
         for names, keys in zip(ordered, seen, strict=True):
