@@ -271,7 +271,8 @@ def test_two_rows_under_one_name_with_one_seed_are_a_manifest_error(
     done = run_cli("validate", str(manifest), cwd=tmp_path)
 
     assert done.returncode == 2, (done.stdout, done.stderr)
-    assert "catalogue.csv:3" in done.stderr and "icons/A1" in done.stderr
+    assert "catalogue.csv:3" in done.stderr and "row 2" in done.stderr
+    assert "icons/A1" in done.stderr
     no_traceback(done)
 
 
@@ -421,4 +422,4 @@ def test_the_published_name_pattern_is_what_publish_removes() -> None:
     assert not is_file_of("icons/A1", "icons/A1-notes.webp")
     assert not is_file_of("icons/A1", "icons/A2.webp")
     assert not is_file_of("icons/A1", "icons/A1")
-    assert not re.search("x", "") and not is_file_of(".git/HEAD", ".git/HEAD.webp")
+    assert not is_file_of(".git/HEAD", ".git/HEAD.webp")

@@ -168,7 +168,7 @@ def _twins(name: str, first: Task, second: Task, job: JobSpec) -> str:
     """Two tasks of one name with the same model and seed: no pick or reject could tell
     their variants apart."""
     line = _row_line(job, first)
-    also = f" (also row {line})" if line is not None else ""
+    also = f" (the other at row {line})" if line not in {None, _row_line(job, second)} else ""
     return (f"{name!r} is given to two tasks{also} with the same model and seed that differ "
             f"only in the prompt ({first.prompt!r} and {second.prompt!r}): no pick could tell "
             "them apart; put what tells them apart in asset:")
