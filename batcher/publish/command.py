@@ -53,8 +53,12 @@ def picks_warnings(manifest: Manifest) -> list[str]:
 
 
 def publish(path: Path, output: str | None, to: str, *, dry_run: bool) -> int:
+    if not to.strip():
+        raise UsageError("--to is empty: name the folder or bucket to publish to")
     manifest = load_manifest(path)
     source, target = output_dir(manifest, output), output_target(to)
+    if isinstance(target, Path) and target.exists() and not target.is_dir():
+        raise UsageError(f"--to {to}: a file, not a folder")
     if str(source).rstrip("/") == str(target).rstrip("/") or (
             isinstance(source, Path) and isinstance(target, Path)
             and source.resolve() == target.resolve()):
@@ -75,6 +79,8 @@ async def _publish(manifest: Manifest, source: Path | StoreURL, to: Path | Store
         print(f"{verb} {name}")
     for name in outcome.removed:
         print(f"{'would remove' if dry_run else 'removed'} {name}")
+    for name in outcome.swept:
+        print(f"removed {name} (left by a publish that was stopped)")
     count = len(assets) - len(plan.missing)
     listing = f"; {verb} assets.json" if outcome.listing_written else \
         "; assets.json unchanged"

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
     from batcher.tasks import Task
 
 SPECIAL = frozenset({"model", "seed", "job"})
-_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 MAX_NAME = 512
+MAX_SEGMENT = 100  # a file name is <segment>@<size>.<ext>, and a temporary one longer still
+LISTING = "assets.json"  # publish's own file at the top of the set
 
 
 def check_template(value: Any, where: Where, var_names: set[str], prompts: tuple[str, ...],
@@ -84,11 +86,30 @@ def name_problem(name: str) -> str | None:
         return f"is longer than {MAX_NAME} characters"
     if name.startswith("/"):
         return "is absolute; a name is a relative path"
-    for segment in name.split("/"):
+    segments = name.split("/")
+    for segment in segments:
         if segment in {"", ".", ".."}:
             return "has an empty, '.' or '..' segment"
+        if segment.startswith("."):
+            return "has a segment starting with '.' (a hidden file or folder)"
         if not _SEGMENT.fullmatch(segment):
             return "may hold only letters, digits, '.', '_', '-' and '/'"
+        if len(segment) > MAX_SEGMENT:
+            return f"has a segment longer than {MAX_SEGMENT} characters"
+    if segments[0].lower() == LISTING:
+        return f"is under {LISTING!r}, the set's listing"
+    return None
+
+
+def folder_clash(name: str, names: set[str]) -> str | None:
+    """A name of ``names`` whose files (``<other>.<ext>``, ``<other>@<size>.<ext>``) would be
+    where ``name`` needs a folder, or ``None``."""
+    segments = name.split("/")
+    for depth in range(1, len(segments)):
+        folder = "/".join(segments[:depth])
+        for at, char in enumerate(folder):
+            if char == "." and "/" not in folder[at:] and folder[:at] in names:
+                return folder[:at]
     return None
 
 
@@ -117,6 +138,8 @@ def check_names(manifest: Manifest) -> None:
     if not jobs:
         return
     owner: dict[str, str] = {}
+    variants: dict[tuple[str, str, int | None], Task] = {}
+    named: list[tuple[str, JobSpec, Task]] = []
     for task in expand(manifest):
         job = jobs.get(task.job)
         if job is None:
@@ -129,12 +152,51 @@ def check_names(manifest: Manifest) -> None:
         if first != job.name:
             raise _at_row(manifest, job, task, f"{name!r} is also a name of job {first!r}; "
                           "two jobs cannot give one name")
+        twin = variants.setdefault((name, task.model, task.seed), task)
+        if twin.id != task.id:
+            raise _at_row(manifest, job, task, _twins(name, twin, task, job), exact=True)
+        named.append((name, job, task))
+    names = set(owner)
+    for name, job, task in named:
+        clash = folder_clash(name, names)
+        if clash is not None:
+            raise _at_row(manifest, job, task, f"{name!r} needs a folder where the name "
+                          f"{clash!r} puts its file")
 
 
-def _at_row(manifest: Manifest, job: JobSpec, task: Task, message: str) -> ManifestError:
-    """The error at the vars_file row the task came from, else at the job's ``asset:``."""
+def _twins(name: str, first: Task, second: Task, job: JobSpec) -> str:
+    """Two tasks of one name with the same model and seed: no pick or reject could tell
+    their variants apart."""
+    line = _row_line(job, first)
+    also = f" (the other at row {line})" if line not in {None, _row_line(job, second)} else ""
+    return (f"{name!r} is given to two tasks{also} with the same model and seed that differ "
+            f"only in the prompt ({first.prompt!r} and {second.prompt!r}): no pick could tell "
+            "them apart; put what tells them apart in asset:")
+
+
+def _row_line(job: JobSpec, task: Task) -> int | None:
+    """The line of the vars_file row the task came from (all its values alike)."""
+    if job.vars_file is None:
+        return None
+    from batcher.manifest.varsfile import iter_rows
+
+    values = dict(task.vars)
+    for row in iter_rows(job.vars_file):
+        if row.values and all(values.get(k) == v for k, v in row.values.items()
+                              if k in values):
+            return row.line
+    return None
+
+
+def _at_row(manifest: Manifest, job: JobSpec, task: Task, message: str, *,
+            exact: bool = False) -> ManifestError:
+    """The error at the vars_file row the task came from (``exact``: the row with all its
+    values, else the first with its name's), else at the job's ``asset:``."""
     field = f"jobs[{manifest.jobs.index(job)}].asset"
     columns = columns_of(job)
+    line = _row_line(job, task) if exact and columns else None
+    if job.vars_file is not None and line is not None:
+        return ManifestError(message, file=str(job.vars_file), line=line, field=min(columns))
     if job.vars_file is not None and columns:
         from batcher.manifest.varsfile import iter_rows
 

@@ -135,14 +135,72 @@ def _selector(value: Any, where: Where, key: str) -> Selector:
 
 def render_picks(decisions: Mapping[str, Decision]) -> str:
     """The picks file's text: sorted by name, one asset a line."""
-    lines = []
-    for name in sorted(decisions):
-        data = decisions[name].as_dict()
-        if data:
-            lines.append(yaml.safe_dump({name: data}, default_flow_style=True, width=1 << 16,
-                                        sort_keys=False).strip().removeprefix("{")
-                         .removesuffix("}"))
-    return "".join(line + "\n" for line in lines)
+    return "".join(_entry_line(name, decisions[name]) for name in sorted(decisions)
+                   if decisions[name].as_dict())
+
+
+def _entry_line(name: str, decision: Decision) -> str:
+    return yaml.safe_dump({name: decision.as_dict()}, default_flow_style=True,
+                          width=1 << 16, sort_keys=False).strip().removeprefix("{") \
+        .removesuffix("}") + "\n"
+
+
+def save_decision(path: Path, before: Mapping[str, Decision], name: str,
+                  after: Mapping[str, Decision]) -> None:
+    """Write one asset's changed decision: only that entry's lines change (a new entry goes
+    in sorted place), so a person's comments and layout stay. Should the result not read back
+    as ``after`` (a layout this cannot edit line by line), the file is written whole, sorted,
+    keeping its leading comment block."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    edited = _edit_entry(text, before, name, after.get(name))
+    if edited is None or _reads_as(edited, after) is False:
+        edited = _leading_comments(text) + render_picks(after)
+    with atomic_open(path, "w") as handle:
+        handle.write(edited)
+
+
+def _edit_entry(text: str, before: Mapping[str, Decision], name: str,
+                decision: Decision | None) -> str | None:
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    if any(line.lstrip().startswith(("{", "---", "...", "%")) for line in lines
+           if line[:1] not in {" ", "\t", "#", "\n", "\r"}):
+        return None  # a flow mapping or a document marker: not one entry a line
+    new = [_entry_line(name, decision)] if decision and decision.as_dict() else []
+    old = before.get(name)
+    if old is not None:
+        if old.line is None:
+            return None
+        start = old.line - 1
+        end = start + 1
+        while end < len(lines) and lines[end][:1] in {" ", "\t"}:
+            end += 1  # the entry's own indented lines
+        return "".join(lines[:start] + new + lines[end:])
+    later = [d.line for n, d in before.items() if n > name and d.line is not None]
+    at = min(later) - 1 if later else len(lines)
+    while later and at > 0 and lines[at - 1].startswith("#"):
+        at -= 1  # above the next entry's comments
+    return "".join(lines[:at] + new + lines[at:])
+
+
+def _reads_as(text: str, decisions: Mapping[str, Decision]) -> bool:
+    try:
+        data = yaml.safe_load(text) or {}
+        where = Where("", data if isinstance(data, Mapping) else None)
+        return isinstance(data, Mapping) and \
+            {n: _decision(e, where, n) for n, e in data.items()} == dict(decisions)
+    except (yaml.YAMLError, ManifestError):
+        return False
+
+
+def _leading_comments(text: str) -> str:
+    head = []
+    for line in text.splitlines(keepends=True):
+        if not line.startswith("#") and line.strip():
+            break
+        head.append(line if line.endswith("\n") else line + "\n")
+    return "".join(head)
 
 
 def save_picks(path: Path, decisions: Mapping[str, Decision]) -> None:

@@ -11,18 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from batcher.errors import BatcherError, UsageError
 from batcher.outputs import entries
+from batcher.publish.names import name_problem
 from batcher.publish.source import RunFiles, StoreFiles
 from batcher.publish.variants import Asset, Variant
-from batcher.storage import atomic_open
+from batcher.storage import TMP_PREFIX, atomic_open
 from batcher.store.url import StoreURL
+
+if TYPE_CHECKING:
+    from batcher.store.objects import ObjectStore
 
 ASSETS_NAME = "assets.json"
 
@@ -116,6 +122,13 @@ def previous_files(previous: Mapping[str, Any]) -> set[str]:
     return found
 
 
+def is_file_of(name: str, path: str) -> bool:
+    """Whether ``path`` is one a set writes for the asset ``name``: ``<name>.<ext>`` or
+    ``<name>@<size>.<ext>`` (the only files a previous assets.json may have removed)."""
+    return name_problem(name) is None and \
+        re.fullmatch(re.escape(name) + r"(@[A-Za-z0-9_-]+)?\.[A-Za-z0-9]+", path) is not None
+
+
 def _under(prefix: str, path: str) -> str:
     return f"{prefix}/{path}" if prefix else path
 
@@ -135,6 +148,8 @@ class Target(Protocol):
     async def holds(self, file: SetFile) -> bool: ...
     async def write(self, path: str, data: bytes) -> None: ...
     async def remove(self, path: str) -> None: ...
+    def check(self, paths: list[str]) -> None: ...
+    def sweep(self, paths: list[str]) -> list[str]: ...
 
 
 class FolderTarget:
@@ -171,10 +186,55 @@ class FolderTarget:
     async def remove(self, path: str) -> None:
         self._path(path).unlink(missing_ok=True)
 
+    def check(self, paths: list[str]) -> None:
+        """Refuse (exit 2, before anything is written) a path that goes through a symbolic
+        link (it could lead out of the target), or whose folder or file is in the way."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"--to {self.root}: not a folder")
+        for path in paths:
+            at = self.root
+            parts = self._path(path).relative_to(self.root).parts
+            for index, part in enumerate(parts):
+                at = at / part
+                last = index == len(parts) - 1
+                if at.is_symlink():
+                    raise UsageError(f"{at}: a symbolic link in the target; publish follows "
+                                     "none (it could lead outside the target)")
+                if not at.exists():
+                    break
+                if last and at.is_dir():
+                    raise UsageError(f"{at}: a folder where the set has the file {path}")
+                if not last and not at.is_dir():
+                    raise UsageError(f"{at}: a file where the set needs a folder (for {path})")
+
+    def sweep(self, paths: list[str]) -> list[str]:
+        """Remove the temporary files a killed publish left beside the set's files (the names
+        batcher's atomic writer makes: ``.tmp-<pid>-<n>-<file name>``)."""
+        wanted: dict[Path, set[str]] = {}
+        for path in paths:
+            final = self._path(path)
+            wanted.setdefault(final.parent, set()).add(final.name)
+        removed = []
+        for folder, names in wanted.items():
+            try:
+                found = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in found:
+                left = _LEFTOVER.fullmatch(entry.name)
+                if left and left[1] in names and entry.is_file(follow_symlinks=False):
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed.append(Path(entry.path).relative_to(self.root).as_posix())
+        return removed
+
+
+_LEFTOVER = re.compile(re.escape(TMP_PREFIX) + r"\d+-\d+-(.+)")
+
 
 class StoreTarget:
-    """A bucket: its listing gives sizes; the previous assets.json gives the sha256 of what
-    batcher put there (a changed object of the same size would need a download to see)."""
+    """A bucket: its listing gives sizes; an object of the right size is read and hashed
+    before it counts as already there (a killed publish or a hand edit can leave other
+    bytes of the same size under a name)."""
 
     def __init__(self, url: StoreURL) -> None:
         from batcher.store.objects import ObjectStore
@@ -184,7 +244,6 @@ class StoreTarget:
         self.location = str(url)
         self._bucket: ObjectStore | None = None  # the bucket's root, for copies
         self.listing: dict[str, int] = {}
-        self.known: dict[str, str] = {}  # path -> sha256 the previous assets.json lists
 
     async def open(self) -> None:
         from batcher.store.mirror import first_listing
@@ -196,26 +255,59 @@ class StoreTarget:
         return None if got is None else got[0]
 
     async def holds(self, file: SetFile) -> bool:
-        return self.listing.get(file.path) == file.size and self.known.get(file.path) == \
-            file.sha256
+        if self.listing.get(file.path) != file.size:
+            return False
+        return await _object_sha256(self.store, file.path) == file.sha256
+
+    def check(self, paths: list[str]) -> None:
+        """Nothing is in the way in a bucket (no folders, no links)."""
+
+    def sweep(self, paths: list[str]) -> list[str]:
+        return []  # a bucket's uploads are whole or absent
 
     async def write(self, path: str, data: bytes) -> None:
         await self.store.put_bytes(path, data)
 
-    async def copy_in(self, source: StoreURL, path: str, name: str) -> bool:
-        """Copy ``path`` of another prefix of the same bucket to ``name``, in the store;
-        False when the source is in another bucket."""
+    async def copy_in(self, source: StoreFiles, file: SetFile) -> bool:
+        """Copy the file from another prefix of the same bucket, in the store; False when
+        the source is in another bucket. The source is read and checked against its recorded
+        sha256 first, as on the other routes; when the copy's ETag is not the source's, the
+        copy is hashed, and replaced by the checked bytes if it differs."""
         from batcher.store.objects import ObjectStore
 
-        if (source.scheme, source.bucket) != (self.url.scheme, self.url.bucket):
+        if (source.url.scheme, source.url.bucket) != (self.url.scheme, self.url.bucket):
             return False
+        got = await source.store.get_bytes(file.source)
+        if got is None or hashlib.sha256(got[0]).hexdigest() != file.sha256:
+            raise _changed(source, file)
+        data, e_tag = got
         if self._bucket is None:
             self._bucket = ObjectStore(StoreURL(self.url.scheme, self.url.bucket, ""))
-        await self._bucket.copy(_under(source.prefix, path), _under(self.url.prefix, name))
+        await self._bucket.copy(_under(source.url.prefix, file.source),
+                                _under(self.url.prefix, file.path))
+        same = e_tag is not None and await self.store.version(file.path) == e_tag
+        if not same and await _object_sha256(self.store, file.path) != file.sha256:
+            await self.store.put_bytes(file.path, data)
+            return False
         return True
 
     async def remove(self, path: str) -> None:
         await self.store.delete(path)
+
+
+async def _object_sha256(store: ObjectStore, name: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        async for chunk in store.chunks(name):
+            digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
+
+
+def _changed(source: RunFiles, file: SetFile) -> BatcherError:
+    return BatcherError(f"{source.location}/{file.source} is missing or changed since it was "
+                        "recorded (batcher status --verify); assets.json is left as it was")
 
 
 async def open_target(to: Path | StoreURL) -> FolderTarget | StoreTarget:
@@ -227,28 +319,40 @@ async def open_target(to: Path | StoreURL) -> FolderTarget | StoreTarget:
 
 
 async def read_previous(target: FolderTarget | StoreTarget) -> dict[str, Any]:
-    """The assets the target's assets.json lists (none when there is none)."""
+    """The assets the target's assets.json lists (none when there is none). One batcher did
+    not write (a wrong shape, or a file that is not ``<name>[@size].<ext>`` of its own entry's
+    name) is refused, exit 2, before anything is written: its files are the only ones publish
+    ever removes."""
     data = await target.read(ASSETS_NAME)
     if data is None:
         return {}
+    where = f"{target.location}/{ASSETS_NAME}"
     try:
         parsed = json.loads(data)
         assets = parsed["assets"]
         if not isinstance(assets, dict):
             raise TypeError
     except (ValueError, TypeError, KeyError):
-        raise UsageError(f"{target.location}/{ASSETS_NAME} is not an assets.json batcher "
-                         "wrote; move it away to publish here") from None
-    for path in previous_files(assets):
-        if not _inside(path):  # never remove outside the target
-            raise UsageError(f"{target.location}/{ASSETS_NAME} lists {path!r}, not a name "
-                             "batcher publishes; move the file away to publish here")
-    if isinstance(target, StoreTarget):
-        for entry in assets.values():
-            for item in entry.get("files", []) if isinstance(entry, dict) else []:
-                if isinstance(item, dict) and isinstance(item.get("path"), str):
-                    target.known[item["path"]] = str(item.get("sha256"))
+        raise UsageError(f"{where} is not an assets.json batcher wrote; move it away to "
+                         "publish here") from None
+    for name, entry in assets.items():
+        problem = _entry_problem(name, entry)
+        if problem:
+            raise UsageError(f"{where}: {name!r}: {problem}; it is not an assets.json "
+                             "batcher wrote: move it away to publish here")
     return assets
+
+
+def _entry_problem(name: str, entry: Any) -> str | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("files"), list):
+        return "has no list of files"
+    for item in entry["files"]:
+        path = item.get("path") if isinstance(item, dict) else None
+        if not isinstance(path, str):
+            return "a file without a path"
+        if not _inside(path) or not is_file_of(name, path):
+            return f"lists {path!r}, not a file publish writes for that name"
+    return None
 
 
 @dataclass(slots=True)
@@ -257,6 +361,7 @@ class Outcome:
     copied: int = 0  # of those written, copied inside the store
     unchanged: int = 0
     removed: list[str] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)  # temporary files a killed publish left
     listing_written: bool = False
 
 
@@ -265,6 +370,10 @@ async def publish_set(plan: SetPlan, previous: Mapping[str, Any], source: RunFil
     """Write the set's files, remove those of assets that left, then assets.json."""
     outcome = Outcome()
     wanted = {f.path for f in plan.files}
+    gone = sorted(previous_files(previous) - wanted - previous_files(plan.listed))
+    target.check([*wanted, *gone, ASSETS_NAME])
+    if not dry_run:
+        outcome.swept = target.sweep([*wanted, ASSETS_NAME])
     for file in plan.files:
         if await target.holds(file):
             outcome.unchanged += 1
@@ -273,17 +382,14 @@ async def publish_set(plan: SetPlan, previous: Mapping[str, Any], source: RunFil
         if dry_run:
             continue
         if isinstance(source, StoreFiles) and isinstance(target, StoreTarget) and \
-                await target.copy_in(source.url, file.source, file.path):
+                await target.copy_in(source, file):
             outcome.copied += 1
         else:
             data = await source.read(file.source)
             if data is None or hashlib.sha256(data).hexdigest() != file.sha256:
-                raise BatcherError(f"{source.location}/{file.source} is missing or changed "
-                                   "since it was recorded (batcher status --verify); "
-                                   "assets.json is left as it was")
+                raise _changed(source, file)
             await target.write(file.path, data)
-    kept = previous_files(plan.listed)
-    for path in sorted(previous_files(previous) - wanted - kept):
+    for path in gone:
         outcome.removed.append(path)
         if not dry_run:
             await target.remove(path)

@@ -21,7 +21,7 @@ from aiohttp import web
 from batcher.errors import UsageError
 from batcher.manifest import Manifest
 from batcher.outputs import entries
-from batcher.publish.picks import Decision, Selector, load_picks, picks_path, save_picks
+from batcher.publish.picks import Decision, load_picks, picks_path, save_decision
 from batcher.publish.review_page import PAGE
 from batcher.publish.source import RunFiles, open_run_files
 from batcher.publish.variants import Asset, Variant
@@ -71,6 +71,7 @@ class Review:
         self.port = 0
         self.serving = {path for asset in assets.values() for v in asset.variants
                         for path in _paths(v)}
+        self.writing = asyncio.Lock()  # one decision at a time reads and rewrites the file
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._local_only])
@@ -83,8 +84,18 @@ class Review:
     @web.middleware
     async def _local_only(self, request: web.Request, handler: Any) -> web.StreamResponse:
         # Another site's page in the same browser may not drive this one (DNS rebinding).
-        if request.host not in {f"127.0.0.1:{self.port}", f"localhost:{self.port}"}:
+        own = {f"127.0.0.1:{self.port}", f"localhost:{self.port}"}
+        if request.host not in own:
             raise web.HTTPForbidden(text="review answers only 127.0.0.1")
+        if request.method == "POST":
+            # A page of another origin may post (a "simple" request needs no preflight): only
+            # this page's own origin, and only JSON (which another origin cannot send without
+            # a preflight this server never grants).
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in {f"http://{host}" for host in own}:
+                raise web.HTTPForbidden(text="decisions come only from the review page")
+            if request.content_type != "application/json":
+                raise web.HTTPUnsupportedMediaType(text="decisions are application/json")
         return await handler(request)
 
     async def _page(self, request: web.Request) -> web.Response:
@@ -139,26 +150,30 @@ class Review:
             raise web.HTTPBadRequest(text="expected {asset, variant, action}") from None
         if action not in {"pick", "reject"}:
             raise web.HTTPBadRequest(text="action is pick or reject")
-        decisions = await asyncio.to_thread(load_picks, self.path)
-        updated = _decide(decisions.get(asset.name), asset.selector_of(variant), action)
-        if updated.pick is None and not updated.rejects:
-            decisions.pop(asset.name, None)
-        else:
-            decisions[asset.name] = updated
-        await asyncio.to_thread(save_picks, self.path, decisions)
-        asset.decision = decisions.get(asset.name)
+        async with self.writing:
+            before = await asyncio.to_thread(load_picks, self.path)
+            decisions = dict(before)
+            updated = _decide(decisions.get(asset.name), asset, variant, action)
+            if updated.pick is None and not updated.rejects:
+                decisions.pop(asset.name, None)
+            else:
+                decisions[asset.name] = updated
+            await asyncio.to_thread(save_decision, self.path, before, asset.name, decisions)
+            asset.decision = decisions.get(asset.name)
         print(f"review: {asset.name}: {action} {{{asset.selector_of(variant).text()}}}",
               file=sys.stderr, flush=True)
         return web.json_response(self._asset(asset))
 
 
-def _decide(before: Decision | None, selector: Selector, action: str) -> Decision:
-    """A pick replaces the pick and takes back a reject of that variant; a reject toggles,
-    and drops a pick of that variant."""
+def _decide(before: Decision | None, asset: Asset, variant: Variant, action: str) -> Decision:
+    """A pick replaces the pick and takes back every reject that covers that variant (a pick
+    and a reject of one variant is an error in the file); a reject toggles, and drops a pick
+    of that variant."""
+    selector = asset.selector_of(variant)
     pick = before.pick if before else None
     rejects = list(before.rejects) if before else []
     if action == "pick":
-        return Decision(selector, tuple(r for r in rejects if r != selector))
+        return Decision(selector, tuple(r for r in rejects if not r.matches(variant)))
     if selector in rejects:
         rejects.remove(selector)
     else:

@@ -99,14 +99,25 @@ async function load() {
   render();
 }
 
-async function decide(action) {
+// Decisions go one at a time, in the order they were made, each for the asset and variant in
+// focus when its key was pressed; an answer updates the asset it is for, wherever the focus is.
+let queue = Promise.resolve();
+
+function decide(action) {
   const asset = assets[focus.a];
   if (!asset) return;
+  const name = asset.name, variant = focus.v;
+  queue = queue.then(() => send(name, variant, action)).catch(() => {});
+}
+
+async function send(name, variant, action) {
   const answer = await fetch("/api/decide", {method: "POST",
     headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({asset: asset.name, variant: focus.v, action: action})});
+    body: JSON.stringify({asset: name, variant: variant, action: action})});
   if (answer.ok) {
-    assets[focus.a] = await answer.json();
+    const updated = await answer.json();
+    const at = assets.findIndex(a => a.name === updated.name);
+    if (at >= 0) assets[at] = updated;
     render();
     document.body.dataset.saved = String(Number(document.body.dataset.saved || 0) + 1);
   }

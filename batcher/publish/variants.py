@@ -136,13 +136,19 @@ def stale_entries(assets: Mapping[str, Asset], decisions: Mapping[str, Decision]
 
 def check_picks(assets: Mapping[str, Asset], decisions: Mapping[str, Decision],
                 picks_file: str) -> None:
-    """A pick that matches several variants is a mistake to fix (exit 2): which one?"""
+    """A pick that matches several variants is a mistake to fix (exit 2): which one? So is a
+    pick of a variant the same entry rejects."""
     for name, decision in decisions.items():
         asset = assets.get(name)
         if asset is None or decision.pick is None:
             continue
-        count = sum(decision.pick.matches(v) for v in asset.variants)
-        if count > 1:
-            raise ManifestError(f"{{{decision.pick.text()}}} matches {count} variants; name "
-                                "the model or image too", file=picks_file,
+        found = [v for v in asset.variants if decision.pick.matches(v)]
+        if len(found) > 1:
+            raise ManifestError(f"{{{decision.pick.text()}}} matches {len(found)} variants; "
+                                "name the model or image too", file=picks_file,
+                                line=decision.line, field=f"{name}.pick")
+        both = next((s for s in decision.rejects if found and s.matches(found[0])), None)
+        if both is not None:
+            raise ManifestError(f"{{{decision.pick.text()}}} is picked and rejected (by "
+                                f"{{{both.text()}}}); keep one of the two", file=picks_file,
                                 line=decision.line, field=f"{name}.pick")

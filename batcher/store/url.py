@@ -37,8 +37,9 @@ def parse_store_url(text: str) -> StoreURL | None:
         return None
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
-    if not bucket or ".." in prefix.split("/"):
-        raise UsageError(f"{text}: a store URL is {scheme}://BUCKET/PREFIX")
+    if not bucket or (prefix and {"", ".", ".."} & set(prefix.split("/"))):
+        raise UsageError(f"{text}: a store URL is {scheme}://BUCKET/PREFIX (no '.', '..' "
+                         "or empty parts)")
     return StoreURL(scheme.lower(), bucket, prefix)
 
 
