@@ -3,9 +3,10 @@
 An unlimited, instant server in its own process; a few thousand chat tasks at concurrency 64.
 ``--server serve`` (the default) is `batcher serve`; ``--server fast`` a minimal HTTP/1.1 server
 answering every request with one fixed completion, many times faster than `batcher serve`: there
-the client's own time per task is what the ratio shows. batcher keeps its durable ledger and writes every completion to disk. The two
-clients alternate for a few rounds (the machine's load drifts); prints the median of each and the
-ratio of medians. Times are whole processes, start-up included.
+the client's own time per task is what the ratio shows. batcher keeps its durable ledger and
+writes every completion to disk. The two clients alternate for a few rounds (the machine's load
+drifts); prints the median of each and the ratio of medians. Times are whole processes, start-up
+included.
 
     python bench/overhead.py [--tasks 3000] [--concurrency 64] [--rounds 5] [--server fast]
 """
@@ -49,7 +50,7 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 FAST_SERVER = r'''
 import asyncio, json, sys
 
-BODY = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "llama-3.1-8b-instruct",
+BODY = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "m",
     "choices": [{"index": 0, "finish_reason": "stop",
                  "message": {"role": "assistant", "content": "A poster of a quiet harbour."}}],
     "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}}).encode()

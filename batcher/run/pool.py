@@ -617,9 +617,15 @@ class Runner:
                     return None  # the run or the provider stopped: the task stays pending
                 self.counters.retries += 1
                 log.debug("task %s attempt %d: %s; retrying", task.id, attempt, error)
-                if not verdict.rate_limited:  # a 429 already paused the whole provider
-                    return _Backoff(verdict.wait if verdict.wait is not None
-                                    else backoff(attempt))
+                if verdict.rate_limited:  # a 429 paused the whole provider: no wait of its own
+                    continue
+                wait = verdict.wait if verdict.wait is not None else backoff(attempt)
+                if provider.answered and self.spend.limit is None:
+                    return _Backoff(wait)  # its worker takes another task meanwhile
+                # The worker waits: an endpoint that never answered and stays unreachable
+                # costs `concurrency` tasks' retries (see _unreachable), not more; under a
+                # budget, money goes to finishing the tasks begun before starting others.
+                await wait_out(wait)
                 continue
             provider.answered = True
             return kept  # None: stopped while waiting for a turn, never sent
