@@ -159,3 +159,24 @@ async def test_a_429_still_pauses_in_its_worker_and_is_sent_once_more(
     assert waits == []
     assert server.requests == {"p0": 2, **{p: 1 for p in PROMPTS[1:]}}
     assert outcome.summary["rate_limited"] == 1
+
+
+async def test_past_the_cap_of_tasks_in_backoff_a_worker_waits_itself(
+        serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One task may wait away from the worker: p0 does; p1, failing next, waits in the worker,
+    # so p2 is sent only after p1's retry.
+    server = await start(serve, {"p0": 500, "p1": 500})
+    waits: list[float] = []
+
+    async def gate(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 1:  # p0's backoff, away from the worker
+            await asyncio.wait_for(server.others_answered.wait(), timeout=20)
+
+    monkeypatch.setattr(pool, "MAX_BACKING_OFF", 1)
+    monkeypatch.setattr(pool, "wait_out", gate)
+    outcome = await run_it(manifest(tmp_path, server, concurrency=1))
+
+    assert outcome.exit_code == 0, outcome.message
+    assert server.order == ["p0", "p1", "p1", *PROMPTS[2:], "p0"]
+    assert server.requests == {"p0": 2, "p1": 2, **{p: 1 for p in PROMPTS[2:]}}

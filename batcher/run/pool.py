@@ -71,6 +71,9 @@ from batcher.wording import plural, usd
 
 log = logging.getLogger(__name__)
 wait_out = asyncio.sleep  # how a task waits out its backoff (tests gate it on events)
+# Tasks of one provider that may wait out a backoff away from a worker at once; past this a
+# worker waits itself, so a provider failing everything never opens a whole manifest's tasks.
+MAX_BACKING_OFF = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,7 @@ class _Provider:
     stopped: str | None = None  # why this provider takes no more tasks
     answered: bool = False  # whether it has answered anything (any status) in this run
     unreachable: int = 0  # tasks whose every attempt found the endpoint refusing connections
+    backing_off: int = 0  # tasks retrying in a task of their own (see Runner._retry_after)
 
 
 @dataclass(slots=True)
@@ -530,7 +534,8 @@ class Runner:
             retry = asyncio.create_task(
                 self._retry_after(kept.seconds, provider, task, saver, failed, tries))
             self._retrying.add(retry)
-            retry.add_done_callback(self._retrying.discard)
+            provider.backing_off += 1
+            retry.add_done_callback(functools.partial(self._retry_done, provider))
             return
         if kept is not None:
             record, sidecar = kept
@@ -539,6 +544,10 @@ class Runner:
                 # After the paid image is kept: a kill while deriving loses only
                 # derived files, which the next run makes with no request.
                 await replace_derived(self.output, self.deriver, task, record, self._crashed)
+
+    def _retry_done(self, provider: _Provider, retry: asyncio.Task[None]) -> None:
+        self._retrying.discard(retry)
+        provider.backing_off -= 1
 
     async def _retry_after(self, seconds: float, provider: _Provider, task: Task, saver: Saver,
                            failed: set[str], tries: _Tries) -> None:
@@ -620,7 +629,8 @@ class Runner:
                 if verdict.rate_limited:  # a 429 paused the whole provider: no wait of its own
                     continue
                 wait = verdict.wait if verdict.wait is not None else backoff(attempt)
-                if provider.answered and self.spend.limit is None:
+                if (provider.answered and self.spend.limit is None
+                        and provider.backing_off < MAX_BACKING_OFF):
                     return _Backoff(wait)  # its worker takes another task meanwhile
                 # The worker waits: an endpoint that never answered and stays unreachable
                 # costs `concurrency` tasks' retries (see _unreachable), not more; under a
