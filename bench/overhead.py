@@ -14,6 +14,7 @@ included.
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import statistics
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 from common import ServedProcess, batcher, file_creation_cost, run_child, workdir, write
 
 BARE_LOOP = r'''
-import asyncio, sys
+import asyncio, sys, time
 import aiohttp
 
 async def main(url, count, concurrency):
@@ -42,7 +43,9 @@ async def main(url, count, concurrency):
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
 
+started = time.perf_counter()
 asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+print(f"loop {time.perf_counter() - started}", file=sys.stderr)
 '''
 
 # The fastest server we can write in Python: keep-alive HTTP/1.1, a request read by its
@@ -119,6 +122,7 @@ def main() -> None:
     server = ServedProcess() if args.server == "serve" else FastServer()
     folder = workdir("overhead")
     bare_times, our_times, before_times = [], [], []
+    bare_loops, our_loops, before_loops = [], [], []  # without start-up (see below)
     try:
         manifest = write(folder / "overhead.yaml", f"""
             name: overhead
@@ -148,8 +152,12 @@ def main() -> None:
                          f"{ours.stderr[-2000:]}{bare.stderr[-2000:]}")
             bare_times.append(bare.seconds)
             our_times.append(ours.seconds)
+            bare_loops.append(float(bare.stderr.split("loop ")[-1]))
+            our_loops.append(json.loads((output / "summary.json").read_text())["elapsed_s"])
             if args.before:
                 before_times.append(_run_before(args.before, manifest, folder, round_number))
+                before_loops.append(json.loads((folder / f"before-{round_number}" / "summary.json")
+                                               .read_text())["elapsed_s"])
     finally:
         server.stop()
     bare_rate = args.tasks / statistics.median(bare_times)
@@ -159,6 +167,14 @@ def main() -> None:
           f"{args.rounds} rounds: bare aiohttp {bare_rate:.0f} tasks/s, batcher {our_rate:.0f} "
           f"tasks/s (ledger + files on), ratio {our_rate / bare_rate:.2f}; "
           f"disk: {disk:.0f} us per new file")
+    bare_loop, our_loop = (args.tasks / statistics.median(t) for t in (bare_loops, our_loops))
+    print(f"without start-up (the bare loop's asyncio.run; batcher's summary.json elapsed_s, "
+          f"from the output's opening to the summary): bare {bare_loop:.0f} tasks/s, batcher "
+          f"{our_loop:.0f} tasks/s, ratio {our_loop / bare_loop:.2f}")
+    if before_loops:
+        before_loop = args.tasks / statistics.median(before_loops)
+        print(f"  before without start-up: {before_loop:.0f} tasks/s, ratio "
+              f"{before_loop / bare_loop:.2f}")
     if before_times:
         before_rate = args.tasks / statistics.median(before_times)
         paired = statistics.median(b / o for b, o in zip(before_times, our_times, strict=True))
