@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -50,6 +51,47 @@ def unsendable(value: Any, path: str = "") -> tuple[str, str] | None:
     Plain: strings of valid Unicode, booleans, null, 64-bit integers, finite numbers, and lists
     and mappings of these with string keys. APIs refuse the rest, or read it differently.
     """
+    if _plain(value):  # the common case, without building a path for every part
+        return None
+    return _first_unsendable(value, path)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is plain JSON, for the exact built-in types only (anything else,
+    subclasses included, is left to :func:`_first_unsendable`): once per answer on the
+    per-task path, so scalars are checked in their container's loop."""
+    kind = type(value)
+    if kind is dict:
+        for key in value:
+            if type(key) is not str or not (key.isascii() or _is_unicode(key)):
+                return False
+        return _plain_items(value.values())
+    if kind is list or kind is tuple:
+        return _plain_items(value)
+    return _plain_items((value,))
+
+
+def _plain_items(items: Iterable[Any]) -> bool:
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            if not (item.isascii() or _is_unicode(item)):
+                return False
+        elif kind is int:
+            if item not in _INT64:
+                return False
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+        elif kind is dict or kind is list or kind is tuple:
+            if not _plain(item):
+                return False
+        elif item is not None and kind is not bool:
+            return False
+    return True
+
+
+def _first_unsendable(value: Any, path: str) -> tuple[str, str] | None:
     if isinstance(value, str):
         return None if _is_unicode(value) else (path, "holds a lone surrogate (not Unicode)")
     if value is None or isinstance(value, bool):
@@ -60,7 +102,7 @@ def unsendable(value: Any, path: str = "") -> tuple[str, str] | None:
         return None if math.isfinite(value) else (path, "is not a finite number")
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            if (found := unsendable(item, f"{path}[{index}]")) is not None:
+            if (found := _first_unsendable(item, f"{path}[{index}]")) is not None:
                 return found
         return None
     if isinstance(value, dict):
@@ -68,7 +110,7 @@ def unsendable(value: Any, path: str = "") -> tuple[str, str] | None:
             where = f"{path}.{key}" if path else str(key)
             if not isinstance(key, str) or not _is_unicode(key):
                 return where, "has a key that is not a string of valid Unicode"
-            if (found := unsendable(item, where)) is not None:
+            if (found := _first_unsendable(item, where)) is not None:
                 return found
         return None
     return path, f"is a {type(value).__name__}, not a JSON value (quote dates and times)"

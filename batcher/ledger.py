@@ -115,7 +115,7 @@ class Record:
 
     def as_dict(self) -> dict[str, Any]:
         """The record as plain JSON values (a task's sidecar carries this)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["vars"], data["params"] = dict(self.vars), dict(self.params)
         data["files"] = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files]
         return data
@@ -159,7 +159,8 @@ _JSON_FIELDS: tuple[tuple[int, Callable[[], Any]], ...] = tuple(
     for index, f in enumerate(fields(Record))
     if f.name in {"vars", "params", "files", "usage", "response", "derived"}
 )
-_FILES = [f.name for f in fields(Record)].index("files")
+_FIELD_NAMES = tuple(f.name for f in fields(Record))
+_FILES = _FIELD_NAMES.index("files")
 
 
 def _dumps(value: Any) -> str | None:

@@ -115,10 +115,7 @@ class Layout:
 
     @staticmethod
     def _stem(task: Named, id_chars: int) -> str:
-        # Built as one string: every part is a slug or a hash, so "/" only separates them.
-        seed = "" if task.seed is None else f"-s{task.seed}"
-        return (f"{slugify(task.job, 64)}/{slugify(task.model, 64)}/"
-                f"{slugify(task.prompt)}{seed}-{short_id(task.id, id_chars)}")
+        return _stem_of(task.job, task.model, task.prompt, task.seed, task.id, id_chars)
 
     def image_stem(self, task: Task, index: int, count: int) -> str:
         """Image ``index`` of ``count`` without its extension (known once its bytes are)."""
@@ -154,6 +151,15 @@ class Layout:
         if path != root and root not in path.parents:
             raise ValueError(f"{relative} is outside the output folder")
         return path
+
+
+@functools.lru_cache(maxsize=4096)  # a task's names are asked for five times as it runs
+def _stem_of(job: str, model: str, prompt: str, seed: int | None, task_id: str,
+             id_chars: int) -> str:
+    # Built as one string: every part is a slug or a hash, so "/" only separates them.
+    seed_part = "" if seed is None else f"-s{seed}"
+    return (f"{slugify(job, 64)}/{slugify(model, 64)}/"
+            f"{slugify(prompt)}{seed_part}-{short_id(task_id, id_chars)}")
 
 
 class AtomicFile:

@@ -1,23 +1,31 @@
 """Overhead: batcher end to end against a bare aiohttp loop, same requests, same server, one run.
 
-An unlimited, instant server (`batcher serve` in its own process); a few thousand chat tasks at
-concurrency 64. batcher keeps its durable ledger and writes every completion to disk. The two
-clients alternate for a few rounds (the machine's load drifts); prints the median of each and the
-ratio of medians. Times are whole processes, start-up included.
+An unlimited, instant server in its own process; a few thousand chat tasks at concurrency 64.
+``--server serve`` (the default) is `batcher serve`; ``--server fast`` a minimal HTTP/1.1 server
+answering every request with one fixed completion, many times faster than `batcher serve`: there
+the client's own time per task is what the ratio shows. batcher keeps its durable ledger and
+writes every completion to disk. The two clients alternate for a few rounds (the machine's load
+drifts); prints the median of each and the ratio of medians. Times are whole processes, start-up
+included.
 
-    python bench/overhead.py [--tasks 3000] [--concurrency 64] [--rounds 5]
+    python bench/overhead.py [--tasks 3000] [--concurrency 64] [--rounds 5] [--server fast]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import socket
 import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 from common import ServedProcess, batcher, file_creation_cost, run_child, workdir, write
 
 BARE_LOOP = r'''
-import asyncio, sys
+import asyncio, sys, time
 import aiohttp
 
 async def main(url, count, concurrency):
@@ -35,8 +43,69 @@ async def main(url, count, concurrency):
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
 
+started = time.perf_counter()
 asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+print(f"loop {time.perf_counter() - started}", file=sys.stderr)
 '''
+
+# The fastest server we can write in Python: keep-alive HTTP/1.1, a request read by its
+# Content-Length, one fixed chat completion as the answer.
+FAST_SERVER = r'''
+import asyncio, json, sys
+
+BODY = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "m",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "A poster of a quiet harbour."}}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}}).encode()
+ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+          + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+
+class Http(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+    def data_received(self, data):
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buffer[:end].lower()
+            at = head.find(b"content-length:")
+            length = int(head[at + 15:].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            if len(self.buffer) < end + 4 + length:
+                return
+            self.buffer = self.buffer[end + 4 + length:]
+            self.transport.write(ANSWER)
+
+async def main(port):
+    server = await asyncio.get_running_loop().create_server(Http, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main(int(sys.argv[1])))
+'''
+
+
+class FastServer:
+    """FAST_SERVER in its own process."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{port}/v1"
+        self._process = subprocess.Popen([sys.executable, "-c", FAST_SERVER, str(port)])
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the fast server did not start")
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=10)
 
 
 def main() -> None:
@@ -44,10 +113,16 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--server", choices=["serve", "fast"], default="serve")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also run the batcher package found in DIR (e.g. an earlier "
+                             "commit's, from `git archive COMMIT batcher | tar -x -C DIR`), "
+                             "interleaved with the others")
     args = parser.parse_args()
-    server = ServedProcess()
+    server = ServedProcess() if args.server == "serve" else FastServer()
     folder = workdir("overhead")
-    bare_times, our_times = [], []
+    bare_times, our_times, before_times = [], [], []
+    bare_loops, our_loops, before_loops = [], [], []  # without start-up (see below)
     try:
         manifest = write(folder / "overhead.yaml", f"""
             name: overhead
@@ -77,14 +152,45 @@ def main() -> None:
                          f"{ours.stderr[-2000:]}{bare.stderr[-2000:]}")
             bare_times.append(bare.seconds)
             our_times.append(ours.seconds)
+            bare_loops.append(float(bare.stderr.split("loop ")[-1]))
+            our_loops.append(json.loads((output / "summary.json").read_text())["elapsed_s"])
+            if args.before:
+                before_times.append(_run_before(args.before, manifest, folder, round_number))
+                before_loops.append(json.loads((folder / f"before-{round_number}" / "summary.json")
+                                               .read_text())["elapsed_s"])
     finally:
         server.stop()
     bare_rate = args.tasks / statistics.median(bare_times)
     our_rate = args.tasks / statistics.median(our_times)
-    print(f"overhead: {args.tasks} chat tasks at concurrency {args.concurrency}, median of "
+    print(f"overhead ({args.server} server): {args.tasks} chat tasks at concurrency "
+          f"{args.concurrency}, median of "
           f"{args.rounds} rounds: bare aiohttp {bare_rate:.0f} tasks/s, batcher {our_rate:.0f} "
           f"tasks/s (ledger + files on), ratio {our_rate / bare_rate:.2f}; "
           f"disk: {disk:.0f} us per new file")
+    bare_loop, our_loop = (args.tasks / statistics.median(t) for t in (bare_loops, our_loops))
+    print(f"without start-up (the bare loop's asyncio.run; batcher's summary.json elapsed_s, "
+          f"from the output's opening to the summary): bare {bare_loop:.0f} tasks/s, batcher "
+          f"{our_loop:.0f} tasks/s, ratio {our_loop / bare_loop:.2f}")
+    if before_loops:
+        before_loop = args.tasks / statistics.median(before_loops)
+        print(f"  before without start-up: {before_loop:.0f} tasks/s, ratio "
+              f"{before_loop / bare_loop:.2f}")
+    if before_times:
+        before_rate = args.tasks / statistics.median(before_times)
+        paired = statistics.median(b / o for b, o in zip(before_times, our_times, strict=True))
+        print(f"before ({args.before}): {before_rate:.0f} tasks/s, ratio "
+              f"{before_rate / bare_rate:.2f}; this checkout is {paired:.2f}x as fast "
+              "(median over rounds)")
+
+
+def _run_before(package_dir: str, manifest: Path, folder: Path, round_number: int) -> float:
+    code = (f"import sys; sys.path.insert(0, {package_dir!r}); "
+            "from batcher.cli import entry; entry()")
+    before = run_child([sys.executable, "-c", code, "run", str(manifest), "--no-progress",
+                        "--output", str(folder / f"before-{round_number}")], folder)
+    if before.exit_code != 0:
+        sys.exit(f"the earlier batcher failed: {before.exit_code}\n{before.stderr[-2000:]}")
+    return before.seconds
 
 
 if __name__ == "__main__":

@@ -208,8 +208,12 @@ async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
     """The answer's body, decoded (gzip inflated), refused once it passes ``cap`` bytes: the
     read stops there, so a huge or highly compressed answer never takes more memory."""
     length = response.content_length
-    if length is not None and length > cap and not response.headers.get("Content-Encoding"):
-        raise _too_large(cap)
+    encoded = response.headers.get("Content-Encoding")
+    if length is not None and not encoded:
+        if length > cap:
+            raise _too_large(cap)
+        # The parser stops at the length: read at once (a chat answer, most image answers).
+        return await response.read()
     return await _read_rest(response.content.iter_chunked(READ_CHUNK), b"", cap)
 
 

@@ -72,6 +72,10 @@ from batcher.tasks import Task
 from batcher.wording import plural, usd
 
 log = logging.getLogger(__name__)
+wait_out = asyncio.sleep  # how a task waits out its backoff (tests gate it on events)
+# Tasks of one provider that may wait out a backoff away from a worker at once; past this a
+# worker waits itself, so a provider failing everything never opens a whole manifest's tasks.
+MAX_BACKING_OFF = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,7 @@ class _Provider:
     stopped: str | None = None  # why this provider takes no more tasks
     answered: bool = False  # whether it has answered anything (any status) in this run
     unreachable: int = 0  # tasks whose every attempt found the endpoint refusing connections
+    backing_off: int = 0  # tasks retrying in a task of their own (see Runner._retry_after)
 
 
 @dataclass(slots=True)
@@ -113,6 +118,23 @@ class _Bill:
 
     def add(self, cost: float | None) -> None:
         self.usd = None if cost is None or self.usd is None else self.usd + cost
+
+
+@dataclass(slots=True)
+class _Tries:
+    """One task's attempts in this run so far: carried across its backoffs."""
+
+    started: float  # when the task was first taken
+    attempt: int = 0
+    lost_downloads: int = 0  # generations paid for whose images could not be downloaded
+    bill: _Bill = field(default_factory=_Bill)
+
+
+@dataclass(frozen=True, slots=True)
+class _Backoff:
+    """A task to try again once ``seconds`` have passed; its worker is free meanwhile."""
+
+    seconds: float
 
 
 @dataclass(slots=True)
@@ -221,6 +243,9 @@ class Runner:
         self.crash: BaseException | None = None  # batcher's own or the store's, not the provider's
         self._providers: dict[str, _Provider] = {}
         self._workers: list[asyncio.Task[None]] = []
+        # Tasks waiting out a retry backoff, then trying again, each in an asyncio task of its
+        # own: a worker never sleeps through a backoff (the provider would sit idle).
+        self._retrying: set[asyncio.Task[None]] = set()
         self._in_flight: set[asyncio.Task[Any]] = set()  # workers with a request under way
         self._keeping: set[asyncio.Task[None]] = set()  # paid results on their way to the output
         self._progress: Progress | None = None
@@ -410,13 +435,20 @@ class Runner:
         try:
             await self._wait_for_workers()
         finally:
-            helpers = [*producers, ticker, *self._workers]
+            helpers = [*producers, ticker, *self._workers, *self._retrying]
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
 
+    async def _all_done(self) -> None:
+        """Every worker has seen the end of its queue and every retry has finished (a retry
+        may start another before it ends)."""
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        while self._retrying:
+            await asyncio.gather(*list(self._retrying), return_exceptions=True)
+
     async def _wait_for_workers(self) -> None:
-        all_done: asyncio.Future[Any] = asyncio.gather(*self._workers, return_exceptions=True)
+        all_done: asyncio.Future[Any] = asyncio.ensure_future(self._all_done())
         stop: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
         try:
             await asyncio.wait({all_done, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -438,7 +470,7 @@ class Runner:
             self.stopping.set()
 
     def _cancel_idle_workers(self) -> None:
-        for worker in self._workers:
+        for worker in [*self._workers, *self._retrying]:
             if worker not in self._in_flight:
                 worker.cancel()
 
@@ -448,13 +480,15 @@ class Runner:
         if count == 1:
             self.stopping.set()
             return
-        for task in [*self._workers, *self._keeping]:
+        for task in [*self._workers, *self._retrying, *self._keeping]:
             task.cancel()
 
     async def _tick(self) -> None:
+        """Redraw the progress ten times a second, not once per task (a bar's redraw costs
+        more than a fast endpoint's answer)."""
         assert self._progress is not None
         while True:
-            await asyncio.sleep(min(self.options.log_every, 1.0))
+            await asyncio.sleep(min(self.options.log_every, 0.1))
             self._progress.update()
 
     # ------------------------------------------------------------------ producing
@@ -489,16 +523,44 @@ class Runner:
                     return
                 if provider.stopped:
                     continue  # left pending: the provider cannot take it now
-                kept = await self._execute(provider, task, saver)
-                if kept is not None:
-                    record, sidecar = kept
-                    await asyncio.shield(self._keep(record, sidecar, task.id in failed))
-                    if record.status == "ok" and self.deriver.spec(task.job) is not None:
-                        # After the paid image is kept: a kill while deriving loses only
-                        # derived files, which the next run makes with no request.
-                        await replace_derived(self.output, self.deriver, task, record,
-                                              self._crashed)
+                await self._take(provider, task, saver, failed, _Tries(time.time()))
         except Exception as exc:  # batcher's own fault (a full disk, a bug): stop, never hang
+            self._crashed(exc)
+
+    async def _take(self, provider: _Provider, task: Task, saver: Saver, failed: set[str],
+                    tries: _Tries) -> None:
+        """Try a task until it is kept, left pending or due for a backoff, which it waits out
+        in a task of its own (:meth:`_retry_after`) while this worker takes the next one."""
+        kept = await self._execute(provider, task, saver, tries)
+        if isinstance(kept, _Backoff):
+            retry = asyncio.create_task(
+                self._retry_after(kept.seconds, provider, task, saver, failed, tries))
+            self._retrying.add(retry)
+            provider.backing_off += 1
+            retry.add_done_callback(functools.partial(self._retry_done, provider))
+            return
+        if kept is not None:
+            record, sidecar = kept
+            await asyncio.shield(self._keep(record, sidecar, task.id in failed))
+            if record.status == "ok" and self.deriver.spec(task.job) is not None:
+                # After the paid image is kept: a kill while deriving loses only
+                # derived files, which the next run makes with no request.
+                await replace_derived(self.output, self.deriver, task, record, self._crashed)
+
+    def _retry_done(self, provider: _Provider, retry: asyncio.Task[None]) -> None:
+        self._retrying.discard(retry)
+        provider.backing_off -= 1
+
+    async def _retry_after(self, seconds: float, provider: _Provider, task: Task, saver: Saver,
+                           failed: set[str], tries: _Tries) -> None:
+        """Wait out a task's backoff holding no worker, then try it again: its next request
+        waits for a turn of the provider's pacer (concurrency, rate, 429 pause) as any other."""
+        try:
+            await wait_out(seconds)
+            if self.stopping.is_set() or provider.stopped:
+                return  # left pending
+            await self._take(provider, task, saver, failed, tries)
+        except Exception as exc:  # batcher's own fault: stop, never hang
             self._crashed(exc)
 
     def _keep(self, record: Record, sidecar: str | None, was_failed: bool) -> asyncio.Task[None]:
@@ -513,9 +575,7 @@ class Runner:
     def _kept(self, record: Record, *, was_failed: bool) -> None:
         """A task's outcome is durable: record it."""
         self._count(record, was_failed=was_failed)
-        self.ledger.record(record)
-        assert self._progress is not None
-        self._progress.update()
+        self.ledger.record(record)  # the progress shows it at the next tick
 
     def _crashed(self, exc: BaseException) -> None:
         """batcher's own environment failed (a full disk, a store that stays down): stop."""
@@ -536,19 +596,17 @@ class Runner:
         tally.failed_before += was_failed
 
     async def _execute(
-        self, provider: _Provider, task: Task, saver: Saver
-    ) -> tuple[Record, str | None] | None:
-        """Try a task until it is saved or its failure is final: its record and sidecar;
-        ``None`` leaves it pending."""
-        started = time.time()
-        attempt = 0
-        lost_downloads = 0  # generations paid for whose images could not be downloaded
-        bill = _Bill()
-        taken = self._name_taken(task)
-        if taken is not None:  # never sent: its answer would overwrite another task's files
+        self, provider: _Provider, task: Task, saver: Saver, tries: _Tries
+    ) -> tuple[Record, str | None] | _Backoff | None:
+        """Try a task until it is saved, its failure is final or it must wait out a backoff:
+        its record and sidecar, or the backoff; ``None`` leaves it pending."""
+        started, bill = tries.started, tries.bill
+        if tries.attempt == 0 and (taken := self._name_taken(task)) is not None:
+            # Never sent: its answer would overwrite another task's files.
             return self._failed(saver, task, taken, 0, started, bill), None
         while not provider.stopped:
-            attempt += 1
+            tries.attempt += 1
+            attempt = tries.attempt
             try:
                 kept = await self._attempt(provider, task, saver, started, attempt, bill)
             except ProviderError as error:
@@ -561,8 +619,8 @@ class Runner:
 
                 if isinstance(error, DownloadError) and action is Action.RETRY:
                     # The downloader has retried already; each retry here pays again.
-                    lost_downloads += 1
-                    if lost_downloads > provider.config.regenerations:
+                    tries.lost_downloads += 1
+                    if tries.lost_downloads > provider.config.regenerations:
                         return self._failed(saver, task, error, attempt, started, bill), None
                 if action is Action.FAIL:
                     return self._failed(saver, task, error, attempt, started, bill), None
@@ -570,9 +628,16 @@ class Runner:
                     return None  # the run or the provider stopped: the task stays pending
                 self.counters.retries += 1
                 log.debug("task %s attempt %d: %s; retrying", task.id, attempt, error)
-                if not verdict.rate_limited:  # a 429 already paused the whole provider
-                    await asyncio.sleep(verdict.wait if verdict.wait is not None
-                                        else backoff(attempt))
+                if verdict.rate_limited:  # a 429 paused the whole provider: no wait of its own
+                    continue
+                wait = verdict.wait if verdict.wait is not None else backoff(attempt)
+                if (provider.answered and self.spend.limit is None
+                        and provider.backing_off < MAX_BACKING_OFF):
+                    return _Backoff(wait)  # its worker takes another task meanwhile
+                # The worker waits: an endpoint that never answered and stays unreachable
+                # costs `concurrency` tasks' retries (see _unreachable), not more; under a
+                # budget, money goes to finishing the tasks begun before starting others.
+                await wait_out(wait)
                 continue
             provider.answered = True
             return kept  # None: stopped while waiting for a turn, never sent
