@@ -616,6 +616,11 @@ class Runner:
         async with provider.pacer.slot():
             if self.stopping.is_set() or provider.stopped:
                 return None
+            try:
+                await self.output.gate()  # a store's lock lost: nothing more starts
+            except BatcherError as exc:
+                self._crashed(exc)
+                return None
             price = provider.config.prices.of(task.model, task.kind)
             estimated = None if price is None else estimate(task, price)
             try:

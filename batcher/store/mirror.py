@@ -178,6 +178,15 @@ class StoreOutput:
 
     # ------------------------------------------------------------------ per task
 
+    async def gate(self) -> None:
+        """No request starts unless the lock is known to be this run's (see
+        :meth:`StoreLock.ensure`); once it is lost, none starts at all."""
+        try:
+            await self.lock.ensure()
+        except LockLost as exc:
+            self.failure = self.failure or exc
+            raise
+
     async def keep(
         self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
         failed: Callable[[BaseException], None], *, files: list[FileRecord] | None = None,

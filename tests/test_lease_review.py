@@ -1,0 +1,106 @@
+"""The hostile review of issue 17 (lease, signals, adoption), against moto's S3 server on
+127.0.0.1 with every request counted at the provider. Two runs of one manifest talk to two
+providers (A and B) so a task paid twice shows as a body both saw. A short BATCHER_LOCK_LEASE
+stands for the 60 s default; a fresh XDG_CACHE_HOME stands for a fresh machine."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import provider_block, start_cli, write_manifest
+from faultproxy import StoreProxy
+from s3server import S3Server, s3, store_env
+
+__all__ = ["s3"]  # fixture, used by name
+
+LEASE = "3"  # seconds
+
+
+def env(endpoint: str, cache: Path, lease: str = LEASE) -> dict[str, str]:
+    return {**store_env(endpoint, str(cache)), "BATCHER_LOCK_LEASE": lease}
+
+
+def manifest(server: Any, folder: Path, output: str, *, images: int, chats: int,
+             concurrency: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = f"name: durable\noutput: {output}\n" + provider_block(
+        server, concurrency=concurrency) + textwrap.dedent(f"""\
+        jobs:
+          - name: pics
+            type: image
+            provider: test
+            model: flux.1-schnell
+            prompt: "A lantern number {{n}}"
+            vars: {{n: {list(range(images))}}}
+            params: {{size: 256x256, response_format: b64_json}}
+          - name: lines
+            type: chat
+            provider: test
+            model: llama-3.1-8b-instruct
+            prompt: "Describe lantern {{n}}"
+            vars: {{n: {list(range(chats))}}}
+            params: {{max_tokens: 20}}
+        """)
+    return write_manifest(folder, text)
+
+
+def paid(server: Any) -> int:
+    return sum(server.stats.generations.values())
+
+
+def arrivals(server: Any) -> int:
+    """Generation requests that arrived at the server, answered or not."""
+    return sum(1 for r in list(server.stats.requests)
+               if r.listener == "api" and r.path.endswith(("/generations", "/completions")))
+
+
+def wait_for(predicate: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def proxy(s3: S3Server) -> Iterator[StoreProxy]:
+    fronted = StoreProxy(s3.url)
+    yield fronted
+    fronted.stop()
+
+
+# ---------------------------------------------------------------- 1: a paused holder
+
+
+def test_a_holder_resumed_after_a_takeover_starts_no_request(
+    tmp_path: Path, thread_server: Any, s3: S3Server
+) -> None:
+    a, b = thread_server(latency=0.3), thread_server(latency=0.3)
+    bucket = s3.bucket()
+    out = f"s3://{bucket}/paused"
+    holder = start_cli("run", str(manifest(a, tmp_path / "a", out, images=30, chats=30,
+                                           concurrency=8)),
+                       "--no-progress", env=env(s3.url, tmp_path / "machine-a"))
+    wait_for(lambda: paid(a) >= 12)
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.5)  # what was in flight is answered into the paused holder's sockets
+        taker = start_cli("run", str(manifest(b, tmp_path / "b", out, images=30, chats=30,
+                                              concurrency=8)),
+                          "--no-progress", env=env(s3.url, tmp_path / "machine-b"))
+        wait_for(lambda: paid(b) >= 8)  # the lease ran out: the taker sends
+        before = arrivals(a)
+    finally:
+        holder.send_signal(signal.SIGCONT)
+    _out, holder_err = holder.communicate(timeout=120)
+    _out, taker_err = taker.communicate(timeout=120)
+
+    assert arrivals(a) == before, "the resumed holder started requests after losing its lock"
+    assert taker.returncode == 0, taker_err
+    assert holder.returncode != 0 and "over" in holder_err
+    assert "Traceback" not in holder_err
