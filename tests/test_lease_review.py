@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import provider_block, start_cli, write_manifest
-from faultproxy import StoreProxy
+from conftest import provider_block, run_cli, start_cli, write_manifest
+from faultproxy import StoreProxy, is_upload
 from s3server import S3Server, s3, store_env
 
 __all__ = ["s3"]  # fixture, used by name
@@ -104,3 +104,95 @@ def test_a_holder_resumed_after_a_takeover_starts_no_request(
     assert taker.returncode == 0, taker_err
     assert holder.returncode != 0 and "over" in holder_err
     assert "Traceback" not in holder_err
+
+
+# ---------------------------------------------------------------- 2: late uploads
+
+
+def test_uploads_a_paused_holder_began_never_overwrite_the_takers_files(
+    tmp_path: Path, thread_server: Any, s3: S3Server, proxy: StoreProxy
+) -> None:
+    proxy.delay(is_upload("pics/"), 8)  # the holder's image uploads land late
+    a = thread_server(latency=0.1, image_grain=True)  # paints other bytes than B
+    b = thread_server(latency=0.1)
+    bucket = s3.bucket()
+    out = f"s3://{bucket}/late"
+    holder = start_cli("run", str(manifest(a, tmp_path / "a", out, images=12, chats=1)),
+                       "--no-progress", env=env(proxy.url, tmp_path / "machine-a"))
+    wait_for(lambda: proxy.seen(is_upload("pics/")) >= 3)
+    time.sleep(0.3)
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        taker = run_cli("run", str(manifest(b, tmp_path / "b", out, images=12, chats=1)),
+                        "--no-progress", env=env(s3.url, tmp_path / "machine-b"))
+        assert taker.returncode == 0, taker.stderr
+        time.sleep(9)  # the uploads the holder began reach the store (it is still paused)
+    finally:
+        holder.send_signal(signal.SIGCONT)
+    holder.communicate(timeout=120)
+    verify = run_cli("status", out, "--verify", env=env(s3.url, tmp_path / "reader"))
+
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    before = paid(b)
+    again = run_cli("run", str(tmp_path / "b" / "jobs.yaml"), "--no-progress",
+                    env=env(s3.url, tmp_path / "machine-b"))
+    assert again.returncode == 0 and paid(b) == before, again.stderr
+
+
+# ---------------------------------------------------------------- 4: a hung final publish
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]],
+                         ids=["sigterm", "two-sigints"])
+def test_a_signal_while_the_final_publish_hangs_still_releases_the_lock(
+    tmp_path: Path, thread_server: Any, s3: S3Server, proxy: StoreProxy, signals: list[int]
+) -> None:
+    server = thread_server(latency=0.05)
+    bucket = s3.bucket()
+    proxy.hang(is_upload("ledger.sqlite"))  # only the ledger's puts: the run's last publish
+    path = manifest(server, tmp_path, f"s3://{bucket}/hung", images=3, chats=3)
+    run = start_cli("run", str(path), "--no-progress", "--grace", "1",
+                    env=env(proxy.url, tmp_path / "machine"))
+    wait_for(lambda: proxy.seen(is_upload("ledger.sqlite")) >= 1)
+    for signum in signals:
+        run.send_signal(signum)
+        time.sleep(0.3)
+    _out, err = run.communicate(timeout=60)
+
+    assert run.returncode == 130, err
+    assert not [key for key in s3.keys(bucket, "hung/") if key.endswith(".lock")], err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- 3: a signal, a slow store
+
+
+def paid_twice(server: Any) -> int:
+    return sum(count - 1 for count in server.stats.generations.values() if count > 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_results_a_signal_left_unuploaded_are_uploaded_by_the_next_run_without_a_request(
+    tmp_path: Path, thread_server: Any, s3: S3Server, proxy: StoreProxy, signum: int
+) -> None:
+    proxy.delay(is_upload("pics/"), 6)  # a slow store: the grace cuts image uploads short
+    server = thread_server(latency=0.2)
+    bucket = s3.bucket()
+    out = f"s3://{bucket}/slow"
+    path = manifest(server, tmp_path, out, images=10, chats=10)
+    first = start_cli("run", str(path), "--no-progress", "--grace", "1",
+                      env=env(proxy.url, tmp_path / "machine"))
+    wait_for(lambda: paid(server) >= 6)
+    first.send_signal(signum)
+    _out, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+    assert "paid but not uploaded" in err  # the counts line says what was paid
+    paid_first = paid(server)
+
+    again = run_cli("run", str(path), "--no-progress", env=env(s3.url, tmp_path / "machine"))
+
+    assert again.returncode == 0, again.stderr
+    assert paid_twice(server) == 0, again.stderr
+    assert paid(server) == 20 >= paid_first
+    verify = run_cli("status", out, "--verify", env=env(s3.url, tmp_path / "reader"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr

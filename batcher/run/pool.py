@@ -223,6 +223,7 @@ class Runner:
         self._workers: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[Any]] = set()  # workers with a request under way
         self._keeping: set[asyncio.Task[None]] = set()  # paid results on their way to the output
+        self._unkept = 0  # ok results paid and handed to the output, not kept (yet)
         self._progress: Progress | None = None
         self._tally: dict[str, JobTally] = {}
         budget = options.budget if options.budget is not None else manifest.budget
@@ -277,6 +278,7 @@ class Runner:
         summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started,
                             spend=self.spend, spent_by_job=self._spent_by_job(plan))
         summary["exit_code"] = exit_code = self._exit_code(summary)
+        summary["not_uploaded"] = self._unkept  # in the working copy: the next run uploads them
         # A moment even after a second signal: a folder's summary is a local write.
         finished, _ = await self.signals.graced(self.output.finish(summary),
                                                 last_moment=LAST_MOMENT)
@@ -504,6 +506,7 @@ class Runner:
     def _keep(self, record: Record, sidecar: str | None, was_failed: bool) -> asyncio.Task[None]:
         """Keep a paid result in a task of its own: a signal that cancels its worker (which
         may wait for an upload slot) does not cancel the keeping; the run waits for it."""
+        self._unkept += record.status == "ok"
         keeping = asyncio.create_task(self.output.keep(record, sidecar, functools.partial(
             self._kept, was_failed=was_failed), self._crashed))
         self._keeping.add(keeping)
@@ -512,6 +515,7 @@ class Runner:
 
     def _kept(self, record: Record, *, was_failed: bool) -> None:
         """A task's outcome is durable: record it."""
+        self._unkept -= record.status == "ok"
         self._count(record, was_failed=was_failed)
         self.ledger.record(record)
         assert self._progress is not None
