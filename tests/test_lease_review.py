@@ -196,3 +196,28 @@ def test_results_a_signal_left_unuploaded_are_uploaded_by_the_next_run_without_a
     assert paid(server) == 20 >= paid_first
     verify = run_cli("status", out, "--verify", env=env(s3.url, tmp_path / "reader"))
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+# ---------------------------------------------------------------- 5: why the lock was lost
+
+
+def test_a_holder_whose_taker_finished_is_not_told_of_an_unlock_nobody_ran(
+    tmp_path: Path, thread_server: Any, s3: S3Server
+) -> None:
+    a, b = thread_server(latency=0.3), thread_server(latency=0.05)
+    bucket = s3.bucket()
+    out = f"s3://{bucket}/gone"
+    holder = start_cli("run", str(manifest(a, tmp_path / "a", out, images=20, chats=20)),
+                       "--no-progress", env=env(s3.url, tmp_path / "machine-a"))
+    wait_for(lambda: paid(a) >= 4)
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        taker = run_cli("run", str(manifest(b, tmp_path / "b", out, images=20, chats=20)),
+                        "--no-progress", env=env(s3.url, tmp_path / "machine-b"))
+        assert taker.returncode == 0, taker.stderr  # it took the lock over and released it
+    finally:
+        holder.send_signal(signal.SIGCONT)
+    _out, err = holder.communicate(timeout=120)
+
+    assert holder.returncode != 0
+    assert "took it over and finished" in err, err

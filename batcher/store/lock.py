@@ -295,8 +295,9 @@ class StoreLock:
                 current = await self.store.get_bytes(self.name)
         if isinstance(current, tuple):
             how = f"another run ({Holder.parse(current[0]).describe()}) took over {self.name}"
-        else:
-            how = f"{self.name} was removed (batcher unlock)"
+        else:  # an unlock, or a taker that finished and released it: the store cannot say
+            how = (f"{self.name} was removed (batcher unlock, or a run that took it over and "
+                   "finished)")
         self.lost = LockLost(f"{self.store.url}: {how}; this run stops writing to the store")
         self._etag = None
         if self.on_lost is not None:
