@@ -272,7 +272,8 @@ class Runner:
             # the grace period, and a task whose upload is cut short stays pending.
             settled, _ = await self.signals.graced(self._settle())
             if not settled:
-                log.warning("uploads cut short: their tasks stay pending")
+                log.warning("uploads cut short: their tasks stay pending in the store; the next "
+                            "run on this machine uploads them from its working copy")
             self._progress.close()
             self.ledger.flush()
         summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started,

@@ -252,13 +252,17 @@ class StoreOutput:
     async def _put_kept(self, name: str) -> None:
         """Upload a task's file or sidecar create-only: a put that a run sent before it lost
         its lock (paused, its store slow) lands after the new holder's and changes nothing.
-        An object already there is overwritten only once a refresh says the lock is ours (a
-        put of ours whose answer was lost, a derived file made again, a task run again)."""
+        An object already there (a put of ours whose answer was lost, a derived file made
+        again, a task run again) is overwritten only once the lock is confirmed ours again, by
+        the rule of :meth:`StoreLock.ensure`: a heartbeat confirmed within half a lease (no
+        taker can have waited out a whole one since), else a refresh. So a run paused past
+        its lease finds the lock lost here and overwrites nothing, and re-deriving thousands
+        of files does not cost a lock write each."""
         await self.lock.ensure()  # a run that lost its lock writes nothing more
         try:
             await self.store.put_file(name, self.root / name, create=True)
         except AlreadyExistsError:
-            await self.lock.refresh()
+            await self.lock.ensure()
             await self.store.put_file(name, self.root / name)
 
     def present(self, path: str, size: int) -> bool:
