@@ -3,7 +3,8 @@
 The lock is created with a create-only put and names its holder: host, pid, start time, a
 nonce and its lease (default 60 s). The holder heartbeats it every few seconds, apart from
 publishing, as an update of the version it wrote; a run whose lock was taken over or removed
-finds out at its next heartbeat (or before its next write, see :meth:`StoreLock.ensure`).
+finds out at its next heartbeat, or before its next request or write (see
+:meth:`StoreLock.ensure`).
 
 A starting run that finds the lock held watches it on its own monotonic clock: if it changes,
 the holder is alive and the run stops (exit 2) naming it; if it stays unchanged for the holder's
