@@ -74,6 +74,7 @@ async def run(path: Path, provider: str | None, options: RunOptions, *,
     print(
         f"batcher: {summary['ok']} ok, {summary['failed']} failed, {summary['pending']} pending "
         f"of {summary['total']} ({summary['skipped']} already done, {summary['ran']} ran, "
+        f"{_not_uploaded(summary)}"
         f"{plural(summary['retries'], 'retry')}, {summary['rate_limited']} rate-limited) in "
         f"{summary['elapsed_s']:.1f} s -> {outcome.output}",
         file=sys.stderr,
@@ -83,6 +84,10 @@ async def run(path: Path, provider: str | None, options: RunOptions, *,
         print(f"batcher: {spend}", file=sys.stderr)
     if outcome.message:
         print(f"batcher: {outcome.message}", file=sys.stderr)
+    if summary.get("not_uploaded"):
+        print(f"batcher: {plural(summary['not_uploaded'], 'paid result')} only in this "
+              f"machine's working copy ({outcome.root}); the next run here uploads any still "
+              "to do without a request", file=sys.stderr)
     if outcome.exit_code == Interrupted.exit_code:
         print("batcher: interrupted; run the same command to finish", file=sys.stderr)
     if outcome.counters.failed:
@@ -90,6 +95,13 @@ async def run(path: Path, provider: str | None, options: RunOptions, *,
     if outcome.exit_code != 2 and any(job.asset for job in manifest.jobs):
         await _asset_sheet(manifest, options.output)
     return outcome.exit_code
+
+
+def _not_uploaded(summary: dict[str, Any]) -> str:
+    """Paid results a store did not get (a signal cut the uploads short, or it went down):
+    they are in this machine's working copy, and the next run here uploads them."""
+    count = summary.get("not_uploaded") or 0
+    return f"{count} paid but not uploaded, " if count else ""
 
 
 async def _asset_sheet(manifest: Manifest, output: str | Path | None) -> None:

@@ -248,6 +248,7 @@ class Runner:
         self._retrying: set[asyncio.Task[None]] = set()
         self._in_flight: set[asyncio.Task[Any]] = set()  # workers with a request under way
         self._keeping: set[asyncio.Task[None]] = set()  # paid results on their way to the output
+        self._unkept = 0  # ok results paid and handed to the output, not kept (yet)
         self._progress: Progress | None = None
         self._tally: dict[str, JobTally] = {}
         budget = options.budget if options.budget is not None else manifest.budget
@@ -296,12 +297,14 @@ class Runner:
             # the grace period, and a task whose upload is cut short stays pending.
             settled, _ = await self.signals.graced(self._settle())
             if not settled:
-                log.warning("uploads cut short: their tasks stay pending")
+                log.warning("uploads cut short: their tasks stay pending in the store; the next "
+                            "run on this machine uploads them from its working copy")
             self._progress.close()
             self.ledger.flush()
         summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started,
                             spend=self.spend, spent_by_job=self._spent_by_job(plan))
         summary["exit_code"] = exit_code = self._exit_code(summary)
+        summary["not_uploaded"] = self._unkept  # in the working copy: the next run uploads them
         # A moment even after a second signal: a folder's summary is a local write.
         finished, _ = await self.signals.graced(self.output.finish(summary),
                                                 last_moment=LAST_MOMENT)
@@ -566,6 +569,7 @@ class Runner:
     def _keep(self, record: Record, sidecar: str | None, was_failed: bool) -> asyncio.Task[None]:
         """Keep a paid result in a task of its own: a signal that cancels its worker (which
         may wait for an upload slot) does not cancel the keeping; the run waits for it."""
+        self._unkept += record.status == "ok"
         keeping = asyncio.create_task(self.output.keep(record, sidecar, functools.partial(
             self._kept, was_failed=was_failed), self._crashed))
         self._keeping.add(keeping)
@@ -574,6 +578,7 @@ class Runner:
 
     def _kept(self, record: Record, *, was_failed: bool) -> None:
         """A task's outcome is durable: record it."""
+        self._unkept -= record.status == "ok"
         self._count(record, was_failed=was_failed)
         self.ledger.record(record)  # the progress shows it at the next tick
 
@@ -680,6 +685,11 @@ class Runner:
         its files and its record. Its cost is reserved from the budget before it is sent."""
         async with provider.pacer.slot():
             if self.stopping.is_set() or provider.stopped:
+                return None
+            try:
+                await self.output.gate()  # a store's lock lost: nothing more starts
+            except BatcherError as exc:
+                self._crashed(exc)
                 return None
             price = provider.config.prices.of(task.model, task.kind)
             estimated = None if price is None else estimate(task, price)

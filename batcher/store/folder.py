@@ -47,6 +47,9 @@ class FolderOutput:
     def ok_costs(self) -> Iterable[tuple[str, str, float | None]]:
         return self.ledger.ok_costs()
 
+    async def gate(self) -> None:
+        """A folder's lock is held until the process ends: every request may start."""
+
     async def keep(
         self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
         failed: Callable[[BaseException], None], *, files: list[FileRecord] | None = None,

@@ -3,7 +3,8 @@
 The lock is created with a create-only put and names its holder: host, pid, start time, a
 nonce and its lease (default 60 s). The holder heartbeats it every few seconds, apart from
 publishing, as an update of the version it wrote; a run whose lock was taken over or removed
-finds out at its next heartbeat (or before its next write, see :meth:`StoreLock.ensure`).
+finds out at its next heartbeat, or before its next request or write (see
+:meth:`StoreLock.ensure`).
 
 A starting run that finds the lock held watches it on its own monotonic clock: if it changes,
 the holder is alive and the run stops (exit 2) naming it; if it stays unchanged for the holder's
@@ -245,12 +246,14 @@ class StoreLock:
         self._phase = phase
         await self.refresh()
 
-    async def refresh(self) -> None:
-        """Say we are alive; raises :class:`LockLost` if the lock was taken over or removed."""
+    async def refresh(self, *, unless_fresh: bool = False) -> None:
+        """Say we are alive; raises :class:`LockLost` if the lock was taken over or removed.
+        ``unless_fresh``: skip it when another refresh was confirmed meanwhile (many callers
+        of :meth:`ensure` waiting at once make one write, not one each)."""
         async with self._writing:  # one write at a time: each updates the version before
             if self.lost is not None:
                 raise self.lost
-            if self._etag is None:
+            if self._etag is None or (unless_fresh and not self._stale()):
                 return
             sent = time.monotonic()
             try:
@@ -262,14 +265,21 @@ class StoreLock:
                 return
             self._confirmed = sent
 
+    def _stale(self) -> bool:
+        """No write of ours was confirmed within half a lease on this machine's monotonic
+        clock (which runs on while the process is paused: SIGSTOP, a suspended laptop)."""
+        return time.monotonic() - self._confirmed > self.lease / 2
+
     async def ensure(self) -> None:
-        """Before a write to the store: raise :class:`LockLost` unless the lock is ours. Free
-        while a heartbeat was confirmed within half a lease (no taker can have waited out a
-        whole one since); else it refreshes first (a run paused, or a slow store)."""
+        """Before a request to a provider and before a write to the store: raise
+        :class:`LockLost` unless the lock is ours. Free while a heartbeat was confirmed within
+        half a lease (no taker can have waited out a whole one since); else it refreshes first
+        (a run paused, or a slow store), so a run resumed after its lease finds out before it
+        starts anything."""
         if self.lost is not None:
             raise self.lost
-        if self._etag is not None and time.monotonic() - self._confirmed > self.lease / 2:
-            await self.refresh()
+        if self._etag is not None and self._stale():
+            await self.refresh(unless_fresh=True)
 
     async def check(self) -> None:
         """Read the lock: raise :class:`LockLost` unless it is still this run's."""
@@ -286,8 +296,9 @@ class StoreLock:
                 current = await self.store.get_bytes(self.name)
         if isinstance(current, tuple):
             how = f"another run ({Holder.parse(current[0]).describe()}) took over {self.name}"
-        else:
-            how = f"{self.name} was removed (batcher unlock)"
+        else:  # an unlock, or a taker that finished and released it: the store cannot say
+            how = (f"{self.name} was removed (batcher unlock, or a run that took it over and "
+                   "finished)")
         self.lost = LockLost(f"{self.store.url}: {how}; this run stops writing to the store")
         self._etag = None
         if self.on_lost is not None:

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 LEDGERS = "ledgers/"  # shards' ledgers, locks and summaries
 LOCK_NAME = UNSHARDED_LOCK
 DEFAULT_SYNC_EVERY = 30.0
+RELEASE_WITHIN = 5.0  # seconds the lock's release (a read and a delete) may take at the end
 
 
 def cache_root(url: StoreURL, part: str) -> Path:
@@ -108,7 +109,7 @@ class StoreOutput:
         self._uploads: set[asyncio.Task[None]] = set()
         self._publishing = asyncio.Lock()
         self._publisher: asyncio.Task[None] | None = None
-        self._finished = False
+        self._finishing = False
         self._had_listings = False
         self._adopted = 0
         self._listing: dict[str, int] = {}  # the store's files and sizes when the run began
@@ -165,7 +166,31 @@ class StoreOutput:
         if adopted:
             log.info("adopted %d finished tasks from their sidecars in %s", adopted,
                      self.store.url)
+        uploaded = await self._upload_left_behind(manifest, selection, done, failed)
+        if uploaded:
+            log.info("uploaded %d tasks paid by an earlier run on this machine whose uploads "
+                     "were cut short (no request sent)", uploaded)
+            self._adopted += uploaded
         return done, failed
+
+    async def _upload_left_behind(self, manifest: Manifest, selection: Selection,
+                                  done: set[str], failed: set[str]) -> int:
+        """Tasks an earlier run on this machine paid for but did not upload (a signal cut its
+        uploads short): their files and sidecar are in the working copy. Upload each whose
+        files match its sidecar (size and sha256), files first, then record it."""
+        found = sidecars.wanted(manifest, selection, self.root, done, failed,
+                                lambda name: (self.root / name).is_file())
+        records = [(name, record) for task_id, name in found
+                   if (record := sidecars.finished_here(self.root, name, task_id)) is not None]
+        for name, record in records:
+            for path in [*(file.path for file in record.files), name]:
+                await self._put_kept(path)
+                self._listing[path] = (self.root / path).stat().st_size
+            self.ledger.record(record)
+            done.add(record.id)
+            failed.discard(record.id)
+        self.ledger.flush()
+        return len(records)
 
     def ok_costs(self) -> Iterator[tuple[str, str, float | None]]:
         costs = dict(self._earlier_costs)
@@ -177,6 +202,15 @@ class StoreOutput:
         return None if got is None else got[0]
 
     # ------------------------------------------------------------------ per task
+
+    async def gate(self) -> None:
+        """No request starts unless the lock is known to be this run's (see
+        :meth:`StoreLock.ensure`); once it is lost, none starts at all."""
+        try:
+            await self.lock.ensure()
+        except LockLost as exc:
+            self.failure = self.failure or exc
+            raise
 
     async def keep(
         self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
@@ -216,8 +250,20 @@ class StoreOutput:
             self._slots.release()
 
     async def _put_kept(self, name: str) -> None:
+        """Upload a task's file or sidecar create-only: a put that a run sent before it lost
+        its lock (paused, its store slow) lands after the new holder's and changes nothing.
+        An object already there (a put of ours whose answer was lost, a derived file made
+        again, a task run again) is overwritten only once the lock is confirmed ours again, by
+        the rule of :meth:`StoreLock.ensure`: a heartbeat confirmed within half a lease (no
+        taker can have waited out a whole one since), else a refresh. So a run paused past
+        its lease finds the lock lost here and overwrites nothing, and re-deriving thousands
+        of files does not cost a lock write each."""
         await self.lock.ensure()  # a run that lost its lock writes nothing more
-        await self.store.put_file(name, self.root / name)
+        try:
+            await self.store.put_file(name, self.root / name, create=True)
+        except AlreadyExistsError:
+            await self.lock.ensure()
+            await self.store.put_file(name, self.root / name)
 
     def present(self, path: str, size: int) -> bool:
         return self._listing.get(path) == size
@@ -280,31 +326,37 @@ class StoreOutput:
         """Publish the ledger and summary, then the listings of every ledger in the store.
         After a store failure only the working copy gets the summary: the store has already
         had its retry deadline once, and the run's exit code says it stopped."""
+        self._finishing = True  # its publish is the last: close() does not try it again
         await self.drain()
         data = fastjson.dumps_bytes(summary)
         (self.root / SUMMARY_NAME).write_bytes(data)
         if self.failure is not None:
             return
         await self.publish()
-        self._finished = True  # the ledger is out: a signal that cuts the rest short loses none
         await self.lock.ensure()
         await self.store.put_bytes(self.summary_name, data)
         if summary["ran"] or self._kept or self._adopted or not self._had_listings:  # else same
             await write_store_listings(self.store, self.root, self.ledger, self.ledger_name)
 
     async def close(self) -> None:
-        if self._publisher is not None:
-            self._publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._publisher
-        if self._ledger is not None:
-            if not self._finished and self.failure is None:
+        """Publish what finished if :meth:`finish` never ran (a crash of batcher's own), then
+        release the lock: always, even when a signal cuts the publish short, and within
+        ``RELEASE_WITHIN`` seconds of its own."""
+        try:
+            if self._publisher is not None:
+                self._publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._publisher
+            if self._ledger is not None and not self._finishing and self.failure is None:
                 with contextlib.suppress(StoreError):
                     await self.drain()
-                    await self.publish()  # a crash of batcher's own: keep what finished
-            self._ledger.close()
-        with contextlib.suppress(StoreError):
-            await self.lock.release()  # stops the heartbeat; removes the lock if still ours
+                    await self.publish()
+        finally:
+            if self._ledger is not None:
+                self._ledger.close()
+            with contextlib.suppress(StoreError, TimeoutError):
+                # stops the heartbeat; removes the lock if still ours
+                await asyncio.wait_for(self.lock.release(), RELEASE_WITHIN)
 
 
 async def write_store_listings(store: ObjectStore, root: Path, own: Ledger,

@@ -137,10 +137,12 @@ class ObjectStore:
                   wait)
         await asyncio.sleep(wait)
 
-    async def put_file(self, name: str, path: Path) -> None:
-        """Upload a local file, streamed in parts when large."""
+    async def put_file(self, name: str, path: Path, *, create: bool = False) -> None:
+        """Upload a local file, streamed in parts when large; ``create``: only if no object
+        has that name (one request, whole; else :class:`AlreadyExistsError`)."""
         await self._retry(f"uploading {name}", lambda: obstore.put_async(
-            self._store, name, path, attributes=_attributes(name)))
+            self._store, name, path, attributes=_attributes(name),
+            mode="create" if create else None))
 
     async def put_bytes(self, name: str, data: bytes, *, mode: Any = None) -> str | None:
         """Upload ``data``; ``mode`` is obstore's ("create", or {"e_tag": ...} to update only

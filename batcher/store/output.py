@@ -32,6 +32,10 @@ class Output(Protocol):
         """(id, job, cost) of every ok task in every ledger of the output (a store's shards
         too), this run's rows last; read after :meth:`statuses`."""
 
+    async def gate(self) -> None:
+        """Before each request: raise (a :class:`~batcher.errors.StoreError`) when this run
+        may no longer start one (a store's lock lost to another run, or removed)."""
+
     async def keep(
         self, record: Record, sidecar: str | None, kept: Callable[[Record], None],
         failed: Callable[[BaseException], None], *, files: list[FileRecord] | None = None,

@@ -14,6 +14,7 @@ manifest to go by, every sidecar no ok row of its ledger accounts for.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -54,6 +55,31 @@ def finished(data: bytes, present: FilePresent, task_id: str | None = None) -> R
     if record.status != "ok" or not all(present(f.path, f.size) for f in record.files):
         return None  # its files did not all arrive, or one went away since
     return record
+
+
+def finished_here(root: Path, name: str, task_id: str | None) -> Record | None:
+    """The record of the sidecar ``name`` under ``root`` when it says its task finished ok
+    and every file it names is under ``root`` with its size and sha256; else None."""
+    try:
+        data = (root / name).read_bytes()
+    except OSError:
+        return None
+
+    def intact(path: str, size: int) -> bool:
+        file = root / path
+        return file.is_file() and file.stat().st_size == size
+    record = finished(data, intact, task_id)
+    if record is None or not all(_sha256(root / f.path) == f.sha256 for f in record.files):
+        return None
+    return record
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_sidecar_name(name: str) -> bool:
