@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -65,6 +66,26 @@ def thread_server() -> Iterator[Callable[..., LocalServer]]:
     yield start
     for server in servers:
         server.stop_thread()
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose listen queue is full: a connection to it never opens (the SYN is dropped),
+    so the client's connect timeout fires, as with a host that does not answer."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # a non-blocking connect under way
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for sock in [*fillers, listener]:
+        sock.close()
 
 
 def ledger_rows(root: Path, *, decode: bool = False) -> list[dict[str, Any]]:

@@ -9,9 +9,7 @@ servers on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,25 +231,6 @@ def test_a_jsonl_line_with_a_float_n_is_refused_on_its_line(
 
 
 # --------------------------------------------------------------------------- 4. connect timeout
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port whose listen queue is full: a connection to it never opens."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            filler.connect(("127.0.0.1", port))
-        fillers.append(filler)
-    yield port
-    for sock in [*fillers, listener]:
-        sock.close()
 
 
 async def test_a_connect_timeout_longer_than_the_timeout_is_still_free_and_pending(
