@@ -88,6 +88,32 @@ def silent_port() -> Iterator[int]:
         sock.close()
 
 
+def silent_manifest(folder: Path, port: int, timeouts: str) -> Path:
+    """Four image tasks at $0.10 each, budget $1, one retry, against ``silent_port``;
+    ``timeouts`` are the provider's timeout settings (YAML lines)."""
+    prompts = json.dumps([f"picture {i}" for i in range(4)])
+    settings = textwrap.indent(textwrap.dedent(timeouts).strip(), "    ")
+    return write_manifest(folder, f"""\
+name: silent
+output: out
+budget: 1
+providers:
+  test:
+    base_url: http://127.0.0.1:{port}/v1
+    concurrency: 1
+    retries: 1
+{settings}
+    prices:
+      m: {{image: 0.1}}
+jobs:
+  - name: shots
+    type: image
+    provider: test
+    model: m
+    prompts: {prompts}
+""")
+
+
 def ledger_rows(root: Path, *, decode: bool = False) -> list[dict[str, Any]]:
     """Every ledger row, read straight from SQLite (not through batcher's Ledger class).
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import REPO, ledger_rows, provider_block, run_cli, write_manifest
+from conftest import REPO, ledger_rows, provider_block, run_cli, silent_manifest, write_manifest
 from s3server import S3Server, s3, store_env
 from scripted import GOOD_PNG, Reply, ScriptedServer, ThreadedApp, json_reply
 
@@ -263,26 +263,7 @@ async def test_answers_without_a_completion_count_are_held_at_their_estimate_by_
 async def test_a_connect_timeout_is_free_and_counts_toward_unreachable(
     tmp_path: Path, silent_port: int
 ) -> None:
-    prompts = json.dumps([f"picture {i}" for i in range(4)])
-    path = write_manifest(tmp_path, f"""\
-name: silent
-output: out
-budget: 1
-providers:
-  test:
-    base_url: http://127.0.0.1:{silent_port}/v1
-    concurrency: 1
-    retries: 1
-    connect_timeout: 0.3
-    prices:
-      m: {{image: 0.1}}
-jobs:
-  - name: shots
-    type: image
-    provider: test
-    model: m
-    prompts: {prompts}
-""")
+    path = silent_manifest(tmp_path, silent_port, "connect_timeout: 0.3")
 
     outcome = await run_manifest(path)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ledger_rows, provider_block, run_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, silent_manifest, write_manifest
 from s3server import S3Server, s3, store_env
 from scripted import GOOD_PNG, Reply, ScriptedServer, json_reply
 
@@ -236,27 +236,7 @@ def test_a_jsonl_line_with_a_float_n_is_refused_on_its_line(
 async def test_a_connect_timeout_longer_than_the_timeout_is_still_free_and_pending(
     tmp_path: Path, silent_port: int
 ) -> None:
-    prompts = json.dumps([f"picture {i}" for i in range(4)])
-    path = write_manifest(tmp_path, f"""\
-name: silent
-output: out
-budget: 1
-providers:
-  test:
-    base_url: http://127.0.0.1:{silent_port}/v1
-    concurrency: 1
-    retries: 1
-    timeout: 0.2
-    connect_timeout: 0.5
-    prices:
-      m: {{image: 0.1}}
-jobs:
-  - name: shots
-    type: image
-    provider: test
-    model: m
-    prompts: {prompts}
-""")
+    path = silent_manifest(tmp_path, silent_port, "timeout: 0.2\nconnect_timeout: 0.5")
 
     outcome = await run_manifest(path)
 
