@@ -150,6 +150,37 @@ def provider_block(server: LocalServer, *, rate: str | None = None, concurrency:
     return "\n".join(lines) + "\n"
 
 
+def paid(server: Any) -> int:
+    """Generations the server made (each a paid request)."""
+    return sum(server.stats.generations.values())
+
+
+def pics_and_lines(noun: str, *, images: int, chats: int = 0, prompt: str | None = None) -> str:
+    """A ``jobs:`` section on provider ``test``: job ``pics``, ``images`` image tasks of
+    ``prompt`` (default "A <noun> number {n}"), and with ``chats`` job ``lines``, that many
+    chat tasks "Describe <noun> {n}"."""
+    pics = f"""\
+        - name: pics
+          type: image
+          provider: test
+          model: flux.1-schnell
+          prompt: "{prompt or f'A {noun} number {{n}}'}"
+          vars: {{n: {list(range(images))}}}
+          params: {{size: 256x256, response_format: b64_json}}
+        """
+    lines = f"""\
+        - name: lines
+          type: chat
+          provider: test
+          model: llama-3.1-8b-instruct
+          prompt: "Describe {noun} {{n}}"
+          vars: {{n: {list(range(chats))}}}
+          params: {{max_tokens: 20}}
+        """
+    jobs = [pics, lines] if chats else [pics]
+    return "jobs:\n" + "".join(textwrap.indent(textwrap.dedent(job), "  ") for job in jobs)
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
