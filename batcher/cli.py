@@ -331,20 +331,23 @@ def _add_asset_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     """``publish`` and ``review`` (batcher.publish)."""
     publish = _command(sub, "publish", "write the asset set (each asset's chosen variant, "
                        "by name) and assets.json to a folder or a bucket")
-    publish.add_argument("manifest", type=Path, help="a YAML manifest whose jobs have asset:")
-    publish.add_argument("--output", type=_target, metavar="DIR|URL",
-                         help="the run's output (default: the manifest's)")
+    _add_asset_source(publish)
     publish.add_argument("--to", type=_target, required=True, metavar="DIR|URL",
                          help="where the set goes: a folder or a store URL (required)")
     publish.add_argument("--dry-run", action="store_true",
                          help="list what would be written and removed; write nothing")
     review = _command(sub, "review", "a local page to pick and reject each asset's variants "
                       "(writes the picks file)")
-    review.add_argument("manifest", type=Path, help="a YAML manifest whose jobs have asset:")
-    review.add_argument("--output", type=_target, metavar="DIR|URL",
-                        help="the run's output (default: the manifest's)")
+    _add_asset_source(review)
     review.add_argument("--port", type=_port, default=0,
                         help="port on 127.0.0.1; 0 picks a free one (default: 0)")
+
+
+def _add_asset_source(command: argparse.ArgumentParser) -> None:
+    """The manifest with asset: and the run's output, which publish and review both read."""
+    command.add_argument("manifest", type=Path, help="a YAML manifest whose jobs have asset:")
+    command.add_argument("--output", type=_target, metavar="DIR|URL",
+                         help="the run's output (default: the manifest's)")
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:

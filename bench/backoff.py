@@ -17,9 +17,8 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
-from common import ServedProcess, batcher, run_child, workdir, write
+from common import ServedProcess, batcher, captions_manifest, earlier_batcher, run_child, workdir
 
 
 def main() -> None:
@@ -39,22 +38,10 @@ def main() -> None:
             server = ServedProcess("--fault-rate", "0.3", "--fault-kinds", "500",
                                    "--latency", str(args.latency))
             try:
-                manifest = write(folder / f"{which}-{round_number}.yaml", f"""
-                    name: backoff
-                    providers:
-                      bench: {{base_url: "{server.api_url}", concurrency: {args.concurrency},
-                               rate_limit: null}}
-                    jobs:
-                      - name: captions
-                        type: chat
-                        provider: bench
-                        model: llama-3.1-8b-instruct
-                        prompt: "Write a caption for poster {{i}}"
-                        vars: {{i: [{", ".join(str(i) for i in range(args.tasks))}]}}
-                        params: {{max_tokens: 20}}
-                """)
+                manifest = captions_manifest(folder / f"{which}-{round_number}.yaml", "backoff",
+                                             server.api_url, args.tasks, args.concurrency)
                 output = folder / f"{which}-{round_number}"
-                command = (_before(args.before) if which == "before" else batcher()) + [
+                command = (earlier_batcher(args.before) if which == "before" else batcher()) + [
                     "run", str(manifest), "--no-progress", "--output", str(output)]
                 measured = run_child(command, folder)
             finally:
@@ -69,12 +56,6 @@ def main() -> None:
           f"{args.rounds} rounds: before {rates['before']:.0f} tasks/s, after "
           f"{rates['after']:.0f} tasks/s ({rates['after'] / rates['before']:.1f}x); requests "
           f"per round before {requests['before']}, after {requests['after']}")
-
-
-def _before(package_dir: str) -> list[str]:
-    path = str(Path(package_dir).resolve())
-    return [sys.executable, "-c",
-            f"import sys; sys.path.insert(0, {path!r}); from batcher.cli import entry; entry()"]
 
 
 if __name__ == "__main__":

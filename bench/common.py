@@ -48,22 +48,28 @@ def workdir(name: str) -> Path:
 
 
 class ServedProcess:
-    """``batcher serve`` in its own process, like a remote endpoint: its CPU is not ours."""
+    """``batcher serve OPTIONS`` in its own process, like a remote endpoint: its CPU is not
+    ours. ``command`` runs another server instead (its output shown), told its port as its
+    last argument; ``name`` says which in the error when it does not start."""
 
-    def __init__(self, *options: str) -> None:
+    def __init__(self, *options: str, command: list[str] | None = None,
+                 name: str = "batcher serve") -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.api_url = f"http://127.0.0.1:{port}/v1"
-        self._process = subprocess.Popen(batcher("serve", "--port", str(port), *options),
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if command is None:
+            self._process = subprocess.Popen(batcher("serve", "--port", str(port), *options),
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            self._process = subprocess.Popen([*command, str(port)])
         for _ in range(100):
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                     return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError("batcher serve did not start")
+        raise RuntimeError(f"{name} did not start")
 
     def stop(self) -> None:
         self._process.terminate()
@@ -136,6 +142,32 @@ def run_child(args: list[str], cwd: Path, *, kill_after: float | None = None,
 
 def batcher(*args: str) -> list[str]:
     return [sys.executable, "-m", "batcher", *args]
+
+
+def earlier_batcher(package_dir: str) -> list[str]:
+    """The command of the batcher package found in ``package_dir`` (an earlier commit's)."""
+    path = str(Path(package_dir).resolve())
+    return [sys.executable, "-c",
+            f"import sys; sys.path.insert(0, {path!r}); from batcher.cli import entry; entry()"]
+
+
+def captions_manifest(path: Path, name: str, api_url: str, tasks: int, concurrency: int) -> Path:
+    """A manifest of ``tasks`` chat tasks (a caption each) on provider ``bench`` at ``api_url``,
+    with no rate limit."""
+    return write(path, f"""
+        name: {name}
+        providers:
+          bench: {{base_url: "{api_url}", concurrency: {concurrency},
+                   rate_limit: null}}
+        jobs:
+          - name: captions
+            type: chat
+            provider: bench
+            model: llama-3.1-8b-instruct
+            prompt: "Write a caption for poster {{i}}"
+            vars: {{i: [{", ".join(str(i) for i in range(tasks))}]}}
+            params: {{max_tokens: 20}}
+    """)
 
 
 def file_creation_cost(folder: Path, count: int = 500) -> float:

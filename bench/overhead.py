@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from common import ServedProcess, batcher, file_creation_cost, run_child, workdir, write
+from common import (
+    ServedProcess,
+    batcher,
+    captions_manifest,
+    earlier_batcher,
+    file_creation_cost,
+    run_child,
+    workdir,
+)
 
 BARE_LOOP = r'''
 import asyncio, sys, time
@@ -86,26 +91,9 @@ asyncio.run(main(int(sys.argv[1])))
 '''
 
 
-class FastServer:
+def fast_server() -> ServedProcess:
     """FAST_SERVER in its own process."""
-
-    def __init__(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.api_url = f"http://127.0.0.1:{port}/v1"
-        self._process = subprocess.Popen([sys.executable, "-c", FAST_SERVER, str(port)])
-        for _ in range(100):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the fast server did not start")
-
-    def stop(self) -> None:
-        self._process.terminate()
-        self._process.wait(timeout=10)
+    return ServedProcess(command=[sys.executable, "-c", FAST_SERVER], name="the fast server")
 
 
 def main() -> None:
@@ -119,25 +107,13 @@ def main() -> None:
                              "commit's, from `git archive COMMIT batcher | tar -x -C DIR`), "
                              "interleaved with the others")
     args = parser.parse_args()
-    server = ServedProcess() if args.server == "serve" else FastServer()
+    server = ServedProcess() if args.server == "serve" else fast_server()
     folder = workdir("overhead")
     bare_times, our_times, before_times = [], [], []
     bare_loops, our_loops, before_loops = [], [], []  # without start-up (see below)
     try:
-        manifest = write(folder / "overhead.yaml", f"""
-            name: overhead
-            providers:
-              bench: {{base_url: "{server.api_url}", concurrency: {args.concurrency},
-                       rate_limit: null}}
-            jobs:
-              - name: captions
-                type: chat
-                provider: bench
-                model: llama-3.1-8b-instruct
-                prompt: "Write a caption for poster {{i}}"
-                vars: {{i: [{", ".join(str(i) for i in range(args.tasks))}]}}
-                params: {{max_tokens: 20}}
-        """)
+        manifest = captions_manifest(folder / "overhead.yaml", "overhead", server.api_url,
+                                     args.tasks, args.concurrency)
         disk = file_creation_cost(folder)
         for round_number in range(args.rounds):
             # A fresh output folder each round: deleting thousands of files just before a run
@@ -184,9 +160,7 @@ def main() -> None:
 
 
 def _run_before(package_dir: str, manifest: Path, folder: Path, round_number: int) -> float:
-    code = (f"import sys; sys.path.insert(0, {package_dir!r}); "
-            "from batcher.cli import entry; entry()")
-    before = run_child([sys.executable, "-c", code, "run", str(manifest), "--no-progress",
+    before = run_child([*earlier_batcher(package_dir), "run", str(manifest), "--no-progress",
                         "--output", str(folder / f"before-{round_number}")], folder)
     if before.exit_code != 0:
         sys.exit(f"the earlier batcher failed: {before.exit_code}\n{before.stderr[-2000:]}")

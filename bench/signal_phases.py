@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from common import start_server  # noqa: E402
+from conftest import pics_and_lines  # noqa: E402
 from faultproxy import StoreProxy, is_listing, is_upload  # noqa: E402
 from s3server import S3Server, store_env  # noqa: E402
 
@@ -34,15 +35,7 @@ def manifest(folder: Path, api_url: str, output: str, images: int) -> Path:
         output: {output}
         providers:
           test: {{base_url: {api_url}, concurrency: 4}}
-        jobs:
-          - name: pics
-            type: image
-            provider: test
-            model: flux.1-schnell
-            prompt: "A boat number {{n}}"
-            vars: {{n: {list(range(images))}}}
-            params: {{size: 256x256, response_format: b64_json}}
-        """))
+        """) + pics_and_lines("boat", images=images))
     return path
 
 

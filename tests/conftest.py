@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -67,6 +68,52 @@ def thread_server() -> Iterator[Callable[..., LocalServer]]:
         server.stop_thread()
 
 
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose listen queue is full: a connection to it never opens (the SYN is dropped),
+    so the client's connect timeout fires, as with a host that does not answer."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # a non-blocking connect under way
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for sock in [*fillers, listener]:
+        sock.close()
+
+
+def silent_manifest(folder: Path, port: int, timeouts: str) -> Path:
+    """Four image tasks at $0.10 each, budget $1, one retry, against ``silent_port``;
+    ``timeouts`` are the provider's timeout settings (YAML lines)."""
+    prompts = json.dumps([f"picture {i}" for i in range(4)])
+    settings = textwrap.indent(textwrap.dedent(timeouts).strip(), "    ")
+    return write_manifest(folder, f"""\
+name: silent
+output: out
+budget: 1
+providers:
+  test:
+    base_url: http://127.0.0.1:{port}/v1
+    concurrency: 1
+    retries: 1
+{settings}
+    prices:
+      m: {{image: 0.1}}
+jobs:
+  - name: shots
+    type: image
+    provider: test
+    model: m
+    prompts: {prompts}
+""")
+
+
 def ledger_rows(root: Path, *, decode: bool = False) -> list[dict[str, Any]]:
     """Every ledger row, read straight from SQLite (not through batcher's Ledger class).
 
@@ -101,6 +148,37 @@ def provider_block(server: LocalServer, *, rate: str | None = None, concurrency:
         lines.append(f"    api_key_env: {key_env}")
     lines.extend(f"    {line}" for line in textwrap.dedent(extra).splitlines() if line.strip())
     return "\n".join(lines) + "\n"
+
+
+def paid(server: Any) -> int:
+    """Generations the server made (each a paid request)."""
+    return sum(server.stats.generations.values())
+
+
+def pics_and_lines(noun: str, *, images: int, chats: int = 0, prompt: str | None = None) -> str:
+    """A ``jobs:`` section on provider ``test``: job ``pics``, ``images`` image tasks of
+    ``prompt`` (default "A <noun> number {n}"), and with ``chats`` job ``lines``, that many
+    chat tasks "Describe <noun> {n}"."""
+    pics = f"""\
+        - name: pics
+          type: image
+          provider: test
+          model: flux.1-schnell
+          prompt: "{prompt or f'A {noun} number {{n}}'}"
+          vars: {{n: {list(range(images))}}}
+          params: {{size: 256x256, response_format: b64_json}}
+        """
+    lines = f"""\
+        - name: lines
+          type: chat
+          provider: test
+          model: llama-3.1-8b-instruct
+          prompt: "Describe {noun} {{n}}"
+          vars: {{n: {list(range(chats))}}}
+          params: {{max_tokens: 20}}
+        """
+    jobs = [pics, lines] if chats else [pics]
+    return "jobs:\n" + "".join(textwrap.indent(textwrap.dedent(job), "  ") for job in jobs)
 
 
 def run_cli(

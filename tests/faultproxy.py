@@ -54,20 +54,40 @@ class _Rule:
     seconds: float = 0.0
 
 
-class StoreProxy:
-    """A proxy in front of ``target`` (``http://host:port``), on its own thread."""
+class ThreadedProxy:
+    """A server on 127.0.0.1 in front of ``target`` (``http://host:port``), with its own event
+    loop on a daemon thread; a subclass sets its state, then calls this ``__init__``, and
+    answers each connection in ``_client``."""
 
     def __init__(self, target: str) -> None:
         host, port = target.removeprefix("http://").split(":")
         self._target = (host, int(port))
-        self._rules: list[_Rule] = []
-        self._seen: list[Request] = []
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
         self._thread.start()
         started.wait(10)
         self.url = f"http://127.0.0.1:{self._port}"
+
+    def _serve(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._client, "127.0.0.1", 0))
+        self._port = server.sockets[0].getsockname()[1]
+        started.set()
+        self._loop.run_forever()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class StoreProxy(ThreadedProxy):
+    """A proxy in front of ``target`` (``http://host:port``), on its own thread."""
+
+    def __init__(self, target: str) -> None:
+        self._rules: list[_Rule] = []
+        self._seen: list[Request] = []
+        super().__init__(target)
 
     # ------------------------------------------------------------------ for tests
 
@@ -99,14 +119,6 @@ class StoreProxy:
         self._thread.join(5)
 
     # ------------------------------------------------------------------ serving
-
-    def _serve(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._client, "127.0.0.1", 0))
-        self._port = server.sockets[0].getsockname()[1]
-        started.set()
-        self._loop.run_forever()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:  # one request per connection: the answer says "Connection: close"

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import uuid
 from collections.abc import Iterator
 
 import boto3
 import pytest
+from faultproxy import ThreadedProxy
 from moto.server import ThreadedMotoServer
 
 MODES = ("pass", "503", "500", "reset", "hang")
@@ -61,7 +61,7 @@ class S3Server:
         self._server.stop()
 
 
-class FaultProxy:
+class FaultProxy(ThreadedProxy):
     """Forwards TCP connections to ``target``; ``mode`` makes new and open connections fail.
 
     pass: bytes flow both ways; 503 / 500: an S3 error answer, then the connection closes;
@@ -69,16 +69,9 @@ class FaultProxy:
     """
 
     def __init__(self, target: str) -> None:
-        host, port = target.removeprefix("http://").split(":")
-        self._target = (host, int(port))
         self.mode = "pass"
         self._open: set[asyncio.StreamWriter] = set()
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
-        self._thread.start()
-        started.wait(10)
-        self.url = f"http://127.0.0.1:{self._port}"
+        super().__init__(target)
 
     def set_mode(self, mode: str) -> None:
         assert mode in MODES, mode
@@ -89,14 +82,6 @@ class FaultProxy:
                 for writer in list(self._open):
                     writer.transport.abort()
         self._loop.call_soon_threadsafe(switch)
-
-    def _serve(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._client, "127.0.0.1", 0))
-        self._port = server.sockets[0].getsockname()[1]
-        started.set()
-        self._loop.run_forever()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._open.add(writer)

@@ -13,7 +13,7 @@ import collections
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -57,32 +57,17 @@ def good_stream() -> Reply:
                         .encode())
 
 
-class ScriptedServer:
-    """Answers by the request's prompt (images) or last message (chat), from ``replies``.
-
-    A prompt with no script gets ``default`` (settable between runs, for property tests).
-    ``requests`` counts the generation requests per prompt, ``downloads`` the file requests;
-    ``/files/good.png`` serves a PNG, ``/files/chunked.png`` the same PNG chunked with no
-    Content-Length, and any other name answers 403.
-    """
+class ThreadedApp:
+    """An aiohttp app on 127.0.0.1 with its own event loop on a daemon thread; a subclass
+    adds its routes in ``_routes``. ``url`` is ``http://127.0.0.1:PORT`` once started."""
 
     def __init__(self) -> None:
-        self.replies: dict[str, Reply] = {}
-        self.default: Reply | None = None
-        self.requests: collections.Counter[str] = collections.Counter()
-        self.downloads: collections.Counter[str] = collections.Counter()
-        self.bodies: list[dict[str, Any]] = []  # every generation request's body, in order
-        self.encodings: list[str] = []  # every generation request's Accept-Encoding, in order
         self.url = ""
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
 
-    @property
-    def api_url(self) -> str:
-        return self.url + "/v1"
-
-    def start(self) -> ScriptedServer:
+    def start(self) -> Self:
         ready = threading.Event()
 
         def serve() -> None:
@@ -103,17 +88,46 @@ class ScriptedServer:
         if self._thread is not None:
             self._thread.join(10)
 
+    def _routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
     async def _start(self) -> None:
         app = web.Application()
-        app.router.add_post("/v1/images/generations", self._generate)
-        app.router.add_post("/v1/chat/completions", self._generate)
-        app.router.add_get("/files/{name}", self._file)
+        self._routes(app)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
+
+
+class ScriptedServer(ThreadedApp):
+    """Answers by the request's prompt (images) or last message (chat), from ``replies``.
+
+    A prompt with no script gets ``default`` (settable between runs, for property tests).
+    ``requests`` counts the generation requests per prompt, ``downloads`` the file requests;
+    ``/files/good.png`` serves a PNG, ``/files/chunked.png`` the same PNG chunked with no
+    Content-Length, and any other name answers 403.
+    """
+
+    def __init__(self) -> None:
+        self.replies: dict[str, Reply] = {}
+        self.default: Reply | None = None
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.downloads: collections.Counter[str] = collections.Counter()
+        self.bodies: list[dict[str, Any]] = []  # every generation request's body, in order
+        self.encodings: list[str] = []  # every generation request's Accept-Encoding, in order
+        super().__init__()
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/v1"
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/images/generations", self._generate)
+        app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_get("/files/{name}", self._file)
 
     async def _generate(self, request: web.Request) -> web.Response:
         body = await request.json()

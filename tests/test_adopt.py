@@ -11,12 +11,19 @@ import json
 import shutil
 import signal
 import sqlite3
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import ledger_rows, provider_block, run_cli, start_cli, write_manifest
+from conftest import (
+    ledger_rows,
+    paid,
+    pics_and_lines,
+    provider_block,
+    run_cli,
+    start_cli,
+    write_manifest,
+)
 from s3server import S3Server, s3, store_env
 
 __all__ = ["s3"]  # fixtures, used by name
@@ -28,28 +35,8 @@ TASKS = IMAGES + CHATS
 def manifest(server: Any, folder: Path, output: str, *, extra: str = "",
              name: str = "jobs.yaml") -> Path:
     text = f"name: adopt\noutput: {output}\n" + provider_block(
-        server, concurrency=4, extra=extra) + textwrap.dedent(f"""\
-        jobs:
-          - name: pics
-            type: image
-            provider: test
-            model: flux.1-schnell
-            prompt: "A kite number {{n}}"
-            vars: {{n: {list(range(IMAGES))}}}
-            params: {{size: 256x256, response_format: b64_json}}
-          - name: lines
-            type: chat
-            provider: test
-            model: llama-3.1-8b-instruct
-            prompt: "Describe kite {{n}}"
-            vars: {{n: {list(range(CHATS))}}}
-            params: {{max_tokens: 20}}
-        """)
+        server, concurrency=4, extra=extra) + pics_and_lines("kite", images=IMAGES, chats=CHATS)
     return write_manifest(folder, text, name)
-
-
-def paid(server: Any) -> int:
-    return sum(server.stats.generations.values())
 
 
 def ok_rows(root: Path) -> list[dict[str, Any]]:

@@ -5,15 +5,11 @@ prices per kind, totals from the manifest's rows, and answers bounded by
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import collections
-import contextlib
 import json
-import socket
 import subprocess
 import sys
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,9 +17,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import REPO, ledger_rows, provider_block, run_cli, write_manifest
+from conftest import REPO, ledger_rows, provider_block, run_cli, silent_manifest, write_manifest
 from s3server import S3Server, s3, store_env
-from scripted import GOOD_PNG, Reply, ScriptedServer, json_reply
+from scripted import GOOD_PNG, Reply, ScriptedServer, ThreadedApp, json_reply
 
 from batcher.errors import UsageError
 from batcher.imagegen import render_png
@@ -264,49 +260,10 @@ async def test_answers_without_a_completion_count_are_held_at_their_estimate_by_
 # --------------------------------------------------------------------------- 6. connect timeout
 
 
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port whose listen queue is full: a connection to it never opens (the SYN is dropped),
-    so the client's connect timeout fires, as with a host that does not answer."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):  # a non-blocking connect under way
-            filler.connect(("127.0.0.1", port))
-        fillers.append(filler)
-    yield port
-    for sock in [*fillers, listener]:
-        sock.close()
-
-
 async def test_a_connect_timeout_is_free_and_counts_toward_unreachable(
     tmp_path: Path, silent_port: int
 ) -> None:
-    prompts = json.dumps([f"picture {i}" for i in range(4)])
-    path = write_manifest(tmp_path, f"""\
-name: silent
-output: out
-budget: 1
-providers:
-  test:
-    base_url: http://127.0.0.1:{silent_port}/v1
-    concurrency: 1
-    retries: 1
-    connect_timeout: 0.3
-    prices:
-      m: {{image: 0.1}}
-jobs:
-  - name: shots
-    type: image
-    provider: test
-    model: m
-    prompts: {prompts}
-""")
+    path = silent_manifest(tmp_path, silent_port, "connect_timeout: 0.3")
 
     outcome = await run_manifest(path)
 
@@ -454,9 +411,9 @@ def test_status_of_an_output_keeps_the_pending_tasks_of_a_budget_stop(
 # --------------------------------------------------------------------------- 9. bounded
 
 
-class BombServer:
+class BombServer(ThreadedApp):
     """Answers every POST with a gzip body inflating to ``size`` bytes (zeros), or with
-    ``reply`` when set; counts the requests."""
+    ``reply`` when set; counts the requests. ``url`` ends in ``/v1``."""
 
     def __init__(self) -> None:
         self.requests = 0
@@ -464,39 +421,15 @@ class BombServer:
         self.size = 0
         self.reply: Callable[[], web.Response] | None = None
         self._bombs: dict[tuple[int, bytes], bytes] = {}
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
+        super().__init__()
 
-    def start(self) -> BombServer:
-        ready = threading.Event()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self._start())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=serve, daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    async def _start(self) -> None:
-        app = web.Application()
+    def _routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/{tail:.*}", self._answer)
         app.router.add_get("/files/bomb.png", self._picture_bomb)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
+
+    async def _start(self) -> None:
+        await super()._start()
+        self.url += "/v1"
 
     async def _answer(self, request: web.Request) -> web.Response:
         await request.read()

@@ -9,15 +9,13 @@ servers on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ledger_rows, provider_block, run_cli, write_manifest
+from conftest import ledger_rows, provider_block, run_cli, silent_manifest, write_manifest
 from s3server import S3Server, s3, store_env
 from scripted import GOOD_PNG, Reply, ScriptedServer, json_reply
 
@@ -235,49 +233,10 @@ def test_a_jsonl_line_with_a_float_n_is_refused_on_its_line(
 # --------------------------------------------------------------------------- 4. connect timeout
 
 
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port whose listen queue is full: a connection to it never opens."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            filler.connect(("127.0.0.1", port))
-        fillers.append(filler)
-    yield port
-    for sock in [*fillers, listener]:
-        sock.close()
-
-
 async def test_a_connect_timeout_longer_than_the_timeout_is_still_free_and_pending(
     tmp_path: Path, silent_port: int
 ) -> None:
-    prompts = json.dumps([f"picture {i}" for i in range(4)])
-    path = write_manifest(tmp_path, f"""\
-name: silent
-output: out
-budget: 1
-providers:
-  test:
-    base_url: http://127.0.0.1:{silent_port}/v1
-    concurrency: 1
-    retries: 1
-    timeout: 0.2
-    connect_timeout: 0.5
-    prices:
-      m: {{image: 0.1}}
-jobs:
-  - name: shots
-    type: image
-    provider: test
-    model: m
-    prompts: {prompts}
-""")
+    path = silent_manifest(tmp_path, silent_port, "timeout: 0.2\nconnect_timeout: 0.5")
 
     outcome = await run_manifest(path)
 

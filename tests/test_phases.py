@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import provider_block, run_cli, start_cli, write_manifest
+from conftest import paid, pics_and_lines, provider_block, run_cli, start_cli, write_manifest
 from faultproxy import Predicate, Request, StoreProxy, is_listing, is_upload
 from s3server import S3Server, s3, store_env
 
@@ -37,21 +36,8 @@ def proxy(s3: S3Server) -> Iterator[StoreProxy]:
 
 def manifest(server: Any, folder: Path, output: str, images: int) -> Path:
     text = f"name: phases\noutput: {output}\n" + provider_block(
-        server, concurrency=CONCURRENCY) + textwrap.dedent(f"""\
-        jobs:
-          - name: pics
-            type: image
-            provider: test
-            model: flux.1-schnell
-            prompt: "A boat number {{n}}"
-            vars: {{n: {list(range(images))}}}
-            params: {{size: 256x256, response_format: b64_json}}
-        """)
+        server, concurrency=CONCURRENCY) + pics_and_lines("boat", images=images)
     return write_manifest(folder, text)
-
-
-def paid(server: Any) -> int:
-    return sum(server.stats.generations.values())
 
 
 def wait_until(proc: subprocess.Popen[str], condition: Callable[[], bool], what: str) -> None:

@@ -11,13 +11,21 @@ import random
 import shutil
 import signal
 import sqlite3
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, ledger_rows, provider_block, run_cli, start_cli, write_manifest
+from conftest import (
+    REPO,
+    ledger_rows,
+    paid,
+    pics_and_lines,
+    provider_block,
+    run_cli,
+    start_cli,
+    write_manifest,
+)
 from s3server import FaultProxy, S3Server, fault_proxy, s3, store_env
 from test_sheet import CHROMIUM, LOAD_EVERY_IMAGE, chromium_page
 
@@ -29,28 +37,9 @@ CONCURRENCY = 4
 def manifest(server: Any, folder: Path, output: str, *, images: int = 6, chats: int = 6,
              prompt: str = "A lantern number {n}") -> Path:
     text = f"name: durable\noutput: {output}\n" + provider_block(
-        server, concurrency=CONCURRENCY) + textwrap.dedent(f"""\
-        jobs:
-          - name: pics
-            type: image
-            provider: test
-            model: flux.1-schnell
-            prompt: "{prompt}"
-            vars: {{n: {list(range(images))}}}
-            params: {{size: 256x256, response_format: b64_json}}
-          - name: lines
-            type: chat
-            provider: test
-            model: llama-3.1-8b-instruct
-            prompt: "Describe lantern {{n}}"
-            vars: {{n: {list(range(chats))}}}
-            params: {{max_tokens: 20}}
-        """)
+        server, concurrency=CONCURRENCY) + pics_and_lines(
+        "lantern", images=images, chats=chats, prompt=prompt)
     return write_manifest(folder, text)
-
-
-def paid(server: Any) -> int:
-    return sum(server.stats.generations.values())
 
 
 def ledger_in_store(s3: S3Server, bucket: str, key: str, folder: Path) -> list[dict[str, Any]]:

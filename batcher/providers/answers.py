@@ -14,11 +14,14 @@ from __future__ import annotations
 import base64
 import re
 import urllib.parse
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from batcher import fastjson
 from batcher.errors import ResponseError, TransportError
 from batcher.providers.base import ChatAnswer, ImageAnswer, ImageItem
+
+_Answer = TypeVar("_Answer")
 
 MAX_CHOICES = 128  # a choice index beyond this is a bad answer, not a list to fill
 # An image sent as a data URI (RFC 2397; Modelverse's b64_json): any media type and parameters
@@ -197,14 +200,19 @@ def _image_item(item: Any) -> ImageItem:
     return ImageItem()
 
 
-def parse_image_answer(data: Any) -> ImageAnswer:
-    """Check an images/generations answer; a missing or empty ``data``, or one without any
-    image, is a retryable error."""
+def _charged(parse: Callable[[Any], _Answer], data: Any) -> _Answer:
+    """``parse(data)``; a :class:`ResponseError` it raises carries the answer's paid usage."""
     try:
-        return _parse_image_answer(data)
+        return parse(data)
     except ResponseError as exc:
         exc.usage = paid_usage(data)
         raise
+
+
+def parse_image_answer(data: Any) -> ImageAnswer:
+    """Check an images/generations answer; a missing or empty ``data``, or one without any
+    image, is a retryable error."""
+    return _charged(_parse_image_answer, data)
 
 
 def _parse_image_answer(data: Any) -> ImageAnswer:
@@ -234,11 +242,7 @@ def parse_chat_answer(data: Any) -> ChatAnswer:
     """Check a chat completion: the content of every choice that has one, in ``index`` order
     (in the order sent when the indices are missing, repeated or not counts); an answer with
     no choice content at all is a retryable error."""
-    try:
-        return _parse_chat_answer(data)
-    except ResponseError as exc:
-        exc.usage = paid_usage(data)
-        raise
+    return _charged(_parse_chat_answer, data)
 
 
 def _parse_chat_answer(data: Any) -> ChatAnswer:

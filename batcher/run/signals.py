@@ -121,12 +121,7 @@ class Signals:
                 remaining = left(loop.time())
                 if remaining is not None and remaining <= 0:
                     break
-                self._changed.clear()
-                waiter = asyncio.ensure_future(self._changed.wait())
-                try:
-                    await _first_of(task, waiter, remaining)
-                finally:
-                    waiter.cancel()
+                await self._step_or_signal(task, remaining)
         except asyncio.CancelledError:
             task.cancel()
             raise
@@ -147,14 +142,18 @@ class Signals:
             if remaining <= 0:
                 task.cancel()
                 return
-            self._changed.clear()
-            waiter = asyncio.ensure_future(self._changed.wait())
-            try:
-                await _first_of(task, waiter, remaining)
-            finally:
-                waiter.cancel()
+            await self._step_or_signal(task, remaining)
         if not task.cancelled() and task.exception() is not None:
             log.debug("a step cut short failed", exc_info=task.exception())
+
+    async def _step_or_signal(self, task: asyncio.Future[Any], seconds: float | None) -> None:
+        """Wait until ``task`` is done, a signal comes, or ``seconds`` (None: no bound) pass."""
+        self._changed.clear()
+        waiter = asyncio.ensure_future(self._changed.wait())
+        try:
+            await _first_of(task, waiter, seconds)
+        finally:
+            waiter.cancel()
 
 
 async def _first_of(step: asyncio.Future[Any], waiter: asyncio.Future[Any],
