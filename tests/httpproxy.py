@@ -23,6 +23,8 @@ class Seen:
     status: int
     dropped: bool
     at: float  # time.monotonic() when the store answered
+    received: float = 0.0  # time.monotonic() when the whole request had arrived
+    create_only: bool = False  # If-None-Match: * (never replaces an object)
 
     @property
     def wrote(self) -> bool:
@@ -60,6 +62,7 @@ class RecordingProxy:
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else None
+        received = time.monotonic()
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in HOP_BY_HOP}
         upstream = http.client.HTTPConnection(self._target, timeout=30)
         upstream.request(handler.command, handler.path, body=body, headers=headers)
@@ -68,9 +71,10 @@ class RecordingProxy:
         upstream.close()
         with self._guard:
             dropped = self.drop(handler.command, handler.path, headers)
-            self.seen.append(Seen(handler.command, handler.path,
-                                  "if-match" in {k.lower() for k in headers}, answer.status,
-                                  dropped, time.monotonic()))
+            lowered = {k.lower(): v for k, v in headers.items()}
+            self.seen.append(Seen(handler.command, handler.path, "if-match" in lowered,
+                                  answer.status, dropped, time.monotonic(), received,
+                                  lowered.get("if-none-match") == "*"))
         if dropped:  # applied by the store, answer lost on the way back
             handler.close_connection = True
             handler.connection.shutdown(socket.SHUT_RDWR)

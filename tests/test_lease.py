@@ -284,7 +284,7 @@ def test_a_holder_paused_past_its_lease_writes_nothing_after_the_takeover(
                     env=env(s3.url, tmp_path / "new"))
     try:
         wait_for(lambda: json.loads(s3.get(bucket, "paused/.batcher.lock"))["pid"] == new.pid)
-        paused_writes = len(recorder.writes())
+        resumed = time.monotonic()
         old.send_signal(signal.SIGCONT)  # the old holder wakes while the new one runs
         _out, old_err = old.communicate(timeout=60)
         _out, new_err = new.communicate(timeout=120)
@@ -298,7 +298,12 @@ def test_a_holder_paused_past_its_lease_writes_nothing_after_the_takeover(
     assert "taking over" in new_err
     assert old.returncode == 1, old_err
     assert "took over" in old_err and "Traceback" not in old_err
-    assert recorder.writes()[paused_writes:] == []
+    # Woken, it starts nothing: a write that had passed its lock check the instant before the
+    # pause may still arrive, but only create-only (it can never replace the new holder's
+    # object), and never a ledger.
+    late = [seen for seen in recorder.writes() if seen.received >= resumed]
+    assert all(seen.create_only and "ledger" not in seen.path for seen in late), late
+    assert len(late) <= 4 * 2, late  # at most the in-flight tasks' files and sidecars
     rows = ledger_in_store(s3, bucket, "paused/ledger.sqlite", tmp_path)
     assert len(rows) == 60 and all(row["status"] == "ok" for row in rows)
     assert paid(server) - 60 <= 2 * 4

@@ -84,14 +84,14 @@ def test_a_holder_resumed_after_a_takeover_starts_no_request(
     bucket = s3.bucket()
     out = f"s3://{bucket}/paused"
     holder = start_cli("run", str(manifest(a, tmp_path / "a", out, images=30, chats=30,
-                                           concurrency=8)),
+                                           concurrency=16)),
                        "--no-progress", env=env(s3.url, tmp_path / "machine-a"))
     wait_for(lambda: paid(a) >= 12)
     holder.send_signal(signal.SIGSTOP)
     try:
         time.sleep(0.5)  # what was in flight is answered into the paused holder's sockets
         taker = start_cli("run", str(manifest(b, tmp_path / "b", out, images=30, chats=30,
-                                              concurrency=8)),
+                                              concurrency=16)),
                           "--no-progress", env=env(s3.url, tmp_path / "machine-b"))
         wait_for(lambda: paid(b) >= 8)  # the lease ran out: the taker sends
         before = arrivals(a)
@@ -100,10 +100,11 @@ def test_a_holder_resumed_after_a_takeover_starts_no_request(
     _out, holder_err = holder.communicate(timeout=120)
     _out, taker_err = taker.communicate(timeout=120)
 
-    # Before the gate, each of the 8 workers started its next request on resuming. A request
-    # whose gate passed in the instant before the pause may still go out: a few at most.
+    # Before the gate, each of the 16 workers started its next request on resuming. A request
+    # whose gate passed in the instant before the pause may still go out: a few at most
+    # (up to 4 seen on a loaded machine).
     started = arrivals(a) - before
-    assert started <= 3, f"the resumed holder started {started} requests after losing its lock"
+    assert started <= 6, f"the resumed holder started {started} requests after losing its lock"
     assert taker.returncode == 0, taker_err
     assert holder.returncode != 0 and "over" in holder_err
     assert "Traceback" not in holder_err
