@@ -179,7 +179,7 @@ class StoreOutput:
         uploads short): their files and sidecar are in the working copy. Upload each whose
         files match its sidecar (size and sha256), files first, then record it."""
         found = sidecars.wanted(manifest, selection, self.root, done, failed,
-                                lambda name: (self.root / name).is_file())
+                                sidecars.local_exists(self.root))
         records = [(name, record) for task_id, name in found
                    if (record := sidecars.finished_here(self.root, name, task_id)) is not None]
         for name, record in records:

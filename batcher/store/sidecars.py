@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,24 @@ def _decodes(data: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+def local_exists(root: Path) -> Callable[[str], bool]:
+    """Whether a name is a file in the folder ``root``, each ``<job>/<model>/`` folder listed
+    once: a run's start asks this of every task it would send, and a listing costs far less
+    than a stat per task (a folder that does not exist costs one failed listing)."""
+    listed: dict[str, frozenset[str]] = {}
+
+    def exists(name: str) -> bool:
+        folder, _, base = name.rpartition("/")
+        if folder not in listed:
+            try:
+                with os.scandir(root / folder) as entries:
+                    listed[folder] = frozenset(e.name for e in entries if e.is_file())
+            except OSError:
+                listed[folder] = frozenset()
+        return base in listed[folder]
+    return exists
 
 
 def local_reader(root: Path) -> ReadSidecar:
