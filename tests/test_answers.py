@@ -392,6 +392,27 @@ def test_status_of_an_output_after_a_prune_takes_its_totals_from_the_ledger(
     assert done.returncode == 0, done.stdout
 
 
+def test_status_trusts_no_summary_an_older_prune_left_behind(
+    tmp_path: Path, thread_server: Any
+) -> None:
+    # An output pruned by a batcher that did not rewrite summary.json: the summary still
+    # counts the removed tasks, and status must not report them as pending.
+    server = thread_server()
+    head = "name: totals\noutput: out\n" + provider_block(server)
+    path = write_manifest(tmp_path, head + shots([f"shot {i}" for i in range(4)]))
+    assert run_cli("run", str(path), "--no-progress", cwd=tmp_path).returncode == 0
+    written = (tmp_path / "out" / "summary.json").read_bytes()
+    path = write_manifest(tmp_path, head + shots(["shot 0"]))
+    assert run_cli("prune", str(path), cwd=tmp_path).returncode == 0
+    (tmp_path / "out" / "summary.json").write_bytes(written)  # as the older prune left it
+
+    done = run_cli("status", "out", "--json", cwd=tmp_path)
+
+    report = json.loads(done.stdout)
+    assert (report["total"], report["ok"], report["pending"]) == (1, 1, 0)
+    assert done.returncode == 0, done.stdout
+
+
 def test_status_of_an_output_keeps_the_pending_tasks_of_a_budget_stop(
     tmp_path: Path, thread_server: Any
 ) -> None:
