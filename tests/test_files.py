@@ -192,6 +192,25 @@ def test_an_output_made_with_8_character_names_resumes_without_a_request(
         assert not (out / name).with_suffix(".json").exists()
 
 
+def test_merge_carries_an_older_outputs_sidecars_so_a_lost_ledger_costs_nothing(
+        tmp_path: Path, thread_server: Any) -> None:
+    server = thread_server()
+    path = one_task_manifest(server, tmp_path)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--no-progress").returncode == 0
+    old_names = make_legacy(out)
+    merged = tmp_path / "merged"
+    done = run_cli("merge", str(out), "--output", str(merged))
+    assert done.returncode == 0, done.stderr
+    for name in old_names:  # the 8-character sidecar came along with its task's files
+        assert (merged / name).with_suffix(".json").is_file()
+    # The merged output's ledger lost: its sidecars tell what finished, nothing is sent again.
+    (merged / "ledger.sqlite").unlink()
+    again = run_cli("run", str(path), "--no-progress", "--output", str(merged))
+    assert again.returncode == 0, again.stderr
+    assert paid(server) == 2
+
+
 # --------------------------------------------------------------------------- prune's guard
 
 
