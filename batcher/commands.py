@@ -30,9 +30,9 @@ from batcher.reports.status import (
 )
 from batcher.reports.summary import SUMMARY_NAME
 from batcher.run.limits import Rate
-from batcher.run.pool import RunOptions, effective_configs, used_providers
 from batcher.run.pool import run as run_manifest
 from batcher.run.retry import Action, classify
+from batcher.run.setup import RunOptions, effective_configs, used_providers
 from batcher.run.spend import cost_text
 from batcher.store import StoreURL, output_target
 from batcher.wording import plural, usd

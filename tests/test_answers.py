@@ -24,7 +24,7 @@ from scripted import GOOD_PNG, Reply, ScriptedServer, ThreadedApp, json_reply
 from batcher.errors import UsageError
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
-from batcher.run.pool import Outcome, RunOptions, run
+from batcher.run import Outcome, RunOptions, run
 
 __all__ = ["s3"]  # a fixture, used by name
 

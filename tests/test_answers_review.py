@@ -20,7 +20,7 @@ from s3server import S3Server, s3, store_env
 from scripted import GOOD_PNG, Reply, ScriptedServer, json_reply
 
 from batcher.manifest import load_manifest
-from batcher.run.pool import Outcome, RunOptions, run
+from batcher.run import Outcome, RunOptions, run
 from batcher.wording import usd
 
 B64 = base64.b64encode(GOOD_PNG).decode()

@@ -1,6 +1,6 @@
 """A task waiting out a retry backoff holds no worker: the provider's other tasks go on.
 
-The backoff's sleep (``batcher.run.pool.wait_out``) is replaced by a gate that opens on what
+The backoff's sleep (``batcher.run.course.wait_out``) is replaced by a gate that opens on what
 the server has seen, so nothing here depends on timing: with one worker, the task whose first
 attempt failed must wait while every other task is answered, then be sent once more.
 """
@@ -18,8 +18,7 @@ from aiohttp import web
 from conftest import ledger_rows, write_manifest
 
 from batcher.manifest import load_manifest
-from batcher.run import pool
-from batcher.run.pool import Outcome, RunOptions, run
+from batcher.run import Outcome, RunOptions, course, run
 
 PROMPTS = [f"p{i}" for i in range(6)]
 
@@ -108,7 +107,7 @@ async def test_other_tasks_are_sent_while_one_waits_out_its_backoff(
         # One worker: only if the waiting task gave it back can the others be answered.
         await asyncio.wait_for(server.others_answered.wait(), timeout=20)
 
-    monkeypatch.setattr(pool, "wait_out", gate)
+    monkeypatch.setattr(course, "wait_out", gate)
     outcome = await run_it(manifest(tmp_path, server, concurrency=1))
 
     assert outcome.exit_code == 0, outcome.message
@@ -132,7 +131,7 @@ async def test_a_stop_leaves_a_task_in_backoff_pending_and_unsent(
         waiting.set()
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(pool, "wait_out", forever)
+    monkeypatch.setattr(course, "wait_out", forever)
     outcome = await asyncio.wait_for(run_it(manifest(tmp_path, server, concurrency=1)), 60)
 
     assert waiting.is_set()
@@ -152,7 +151,7 @@ async def test_a_429_still_pauses_in_its_worker_and_is_sent_once_more(
     async def spy(seconds: float) -> None:
         waits.append(seconds)
 
-    monkeypatch.setattr(pool, "wait_out", spy)
+    monkeypatch.setattr(course, "wait_out", spy)
     outcome = await run_it(manifest(tmp_path, server, concurrency=2))
 
     assert outcome.exit_code == 0, outcome.message
@@ -173,8 +172,8 @@ async def test_past_the_cap_of_tasks_in_backoff_a_worker_waits_itself(
         if len(waits) == 1:  # p0's backoff, away from the worker
             await asyncio.wait_for(server.others_answered.wait(), timeout=20)
 
-    monkeypatch.setattr(pool, "MAX_BACKING_OFF", 1)
-    monkeypatch.setattr(pool, "wait_out", gate)
+    monkeypatch.setattr(course, "MAX_BACKING_OFF", 1)
+    monkeypatch.setattr(course, "wait_out", gate)
     outcome = await run_it(manifest(tmp_path, server, concurrency=1))
 
     assert outcome.exit_code == 0, outcome.message

@@ -23,7 +23,7 @@ from test_store import ledger_in_store, manifest, paid
 
 from batcher.ledger import FileRecord, Record
 from batcher.manifest import load_manifest
-from batcher.run.pool import RunOptions, run
+from batcher.run import RunOptions, run
 from batcher.store.mirror import cache_root, open_store_output
 from batcher.store.url import parse_store_url
 

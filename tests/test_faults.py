@@ -20,7 +20,7 @@ from conftest import ledger_rows, provider_block, run_cli, start_cli, write_mani
 from scripted import GOOD_PNG, ScriptedServer, json_reply
 
 from batcher.manifest import load_manifest
-from batcher.run.pool import Outcome, RunOptions, run
+from batcher.run import Outcome, RunOptions, run
 from batcher.server import FAULT_KINDS, LocalServer, canonical_hash
 
 IMAGES = "/images/generations"

@@ -14,7 +14,7 @@ from conftest import ledger_rows, provider_block, run_cli, write_manifest
 
 from batcher.manifest import load_manifest
 from batcher.providers.config import builtin_providers
-from batcher.run.pool import Outcome, RunOptions, run
+from batcher.run import Outcome, RunOptions, run
 from batcher.server import canonical_hash
 from batcher.tasks import expand
 

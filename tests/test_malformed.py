@@ -30,7 +30,7 @@ from scripted import (
 )
 
 from batcher.manifest import load_manifest
-from batcher.run.pool import RunOptions, run
+from batcher.run import RunOptions, run
 
 GOOD_B64 = base64.b64encode(GOOD_PNG).decode()
 CHAT_OK = {"choices": [{"message": {"content": "hi"}}]}

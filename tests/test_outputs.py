@@ -23,7 +23,7 @@ __all__ = ["s3"]  # a fixture, used by name
 
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
-from batcher.run.pool import Outcome, RunOptions, run
+from batcher.run import Outcome, RunOptions, run
 from batcher.server import ImageRequest
 
 IMAGES = "/images/generations"

@@ -23,7 +23,7 @@ from conftest import ledger_rows, provider_block, run_cli, write_manifest
 
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
-from batcher.run.pool import RunOptions, run
+from batcher.run import RunOptions, run
 from batcher.server import LocalServer
 
 KEY = "sk-test-SECRET-123"

@@ -19,7 +19,7 @@ from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
 from batcher.plan import Selection, make_plan
 from batcher.providers.prices import Price
-from batcher.run.pool import Outcome, RunOptions, run
+from batcher.run import Outcome, RunOptions, run
 from batcher.run.spend import DEFAULT_OUTPUT_TOKENS, answer_cost
 
 __all__ = ["s3"]  # a fixture, used by name

@@ -3,12 +3,18 @@
 Retried: 408, 409, 429, 5xx, timeouts, connection errors, unparseable or incomplete answers, and
 failed downloads. Never retried: other 4xx, which are recorded with the provider's message, and
 an answer over ``max_response_bytes`` (``too_large``: asking again would pay for it again).
-401/403 stop the run. A 429 that says the quota is spent, or a redirect (3xx: base_url is
-wrong, and following it could carry the key elsewhere), stops its provider.
+401/403 stop the run. A 429 that says the quota is spent, a redirect (3xx: base_url is wrong,
+and following it could carry the key elsewhere), or a wait asked for over the provider's
+``max_wait`` stops its provider.
+
+The verdict is applied to a task, with the provider's limits (retries, regenerations, an
+endpoint never reached), in one place: :meth:`batcher.run.course.Course.after_failure`. The
+words for each stop are :mod:`batcher.run.outcome`'s.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -35,6 +41,15 @@ _QUOTA = re.compile(r"insufficient.quota|quota.exceeded|exceeded your (current )
 _RATE_CODES = {"rate_limit_exceeded", "rate_limited", "too_many_requests"}
 
 
+class Cause(Enum):
+    """Why a verdict stops the run or a provider."""
+
+    KEY_REFUSED = "key refused"  # 401, 403
+    REDIRECTED = "redirected"  # 3xx
+    QUOTA_SPENT = "quota spent"  # a 429 that says so
+    WAIT_TOO_LONG = "wait too long"  # a wait asked for over max_wait
+
+
 class Action(Enum):
     RETRY = "retry"
     FAIL = "fail"  # record the failure, go on with other tasks
@@ -47,21 +62,31 @@ class Verdict:
     action: Action
     rate_limited: bool = False
     wait: float | None = None  # the provider's own hint, in seconds
+    cause: Cause | None = None  # why it stops (STOP_RUN, STOP_PROVIDER)
 
 
-def classify(error: ProviderError) -> Verdict:
-    """Decide what one failed attempt means."""
+def classify(error: ProviderError, *, max_wait: float = math.inf) -> Verdict:
+    """Decide what one failed attempt means; a provider asking to wait over ``max_wait``
+    seconds is stopped rather than waited for."""
+    verdict = _verdict(error)
+    if verdict.wait is not None and verdict.wait > max_wait:
+        return Verdict(Action.STOP_PROVIDER, verdict.rate_limited, verdict.wait,
+                       Cause.WAIT_TOO_LONG)
+    return verdict
+
+
+def _verdict(error: ProviderError) -> Verdict:
     if isinstance(error, HTTPStatusError):
         status = error.status
         if status in AUTH_STATUS:
-            return Verdict(Action.STOP_RUN)
+            return Verdict(Action.STOP_RUN, cause=Cause.KEY_REFUSED)
         if 300 <= status < 400:  # every request will be redirected alike: base_url is wrong
-            return Verdict(Action.STOP_PROVIDER)
+            return Verdict(Action.STOP_PROVIDER, cause=Cause.REDIRECTED)
         if status == 429:
             if (error.code or "").lower() not in _RATE_CODES and _QUOTA.search(
                 f"{error.code or ''} {error.message}"
             ):
-                return Verdict(Action.STOP_PROVIDER, rate_limited=True)
+                return Verdict(Action.STOP_PROVIDER, rate_limited=True, cause=Cause.QUOTA_SPENT)
             return Verdict(Action.RETRY, rate_limited=True, wait=error.retry_after)
         if status in RETRYABLE_STATUS or status >= 500:
             return Verdict(Action.RETRY, wait=error.retry_after)
@@ -73,13 +98,6 @@ def classify(error: ProviderError) -> Verdict:
     if isinstance(error, ResponseError) and error.reason in {"too_large", "bad_encoding"}:
         return Verdict(Action.FAIL)
     return Verdict(Action.RETRY)
-
-
-def stop_reason(error: ProviderError) -> str:
-    """Why a provider takes no more tasks after ``error`` (a STOP_PROVIDER verdict)."""
-    if isinstance(error, HTTPStatusError) and 300 <= error.status < 400:
-        return error.message
-    return f"the provider says its quota is spent ({error})"
 
 
 def backoff(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:

@@ -9,7 +9,8 @@ is *unknown*: it is never counted as 0, and a budget cannot be kept with it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,10 +205,11 @@ def run_spend_text(tallies: Iterable[Any]) -> str:
 class Spend:
     """This run's spend, and the budget that holds it (``limit`` None: no budget).
 
-    Before a request is sent, :meth:`start` reserves its estimate; once it is answered (or has
-    failed) :meth:`settle` replaces the reservation with what it cost. A request starts only
-    while spent + reserved + its estimate stays within the limit, so the budget is passed only
-    when answers cost more than their estimates.
+    A request is sent inside :meth:`reserve`, a gate like ``Pacer.slot()``: it reserves the
+    request's estimate (:meth:`start`), and once the request is answered (or has failed) its
+    :meth:`Reservation.settle` replaces the reservation with what it cost. A request starts
+    only while spent + reserved + its estimate stays within the limit, so the budget is passed
+    only when answers cost more than their estimates.
     """
 
     limit: float | None = None
@@ -216,6 +218,18 @@ class Spend:
     assumed: float = 0.0  # the estimates of answers whose cost is unknown: held by the budget
     unknown: int = 0  # requests answered whose cost is unknown
     stopped: bool = False  # a request was refused: the run starts no more
+
+    @asynccontextmanager
+    async def reserve(self, estimated: float | None) -> AsyncIterator[Reservation]:
+        """Hold a request's estimate while it is in flight. Raises :class:`OverBudget` (on
+        entering) when the request would pass the budget. Left unsettled (cancelled in flight,
+        or batcher's own error) the estimate stays held: the request may have been paid."""
+        reservation = Reservation(self, self.start(estimated))
+        try:
+            yield reservation
+        finally:
+            if not reservation.settled:
+                self.abandon(reservation.amount)
 
     def start(self, estimated: float | None) -> float | None:
         """Reserve a request's estimate; returns the reservation (``None`` for a request of
@@ -257,6 +271,20 @@ class Spend:
         """What the budget counts as used: spend, unknown costs at their estimates, and the
         requests in flight."""
         return self.spent + self.assumed + self.reserved
+
+
+@dataclass(slots=True)
+class Reservation:
+    """One request's estimate, held by the budget until what the request cost is known."""
+
+    spend: Spend
+    amount: float | None  # None: a request of unknown price, without a budget
+    settled: bool = False
+
+    def settle(self, cost: float | None) -> None:
+        """The request's cost is known (``None``: unknown); see :meth:`Spend.settle`."""
+        self.spend.settle(self.amount, cost)
+        self.settled = True
 
 
 class OverBudget(Exception):
