@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,13 +101,11 @@ class Course:
         self.stops = stops
         self.counters = counters
         self.tally = tally
-        self.failed = failed  # the tasks that had failed before this run
+        self.keeper = Keeper(output, counters, tally, failed, stops.crashed)
         self.images = InputImages()
         self.in_flight: set[asyncio.Task[Any]] = set()  # workers with a request under way
         # Tasks waiting out a backoff, then trying again, each in an asyncio task of its own.
         self.retrying: set[asyncio.Task[None]] = set()
-        self.keeping: set[asyncio.Task[None]] = set()  # paid results on their way to the output
-        self.unkept = 0  # ok results paid and handed to the output, not kept (yet)
 
     async def take(self, lane: Lane, task: Task, tries: _Tries | None = None) -> None:
         """Try a task until it is kept, left pending or due for a backoff away from this
@@ -121,7 +120,7 @@ class Course:
             retry.add_done_callback(functools.partial(self._retry_done, lane))
         elif step is not None:
             record, sidecar = step
-            await asyncio.shield(self._keep(record, sidecar, task.id in self.failed))
+            await asyncio.shield(self.keeper.keep(record, sidecar))
             if record.status == "ok" and self.deriver.spec(task.job) is not None:
                 # After the paid image is kept: a kill while deriving loses only
                 # derived files, which the next run makes with no request.
@@ -281,22 +280,33 @@ class Course:
         self.tally.setdefault(task.job, JobTally()).cost.add(cost)
         self.counters.spent_usd = self.spend.spent
 
-    # ------------------------------------------------------------------ keeping
 
-    def _keep(self, record: Record, sidecar: str | None, was_failed: bool) -> asyncio.Task[None]:
-        """Keep a paid result in a task of its own: a signal that cancels its worker (which
-        may wait for an upload slot) does not cancel the keeping; the run waits for it."""
+class Keeper:
+    """Keeps paid results, each in an asyncio task of its own: a signal that cancels a worker
+    (which may wait for an upload slot) does not cancel the keeping; the pool waits for it."""
+
+    def __init__(self, output: Output, counters: Counters, tally: dict[str, JobTally],
+                 failed: set[str], crashed: Callable[[BaseException], None]) -> None:
+        self.output = output
+        self.counters = counters
+        self.tally = tally
+        self.failed = failed  # the tasks that had failed before this run
+        self.crashed = crashed
+        self.keeping: set[asyncio.Task[None]] = set()  # paid results on their way to the output
+        self.unkept = 0  # ok results paid and handed to the output, not kept (yet)
+
+    def keep(self, record: Record, sidecar: str | None) -> asyncio.Task[None]:
         self.unkept += record.status == "ok"
         keeping = asyncio.create_task(self.output.keep(record, sidecar, functools.partial(
-            self._kept, was_failed=was_failed), self.stops.crashed))
+            self._kept, was_failed=record.id in self.failed), self.crashed))
         self.keeping.add(keeping)
         keeping.add_done_callback(self.keeping.discard)
         return keeping
 
     def _kept(self, record: Record, *, was_failed: bool) -> None:
         """A task's outcome is durable: count it and queue its ledger row."""
-        self.unkept -= record.status == "ok"
         ok = record.status == "ok"
+        self.unkept -= ok
         self.counters.ran += 1
         self.counters.ok += ok
         self.counters.failed += not ok
@@ -305,4 +315,4 @@ class Course:
         tally.ok += ok
         tally.failed += not ok
         tally.failed_before += was_failed
-        self.ledger.record(record)  # the progress shows it at the next tick
+        self.output.ledger.record(record)  # the progress shows it at the next tick

@@ -27,14 +27,14 @@ from typing import Any
 
 from batcher.errors import Interrupted
 from batcher.manifest import Manifest
-from batcher.plan import Plan, output_dir
+from batcher.plan import Plan, Selection, output_dir
 from batcher.reports.progress import Counters, Progress
 from batcher.reports.summary import JobTally, ok_costs_by_job, summarize
 from batcher.run.course import Course
 from batcher.run.outcome import Outcome, Stops, interrupted
 from batcher.run.setup import Lane, Providers, RunOptions, check_budget, equipped
 from batcher.run.signals import LAST_MOMENT, Signals
-from batcher.run.spend import Cost, Spend
+from batcher.run.spend import Spend
 from batcher.storage import Layout, remove_leftovers
 from batcher.store.derive import Deriver
 from batcher.store.output import Output, open_output
@@ -136,12 +136,11 @@ class Pool:
 
     async def _finish(self, plan: Plan, started: float) -> Outcome:
         """The summary, written to the output, and the outcome."""
-        summary = summarize(plan, self.counters, self.tally, elapsed=time.time() - started,
-                            spend=self.spend, spent_by_job=self._spent_by_job(plan))
+        summary = self._summary(plan, started)
         limited = self.options.selection.limit is not None
         summary["exit_code"] = exit_code = self.stops.exit_code(summary, limited=limited)
         # In the working copy: the next run uploads them.
-        summary["not_uploaded"] = self.course.unkept if self.course else 0
+        summary["not_uploaded"] = self.course.keeper.unkept if self.course else 0
         # A moment even after a second signal: a folder's summary is a local write.
         finished, _ = await self.signals.graced(self.output.finish(summary),
                                                 last_moment=LAST_MOMENT)
@@ -153,8 +152,8 @@ class Pool:
 
     async def _settle(self) -> None:
         """Wait for the paid results being kept, then for the output's uploads."""
-        while self.course and self.course.keeping:
-            keeping = list(self.course.keeping)
+        while self.course and self.course.keeper.keeping:
+            keeping = list(self.course.keeper.keeping)
             for result in await asyncio.gather(*keeping, return_exceptions=True):
                 if isinstance(result, Exception):  # its worker, cancelled, could not say so
                     self.stops.crashed(result)
@@ -165,17 +164,16 @@ class Pool:
         counts are the ledger's word (a store's listing may not have been read)."""
         done, failed = self.output.ledger.statuses(lambda _path, _size: True)
         plan = self.providers.plan(self.manifest, self.options.selection, done, failed)
-        summary = summarize(plan, self.counters, self.tally, elapsed=time.time() - started,
-                            spend=self.spend, spent_by_job=self._spent_by_job(plan))
-        return interrupted(plan, self.counters, summary, self.output.location,
-                           self.output.root, message)
+        return interrupted(plan, self.counters, self._summary(plan, started),
+                           self.output.location, self.output.root, message)
 
-    def _spent_by_job(self, plan: Plan) -> dict[str, Cost]:
-        """What every ok task of the run's jobs (and shard) cost when it ran: the manifest's
-        tasks only, from every ledger of the output (one more walk of the expansion)."""
-        jobs = {job for job, _model in plan.by_model}
-        return ok_costs_by_job(self.options.selection.tasks(self.manifest),
-                               self.output.ok_costs(), jobs)
+    def _summary(self, plan: Plan, started: float) -> dict[str, Any]:
+        # What every ok task of the run's jobs (and shard) cost when it ran: the manifest's
+        # tasks only, from every ledger of the output (one more walk of the expansion).
+        spent_by_job = ok_costs_by_job(self.options.selection.tasks(self.manifest),
+                                       self.output.ok_costs(), {job for job, _ in plan.by_model})
+        return summarize(plan, self.counters, self.tally, elapsed=time.time() - started,
+                         spend=self.spend, spent_by_job=spent_by_job)
 
     async def _refresh_derived(self, done: set[str]) -> None:
         redone = await refresh_derived(self.manifest, self.options.selection, self.output,
@@ -241,7 +239,8 @@ class Pool:
             self.stops.stopping.set()
             return
         if self.course is not None:
-            for task in [*self._workers, *self.course.retrying, *self.course.keeping]:
+            for task in [*self._workers, *self.course.retrying,
+                         *self.course.keeper.keeping]:
                 task.cancel()
 
     async def _tick(self) -> None:
@@ -254,19 +253,8 @@ class Pool:
 
     # ------------------------------------------------------------------ producing, working
 
-    def _to_run(self, done: set[str], failed: set[str]) -> Iterator[Task]:
-        """The tasks this run sends, in expansion order, ``--limit`` counted over all of them."""
-        limit = self.options.selection.limit
-        sent = 0
-        for task, sends in self.options.selection.walk(self.manifest, done, failed):
-            if limit is not None and sent >= limit:
-                return  # nothing later can be sent
-            if sends:
-                sent += 1
-                yield task
-
     async def _produce(self, name: str, lane: Lane, done: set[str], failed: set[str]) -> None:
-        for task in self._to_run(done, failed):
+        for task in _to_send(self.manifest, self.options.selection, done, failed):
             if self.stops.stopping.is_set() or lane.stopped:
                 break
             if task.provider == name:
@@ -285,3 +273,15 @@ class Pool:
                 await self.course.take(lane, task)
         except Exception as exc:  # batcher's own fault (a full disk, a bug): stop, never hang
             self.stops.crashed(exc)
+
+
+def _to_send(manifest: Manifest, selection: Selection, done: set[str],
+             failed: set[str]) -> Iterator[Task]:
+    """The tasks a run sends, in expansion order, ``--limit`` counted over all of them."""
+    sent = 0
+    for task, sends in selection.walk(manifest, done, failed):
+        if selection.limit is not None and sent >= selection.limit:
+            return  # nothing later can be sent
+        if sends:
+            sent += 1
+            yield task
