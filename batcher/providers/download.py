@@ -15,10 +15,10 @@ from pathlib import Path
 import aiohttp
 import yarl
 
+from batcher.backoff import backoff
 from batcher.errors import DownloadError
 from batcher.imagegen import image_kind
 from batcher.imagerefs import check_url
-from batcher.run.retry import backoff
 from batcher.storage import AtomicFile
 
 CHUNK = 256 * 1024

@@ -17,9 +17,10 @@ from batcher import fastjson
 from batcher.ledger import Ledger, Record
 from batcher.outputs import entries
 from batcher.plan import Plan
+from batcher.providers.prices import Cost
 from batcher.reports.progress import Counters
 from batcher.reports.sheet import ContactSheet, Mark
-from batcher.run.spend import Cost, Spend
+from batcher.run.spend import Spend
 from batcher.storage import atomic_open
 from batcher.tasks import Task
 
