@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher.location import StoreURL, output_target
 from batcher.manifest import Manifest
+from batcher.manifest.tasks import Task, expand
 from batcher.providers.prices import TOKENS_PER_PRICE, Cost, Price, PriceList
 from batcher.providers.rates import Rate
-from batcher.store.url import StoreURL, output_target
-from batcher.tasks import Task, expand
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from batcher.atomic import FileWriter, remove_leftovers
 from batcher.backoff import backoff
 from batcher.bodies import InputImages
 from batcher.errors import (
@@ -44,6 +45,7 @@ from batcher.errors import (
 )
 from batcher.ledger import Record
 from batcher.manifest import Manifest
+from batcher.manifest.tasks import Task
 from batcher.plan import Plan, Selection, estimate, make_plan, output_dir
 from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.base import ImageAnswer
@@ -59,11 +61,10 @@ from batcher.run.retry import Action, Verdict, classify, stop_reason
 from batcher.run.saving import Saver, task_boundary
 from batcher.run.signals import LAST_MOMENT, Signals
 from batcher.run.spend import OverBudget, Spend
-from batcher.storage import FileWriter, Layout, remove_leftovers
+from batcher.storage import Layout
 from batcher.store.derive import Deriver
 from batcher.store.output import Output, open_output
 from batcher.store.rederive import refresh_derived, replace_derived
-from batcher.tasks import Task
 from batcher.wording import plural, usd
 
 log = logging.getLogger(__name__)
