@@ -28,8 +28,9 @@ from conftest import ledger_rows, provider_block, run_cli, start_cli, write_mani
 
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
+from batcher.providers.rates import Rate
 from batcher.run import Outcome, RunOptions, run
-from batcher.run.limits import Pacer, Rate
+from batcher.run.limits import Pacer
 
 IMAGES = "/images/generations"
 CHAT = "/chat/completions"

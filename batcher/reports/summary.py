@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from batcher import fastjson
+from batcher.atomic import atomic_open
 from batcher.ledger import Ledger, Record
+from batcher.manifest.tasks import Task
 from batcher.outputs import entries
 from batcher.plan import Plan
+from batcher.providers.prices import Cost
 from batcher.reports.progress import Counters
 from batcher.reports.sheet import ContactSheet, Mark
-from batcher.run.spend import Cost, Spend
-from batcher.storage import atomic_open
-from batcher.tasks import Task
 
 SUMMARY_NAME = "summary.json"
 RESULTS_NAME = "results.jsonl"
@@ -48,7 +48,7 @@ class JobTally:
 
 def summarize(
     plan: Plan, counters: Counters, tally: dict[str, JobTally], *, elapsed: float,
-    spend: Spend | None = None, spent_by_job: dict[str, Cost] | None = None,
+    budget: float | None = None, spent_by_job: dict[str, Cost] | None = None,
 ) -> dict[str, Any]:
     """The summary of the whole selection after a run: ok + failed + pending = total.
 
@@ -76,7 +76,7 @@ def summarize(
               for key in ("total", "ok", "failed", "pending", "skipped", "ran")}
     return {
         **totals, **_costs(run_cost, total_cost),
-        "budget_usd": spend.limit if spend is not None else None,
+        "budget_usd": budget,
         "requests": counters.requests, "retries": counters.retries,
         "rate_limited": counters.rate_limited, "elapsed_s": round(elapsed, 3),
         "exit_code": None, "jobs": jobs, "models": _models_in_order(plan),

@@ -22,30 +22,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from batcher.backoff import backoff
 from batcher.bodies import InputImages
 from batcher.errors import BatcherError, DownloadError, NameTaken, ProviderError, TransportError
 from batcher.ledger import Record
+from batcher.manifest.tasks import Task
+from batcher.plan import estimate
 from batcher.providers.base import ImageAnswer
-from batcher.providers.prices import Price
+from batcher.providers.prices import Price, answer_cost, failed_attempt_cost
 from batcher.reports.progress import Counters
 from batcher.reports.summary import JobTally
 from batcher.run.outcome import Stops
-from batcher.run.retry import Action, backoff, classify
+from batcher.run.retry import Action, classify
 from batcher.run.saving import Saver, task_boundary
 from batcher.run.setup import Lane
-from batcher.run.spend import (
-    OverBudget,
-    Reservation,
-    Spend,
-    answer_cost,
-    estimate,
-    failed_attempt_cost,
-)
+from batcher.run.spend import OverBudget, Reservation, Spend
 from batcher.storage import Layout
 from batcher.store.derive import Deriver
 from batcher.store.output import Output
 from batcher.store.rederive import replace_derived
-from batcher.tasks import Task
 
 log = logging.getLogger(__name__)
 wait_out = asyncio.sleep  # how a task waits out its backoff (tests gate it on events)

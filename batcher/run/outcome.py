@@ -16,12 +16,12 @@ from typing import Any
 
 from batcher.errors import AuthError, BatcherError, Interrupted, ProviderError
 from batcher.plan import Plan
+from batcher.providers.prices import run_spend_text
 from batcher.reports.progress import Counters
 from batcher.reports.summary import JobTally
 from batcher.run.retry import Cause, Verdict
 from batcher.run.setup import Lane
 from batcher.run.signals import Signals
-from batcher.run.spend import run_spend_text
 from batcher.wording import usd
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from batcher.atomic import remove_leftovers
 from batcher.errors import Interrupted
 from batcher.manifest import Manifest
+from batcher.manifest.tasks import Task
 from batcher.plan import Plan, Selection, output_dir
 from batcher.reports.progress import Counters, Progress
 from batcher.reports.summary import JobTally, ok_costs_by_job, summarize
@@ -35,11 +37,10 @@ from batcher.run.outcome import Outcome, Stops, interrupted
 from batcher.run.setup import Lane, Providers, RunOptions, check_budget, equipped
 from batcher.run.signals import LAST_MOMENT, Signals
 from batcher.run.spend import Spend
-from batcher.storage import Layout, remove_leftovers
+from batcher.storage import Layout
 from batcher.store.derive import Deriver
 from batcher.store.output import Output, open_output
 from batcher.store.rederive import refresh_derived
-from batcher.tasks import Task
 from batcher.wording import plural
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ async def run(manifest: Manifest, options: RunOptions) -> Outcome:
         except Interrupted as stop:  # waiting for the lock, or for the store's first answer
             plan = providers.plan(manifest, options.selection, set(), set())
             counters = Counters()  # nothing ran, nothing is known done
-            summary = summarize(plan, counters, {}, elapsed=0.0, spend=Spend(), spent_by_job={})
+            summary = summarize(plan, counters, {}, elapsed=0.0, spent_by_job={})
             return interrupted(plan, counters, summary, str(target), Path(str(target)),
                                str(stop))
         try:
@@ -173,7 +174,7 @@ class Pool:
         spent_by_job = ok_costs_by_job(self.options.selection.tasks(self.manifest),
                                        self.output.ok_costs(), {job for job, _ in plan.by_model})
         return summarize(plan, self.counters, self.tally, elapsed=time.time() - started,
-                         spend=self.spend, spent_by_job=spent_by_job)
+                         budget=self.spend.limit, spent_by_job=spent_by_job)
 
     async def _refresh_derived(self, done: set[str]) -> None:
         redone = await refresh_derived(self.manifest, self.options.selection, self.output,

@@ -17,17 +17,19 @@ from pathlib import Path
 
 import aiohttp
 
+from batcher.atomic import FileWriter
 from batcher.errors import UsageError
 from batcher.manifest import Manifest
+from batcher.manifest.tasks import Task
 from batcher.plan import Plan, Selection, make_plan
 from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.providers.download import Downloader
 from batcher.providers.openai_compat import connection_tracing
-from batcher.run.limits import Pacer, Rate
+from batcher.providers.rates import Rate
+from batcher.run.limits import Pacer
 from batcher.run.saving import Saver
-from batcher.storage import FileWriter, Layout
-from batcher.tasks import Task
+from batcher.storage import Layout
 from batcher.wording import usd
 
 

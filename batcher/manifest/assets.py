@@ -10,15 +10,13 @@ jobs giving one name is an error.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from batcher.errors import ManifestError
+from batcher.manifest.fields import Where, placeholders
 
 if TYPE_CHECKING:
-    from batcher.manifest import JobSpec, Manifest
-    from batcher.manifest.fields import Where
-    from batcher.tasks import Task
+    from batcher.manifest import JobSpec
 
 SPECIAL = frozenset({"model", "seed", "job"})
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -30,8 +28,6 @@ LISTING = "assets.json"  # publish's own file at the top of the set
 def check_template(value: Any, where: Where, var_names: set[str], prompts: tuple[str, ...],
                    system: str | None, has_vars_file: bool, has_seeds: bool) -> str:
     """The ``asset:`` of a grid job, checked as a template (names are checked per task)."""
-    from batcher.manifest.fields import placeholders
-
     if not isinstance(value, str) or not value.strip():
         raise where.error("asset", "must be a name template such as \"icons/{sku}\"")
     try:
@@ -60,8 +56,6 @@ def check_template(value: Any, where: Where, var_names: set[str], prompts: tuple
 
 def columns_of(job: JobSpec) -> frozenset[str]:
     """The vars_file columns a job's asset template reads."""
-    from batcher.manifest.fields import placeholders
-
     if job.asset is None or job.vars_file is None:
         return frozenset()
     return frozenset(placeholders(job.asset) - SPECIAL - {name for name, _ in job.vars})
@@ -113,97 +107,25 @@ def folder_clash(name: str, names: set[str]) -> str | None:
     return None
 
 
-def task_asset(job: JobSpec, task: Task) -> str:
-    """The asset name of one of the job's tasks (its template checked when it loaded)."""
-    assert job.asset is not None
-    return fill(job.asset, dict(task.vars), task.model, task.seed, job.name)
-
-
-def named_tasks(manifest: Manifest) -> Iterator[tuple[str, JobSpec, Task]]:
-    """Each task of a job with ``asset:``, with its name, in expansion order."""
-    from batcher.tasks import expand
-
-    jobs = {job.name: job for job in manifest.jobs if job.asset is not None}
-    for task in expand(manifest):
-        job = jobs.get(task.job)
-        if job is not None:
-            yield task_asset(job, task), job, task
-
-
-def check_names(manifest: Manifest) -> None:
-    """Every name of the manifest valid, and no name given by two jobs."""
-    from batcher.tasks import expand
-
-    jobs = {job.name: job for job in manifest.jobs if job.asset is not None}
-    if not jobs:
-        return
-    owner: dict[str, str] = {}
-    variants: dict[tuple[str, str, int | None], Task] = {}
-    named: list[tuple[str, JobSpec, Task]] = []
-    for task in expand(manifest):
-        job = jobs.get(task.job)
-        if job is None:
-            continue
-        try:
-            name = task_asset(job, task)
-        except ValueError as exc:
-            raise _at_row(manifest, job, task, f"the name {exc}") from None
-        first = owner.setdefault(name, job.name)
-        if first != job.name:
-            raise _at_row(manifest, job, task, f"{name!r} is also a name of job {first!r}; "
-                          "two jobs cannot give one name")
-        twin = variants.setdefault((name, task.model, task.seed), task)
-        if twin.id != task.id:
-            raise _at_row(manifest, job, task, _twins(name, twin, task, job), exact=True)
-        named.append((name, job, task))
-    names = set(owner)
-    for name, job, task in named:
-        clash = folder_clash(name, names)
-        if clash is not None:
-            raise _at_row(manifest, job, task, f"{name!r} needs a folder where the name "
-                          f"{clash!r} puts its file")
-
-
-def _twins(name: str, first: Task, second: Task, job: JobSpec) -> str:
-    """Two tasks of one name with the same model and seed: no pick or reject could tell
-    their variants apart."""
-    line = _row_line(job, first)
-    also = f" (the other at row {line})" if line not in {None, _row_line(job, second)} else ""
-    return (f"{name!r} is given to two tasks{also} with the same model and seed that differ "
-            f"only in the prompt ({first.prompt!r} and {second.prompt!r}): no pick could tell "
-            "them apart; put what tells them apart in asset:")
-
-
-def _row_line(job: JobSpec, task: Task) -> int | None:
-    """The line of the vars_file row the task came from (all its values alike)."""
-    if job.vars_file is None:
-        return None
-    from batcher.manifest.varsfile import iter_rows
-
-    values = dict(task.vars)
-    for row in iter_rows(job.vars_file):
-        if row.values and all(values.get(k) == v for k, v in row.values.items()
-                              if k in values):
-            return row.line
-    return None
-
-
-def _at_row(manifest: Manifest, job: JobSpec, task: Task, message: str, *,
-            exact: bool = False) -> ManifestError:
-    """The error at the vars_file row the task came from (``exact``: the row with all its
-    values, else the first with its name's), else at the job's ``asset:``."""
-    field = f"jobs[{manifest.jobs.index(job)}].asset"
-    columns = columns_of(job)
-    line = _row_line(job, task) if exact and columns else None
-    if job.vars_file is not None and line is not None:
-        return ManifestError(message, file=str(job.vars_file), line=line, field=min(columns))
-    if job.vars_file is not None and columns:
-        from batcher.manifest.varsfile import iter_rows
-
-        values = dict(task.vars)
-        for row in iter_rows(job.vars_file):
-            if all(row.values.get(c) == values.get(c) for c in columns):
-                return ManifestError(message, file=str(job.vars_file), line=row.line,
-                                     field=min(columns))
-    return ManifestError(message, file=str(manifest.path), line=job.asset_line or job.line,
-                         field=field)
+def check_keep(data: Mapping[str, Any], where: Where, asset: str | None,
+               seeds: tuple[int, ...] | None) -> tuple[int | None, int | None]:
+    """A job's ``keep`` and ``max_seeds``, checked."""
+    keep = data.get("keep")
+    if keep is None:
+        if "max_seeds" in data:
+            raise where.error("max_seeds", "goes with keep")
+        return None, None
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise where.error("keep", f"must be a whole number from 1, not {keep!r}")
+    if asset is None:
+        raise where.error("keep", "counts the variants of each asset: give the job an asset")
+    if "seed" in placeholders(asset):
+        raise where.error("keep", "a name with {seed} makes each seed its own asset; "
+                          "take {seed} out of asset")
+    if seeds is None:
+        raise where.error("keep", "varies the seed: give the job seeds")
+    most = data.get("max_seeds", max(4 * keep, len(seeds)))
+    if isinstance(most, bool) or not isinstance(most, int) or most < len(seeds):
+        raise where.error("max_seeds", f"must be a whole number, at least the {len(seeds)} "
+                          f"seeds listed, not {most!r}")
+    return keep, most
