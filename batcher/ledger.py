@@ -106,6 +106,9 @@ class Record:
     response: Mapping[str, Any] | None = None
     started: float | None = None
     finished: float | None = None
+    # finished - started: the task's whole course in this run, from when a worker took it
+    # (before its pacer's turn) through retries, 429 pauses, downloads and writes; not one
+    # request's latency.
     elapsed: float | None = None
     request_id: str | None = None  # the provider's x-request-id of the last answer
     # What this task's run paid for it in USD, retries and re-generations included; None when
