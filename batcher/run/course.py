@@ -63,7 +63,7 @@ class _Bill:
 
 
 @dataclass(slots=True)
-class _Tries:
+class Tries:
     """One task's attempts in this run so far: carried across its backoffs."""
 
     started: float  # when the task was first taken (before its turn of the pacer)
@@ -73,7 +73,7 @@ class _Tries:
 
 
 @dataclass(frozen=True, slots=True)
-class _Retry:
+class Retry:
     """Send the task again after ``wait`` seconds (``None``: at once, a 429 has paused the
     whole provider), waited out ``away`` from its worker (in a task of its own) or in it."""
 
@@ -102,13 +102,13 @@ class Course:
         # Tasks waiting out a backoff, then trying again, each in an asyncio task of its own.
         self.retrying: set[asyncio.Task[None]] = set()
 
-    async def take(self, lane: Lane, task: Task, tries: _Tries | None = None) -> None:
+    async def take(self, lane: Lane, task: Task, tries: Tries | None = None) -> None:
         """Try a task until it is kept, left pending or due for a backoff away from this
         worker, which it waits out in a task of its own while the worker takes the next one."""
         if tries is None:
-            tries = _Tries(time.time())
+            tries = Tries(time.time())
         step = await self._execute(lane, task, tries)
-        if isinstance(step, _Retry):
+        if isinstance(step, Retry):
             retry = asyncio.create_task(self._retry_after(step.wait, lane, task, tries))
             self.retrying.add(retry)
             lane.backing_off += 1
@@ -127,7 +127,7 @@ class Course:
         lane.backing_off -= 1
 
     async def _retry_after(self, seconds: float | None, lane: Lane, task: Task,
-                           tries: _Tries) -> None:
+                           tries: Tries) -> None:
         """Wait out a task's backoff holding no worker, then try it again: its next request
         waits for a turn of the provider's pacer (concurrency, rate, 429 pause) as any other."""
         try:
@@ -139,10 +139,9 @@ class Course:
         except Exception as exc:  # batcher's own fault: stop, never hang
             self.stops.crashed(exc)
 
-    async def _execute(self, lane: Lane, task: Task, tries: _Tries) -> Kept | _Retry | None:
+    async def _execute(self, lane: Lane, task: Task, tries: Tries) -> Kept | Retry | None:
         """Try a task until it is saved, its failure is final or it must wait out a backoff
-        away from its worker: its record and sidecar, or the backoff; ``None`` leaves it
-        pending."""
+        away from its worker: its record and sidecar, that retry, or ``None`` (pending)."""
         if tries.attempt == 0 and (taken := self._name_taken(task)) is not None:
             # Never sent: its answer would overwrite another task's files.
             return self._failed(task, taken, tries), None
@@ -152,7 +151,7 @@ class Course:
                 kept = await self._attempt(lane, task, tries)
             except ProviderError as error:
                 step = self.after_failure(lane, task, error, tries)
-                if not isinstance(step, _Retry) or step.away:
+                if not isinstance(step, Retry) or step.away:
                     return step  # failed for good, pending, or its worker takes another task
                 if step.wait is not None:  # None: a 429 paused the whole provider
                     await wait_out(step.wait)
@@ -162,7 +161,7 @@ class Course:
         return None
 
     def after_failure(self, lane: Lane, task: Task, error: ProviderError,
-                      tries: _Tries) -> Kept | _Retry | None:
+                      tries: Tries) -> Kept | Retry | None:
         """Every retry rule, in one place: a failed attempt makes its task fail for good (its
         record), wait out a backoff, or stay pending (``None``)."""
         if not (isinstance(error, TransportError) and not error.reached):
@@ -196,13 +195,13 @@ class Course:
         self.counters.retries += 1
         log.debug("task %s attempt %d: %s; retrying", task.id, tries.attempt, error)
         if verdict.rate_limited:
-            return _Retry()
+            return Retry()
         # Away from the worker only once the endpoint has answered (one that never did costs
         # `concurrency` tasks' retries, not more) and without a budget (money goes to finishing
         # the tasks begun before starting others).
         away = (lane.answered and self.spend.limit is None
                 and lane.backing_off < MAX_BACKING_OFF)
-        return _Retry(verdict.wait if verdict.wait is not None else backoff(tries.attempt),
+        return Retry(verdict.wait if verdict.wait is not None else backoff(tries.attempt),
                         away)
 
     def _name_taken(self, task: Task) -> NameTaken | None:
@@ -213,12 +212,12 @@ class Course:
         return NameTaken(f"its files would be named {stem}.*, which task {owner} owns; give "
                          "one of the two an id (or change its prompt) to run it")
 
-    def _failed(self, task: Task, error: ProviderError, tries: _Tries) -> Record:
+    def _failed(self, task: Task, error: ProviderError, tries: Tries) -> Record:
         record = self.saver.failed(task, error, tries.attempt, tries.started)
         record.cost_usd = tries.bill.usd
         return record
 
-    async def _attempt(self, lane: Lane, task: Task, tries: _Tries) -> Kept | None:
+    async def _attempt(self, lane: Lane, task: Task, tries: Tries) -> Kept | None:
         """One request through the provider's pacer and the budget's gate; ``None``: stopped
         before it was sent."""
         async with lane.pacer.slot():
@@ -238,7 +237,7 @@ class Course:
                 self.stops.over_budget(str(exc), self.spend.limit)
                 return None
 
-    async def _send(self, lane: Lane, task: Task, tries: _Tries, reservation: Reservation,
+    async def _send(self, lane: Lane, task: Task, tries: Tries, reservation: Reservation,
                     price: Price | None) -> Kept:
         """The request, the saving of its answer and of its sidecar: counted as in flight
         throughout, so a stop gives it the grace period rather than cancelling it between its
@@ -266,7 +265,7 @@ class Course:
         finally:
             self.in_flight.discard(worker)
 
-    def _charge(self, task: Task, tries: _Tries, reservation: Reservation,
+    def _charge(self, task: Task, tries: Tries, reservation: Reservation,
                 cost: float | None) -> None:
         """What one attempt cost goes to the budget, the task's bill and its job's spend
         (tasks left pending included: their attempts were paid too)."""
