@@ -297,6 +297,13 @@ class Keeper:
         keeping.add_done_callback(self.keeping.discard)
         return keeping
 
+    async def settle(self) -> None:
+        """Wait for every paid result being kept, those handed over meanwhile included."""
+        while self.keeping:
+            for result in await asyncio.gather(*list(self.keeping), return_exceptions=True):
+                if isinstance(result, Exception):  # its worker, cancelled, could not say so
+                    self.crashed(result)
+
     def _kept(self, record: Record, *, was_failed: bool) -> None:
         """A task's outcome is durable: count it and queue its ledger row."""
         ok = record.status == "ok"

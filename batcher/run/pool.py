@@ -153,11 +153,8 @@ class Pool:
 
     async def _settle(self) -> None:
         """Wait for the paid results being kept, then for the output's uploads."""
-        while self.course and self.course.keeper.keeping:
-            keeping = list(self.course.keeper.keeping)
-            for result in await asyncio.gather(*keeping, return_exceptions=True):
-                if isinstance(result, Exception):  # its worker, cancelled, could not say so
-                    self.stops.crashed(result)
+        if self.course is not None:
+            await self.course.keeper.settle()
         await self.output.drain()
 
     def _interrupted_at_start(self, started: float, message: str) -> Outcome:
