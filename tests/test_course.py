@@ -5,14 +5,13 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from conftest import ledger_rows, write_manifest
+from scripted import Reply, ScriptedServer
 
 from batcher.errors import HTTPStatusError
 from batcher.manifest import load_manifest
@@ -40,47 +39,22 @@ def test_a_wait_up_to_max_wait_is_retried() -> None:
     assert classify(HTTPStatusError(503, "later", retry_after=1e9)).action is Action.RETRY
 
 
-class WaitALongTime:
-    """Chat completions that answer every request 503 with a long Retry-After; counts them."""
-
-    def __init__(self) -> None:
-        self.requests: collections.Counter[str] = collections.Counter()
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._answer)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
-
-    async def stop(self) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-
-    async def _answer(self, request: web.Request) -> web.Response:
-        self.requests[(await request.json())["messages"][-1]["content"]] += 1
-        return web.json_response({"error": {"message": "busy"}}, status=503,
-                                 headers={"Retry-After": "600"})
-
-
 @pytest.fixture
-async def slow_server() -> AsyncIterator[WaitALongTime]:
-    server = WaitALongTime()
-    await server.start()
+def slow_server() -> Iterator[ScriptedServer]:
+    """Every request answered 503 with a Retry-After of ten minutes."""
+    server = ScriptedServer().start()
+    server.default = Reply(json.dumps({"error": {"message": "busy"}}).encode(), status=503,
+                           headers=(("Retry-After", "600"),))
     yield server
-    await server.stop()
+    server.stop()
 
 
 async def test_a_5xx_asking_to_wait_past_max_wait_sends_nothing_more(
-        slow_server: WaitALongTime, tmp_path: Path) -> None:
+        slow_server: ScriptedServer, tmp_path: Path) -> None:
     path = write_manifest(tmp_path, f"""
         name: patience
         providers:
-          slow: {{base_url: "{slow_server.url}", concurrency: 1, rate_limit: null,
+          slow: {{base_url: "{slow_server.api_url}", concurrency: 1, rate_limit: null,
                   retries: 5, max_wait: 30}}
         jobs:
           - name: talk
