@@ -25,7 +25,8 @@ from batcher.ledger import FileRecord, Record
 from batcher.location import parse_store_url
 from batcher.manifest import load_manifest
 from batcher.run.pool import RunOptions, run
-from batcher.store.mirror import cache_root, open_store_output
+from batcher.store.mirror import open_store_output
+from batcher.store.working import cache_root
 
 __all__ = ["s3"]  # a fixture, used by name
 

@@ -61,8 +61,8 @@ from batcher.run.retry import Action, Verdict, classify, stop_reason
 from batcher.run.saving import Saver, task_boundary
 from batcher.run.signals import LAST_MOMENT, Signals
 from batcher.run.spend import OverBudget, Spend
-from batcher.storage import Layout
 from batcher.store.derive import Deriver
+from batcher.store.names import Layout
 from batcher.store.output import Output, open_output
 from batcher.store.rederive import refresh_derived, replace_derived
 from batcher.wording import plural, usd

@@ -32,8 +32,8 @@ from batcher.ledger import FileRecord, Record
 from batcher.manifest.tasks import Task
 from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
 from batcher.providers.download import Downloader
-from batcher.storage import Layout
 from batcher.store import sidecars
+from batcher.store.names import Layout
 
 Answer = ImageAnswer | ChatAnswer
 log = logging.getLogger(__name__)

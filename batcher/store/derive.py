@@ -37,7 +37,7 @@ from batcher.ledger import Record
 from batcher.manifest import JobSpec, Manifest
 from batcher.manifest.tasks import Task
 from batcher.outputs import DEFAULT_MAX_PIXELS, DELIVERED_KINDS, INPUT_SIDE, Outputs, job_spec
-from batcher.storage import Layout, slugify
+from batcher.store.names import Layout, slugify
 
 log = logging.getLogger(__name__)
 

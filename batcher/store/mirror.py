@@ -15,80 +15,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import os
-import shutil
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from obstore.exceptions import AlreadyExistsError, PreconditionError
 
-from batcher import fastjson
 from batcher.errors import StoreError, UsageError
 from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
-from batcher.reports.sheet import Mark
-from batcher.reports.summary import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME, write_listings
-from batcher.storage import Layout, lock_folder, slugify
 from batcher.store import sidecars
-from batcher.store.layouts import UNSHARDED_LOCK, claim_layout
-from batcher.store.lock import Holder, LockLost, StoreLock
+from batcher.store.bucket import write_store_listings
+from batcher.store.folderlock import lock_folder
+from batcher.store.layouts import claim_layout
+from batcher.store.listings import write_summary
+from batcher.store.lock import LockLost, StoreLock
+from batcher.store.names import INDEX_NAME, RESULTS_NAME, Layout
 from batcher.store.objects import ObjectStore, StoreURL
+from batcher.store.working import cache_root, is_ledger, merged_view, restore_ledgers, run_names
 
 log = logging.getLogger(__name__)
 
-LEDGERS = "ledgers/"  # shards' ledgers, locks and summaries
-LOCK_NAME = UNSHARDED_LOCK
 DEFAULT_SYNC_EVERY = 30.0
 RELEASE_WITHIN = 5.0  # seconds the lock's release (a read and a delete) may take at the end
-
-
-def cache_root(url: StoreURL, part: str) -> Path:
-    """The working copy of one store prefix (and shard) on this machine."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "batcher"
-    digest = hashlib.sha256(str(url).encode()).hexdigest()[:8]
-    name = f"{slugify(url.bucket, 40)}-{slugify(url.prefix or 'root', 40)}-{digest}"
-    return (base / url.scheme / name / part).expanduser()
-
-
-def _names(shard: tuple[int, int] | None) -> tuple[str, str, str, str]:
-    """The store names of a run's ledger, lock and summary, and its working copy's folder."""
-    if shard is None:
-        return LEDGER_NAME, LOCK_NAME, SUMMARY_NAME, "all"
-    part = f"shard-{shard[0]}-of-{shard[1]}"
-    return (f"{LEDGERS}{part}.sqlite", f"{LEDGERS}{part}.lock",
-            f"{LEDGERS}{part}.summary.json", part)
-
-
-def is_ledger(name: str) -> bool:
-    return name == LEDGER_NAME or (name.startswith(LEDGERS) and name.endswith(".sqlite"))
-
-
-async def restore_ledgers(store: ObjectStore, folder: Path, names: list[str]) -> list[Path]:
-    """Download the named ledgers into ``folder``; returns the local paths."""
-    paths = []
-    for name in names:
-        path = folder / name.replace("/", "-")
-        if await store.get_file(name, path):
-            paths.append(path)
-    return paths
-
-
-def merged_view(own: Ledger, others: list[Path], folder: Path) -> Ledger:
-    """One ledger holding the rows of ``own`` and ``others`` (``own`` itself when alone)."""
-    if not others:
-        return own
-    path = folder / "view.sqlite"
-    path.unlink(missing_ok=True)
-    own.snapshot(path)
-    view = Ledger(path)
-    for other in others:
-        view.absorb(other)
-    return view
 
 
 class StoreOutput:
@@ -99,7 +51,7 @@ class StoreOutput:
         self.store = store
         self.root = root
         self.location = str(store.url)
-        self.ledger_name, lock_name, self.summary_name, _ = _names(shard)
+        self.ledger_name, lock_name, self.summary_name, _ = run_names(shard)
         self.sync_every = sync_every
         self.lock = StoreLock(store, lock_name, on_lost=self._lock_lost)
         self.layout = Layout(root)
@@ -328,8 +280,7 @@ class StoreOutput:
         had its retry deadline once, and the run's exit code says it stopped."""
         self._finishing = True  # its publish is the last: close() does not try it again
         await self.drain()
-        data = fastjson.dumps_bytes(summary)
-        (self.root / SUMMARY_NAME).write_bytes(data)
+        data = write_summary(self.root, summary)
         if self.failure is not None:
             return
         await self.publish()
@@ -359,133 +310,11 @@ class StoreOutput:
                 await asyncio.wait_for(self.lock.release(), RELEASE_WITHIN)
 
 
-async def write_store_listings(store: ObjectStore, root: Path, own: Ledger,
-                               own_name: str) -> None:
-    """results.jsonl and index.html over every ledger in the store, written and uploaded."""
-    names = [name for name in await store.sizes(LEDGERS.rstrip("/")) if is_ledger(name)]
-    names.append(LEDGER_NAME)
-    others = await restore_ledgers(store, root / "others",
-                                   [name for name in names if name != own_name])
-    view = merged_view(own, others, root)
-    try:
-        await upload_listings(store, root, view)
-    finally:
-        if view is not own:
-            view.close()
-
-
-async def upload_listings(store: ObjectStore, root: Path, ledger: Ledger,
-                          marks: Mapping[str, Mark] | None = None) -> None:
-    """Write results.jsonl and index.html from ``ledger`` under ``root``, then upload them."""
-    write_listings(root, ledger, title=store.url.title, marks=marks)
-    for name in (RESULTS_NAME, INDEX_NAME):
-        await store.put_file(name, root / name)
-
-
-async def verify_store(store: ObjectStore, ledger: Ledger) -> dict[str, list[dict[str, str]]]:
-    """Re-hash every ok task's files in the store (streamed); the problems found, by task."""
-    from batcher.reports.status import problem
-
-    found: dict[str, list[dict[str, str]]] = {}
-    for record in ledger.records():
-        for file in [*record.files, *derived_files(record)] if record.status == "ok" else ():
-            digest: str | None = None
-            try:
-                hasher = hashlib.sha256()
-                async for chunk in store.chunks(file.path):
-                    hasher.update(chunk)
-                digest = hasher.hexdigest()
-            except FileNotFoundError:
-                pass
-            found.setdefault(record.id, []).extend(problem(record, file, digest))
-    return found
-
-
-async def first_listing(store: ObjectStore) -> dict[str, int]:
-    """The store's files and sizes, read before anything is sent: a store that cannot be read
-    (no such bucket, credentials refused) is a usage error, exit 2."""
-    try:
-        return await store.sizes()
-    except FileNotFoundError:
-        raise UsageError(f"{store.url}: no such bucket or container") from None
-    except StoreError as exc:
-        raise UsageError(str(exc)) from None
-
-
-@contextlib.asynccontextmanager
-async def read_store(
-    url: StoreURL, *, required: bool = True
-) -> AsyncIterator[tuple[ObjectStore, Ledger, dict[str, int], Path]]:
-    """Every ledger in the store merged into one, read-only, with the store's listing and a
-    scratch folder (for ``plan``, ``status`` and ``report``: no lock is taken). Tasks only
-    their sidecars tell of (a run killed before its first publish) are adopted into the view,
-    as a run would adopt them. A store with neither a ledger nor a sidecar is an error when
-    ``required``, else reads as an empty ledger."""
-    store = ObjectStore(url)
-    root = cache_root(url, f"read-{os.getpid()}")
-    listing = await first_listing(store)
-    paths = await restore_ledgers(store, root, sorted(n for n in listing if is_ledger(n)))
-    if not paths and required and not any(sidecars.is_sidecar_name(n) for n in listing):
-        shutil.rmtree(root, ignore_errors=True)
-        raise UsageError(f"{url}: no ledger here (nothing has run into it yet)")
-    first = Ledger(paths[0] if paths else root / LEDGER_NAME)
-    view = merged_view(first, paths[1:], root)
-    try:
-        await _adopt_unaccounted(store, view, listing)
-        yield store, view, listing, root
-    finally:
-        view.close()
-        if view is not first:
-            first.close()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-async def _adopt_unaccounted(store: ObjectStore, view: Ledger, listing: dict[str, int]) -> None:
-    """Adopt into a reader's view every sidecar in ``listing`` no done row accounts for."""
-    def present(path: str, size: int) -> bool:
-        return listing.get(path) == size
-
-    async def read(name: str) -> bytes | None:
-        got = await store.get_bytes(name)
-        return None if got is None else got[0]
-
-    done, failed = view.statuses(present)
-    await sidecars.adopt(view, sidecars.unaccounted(view, listing, done), read, present,
-                         done, failed)
-
-
-async def lock_holders(store: ObjectStore, listing: dict[str, int]) -> list[dict[str, Any]]:
-    """Who holds the store's locks now, one entry per lock (for ``status``)."""
-    found = []
-    for name in sorted(name for name in listing if name == LOCK_NAME or (
-            name.startswith(LEDGERS) and name.endswith(".lock"))):
-        got = await store.get_bytes(name)
-        if got is not None:
-            holder = Holder.parse(got[0])
-            found.append({"lock": name, "host": holder.host, "pid": holder.pid,
-                          "started": holder.started, "lease_s": holder.lease,
-                          "holder": holder.describe()})
-    return found
-
-
-async def remove_lock(url: StoreURL, shard: tuple[int, int] | None) -> tuple[str, str | None]:
-    """``batcher unlock``: delete the lock of a run (or shard); its name, and whose it was."""
-    store = ObjectStore(url)
-    name = _names(shard)[1]
-    try:
-        got = await store.get_bytes(name)
-        if got is not None:
-            await store.delete(name)
-    except StoreError as exc:  # a missing bucket, refused credentials, a store that is down
-        raise UsageError(str(exc)) from None
-    return name, None if got is None else Holder.parse(got[0]).describe()
-
-
 @contextlib.asynccontextmanager
 async def open_store_output(url: StoreURL, *, shard: tuple[int, int] | None, sync_every: float,
                             store_timeout: float, slots: int) -> AsyncIterator[StoreOutput]:
     store = ObjectStore(url, timeout=store_timeout)
-    root = cache_root(url, _names(shard)[3])
+    root = cache_root(url, run_names(shard)[3])
     with lock_folder(root):  # two runs of one shard on this machine share a working copy
         output = StoreOutput(store, root, shard=shard, sync_every=sync_every, slots=slots)
         try:

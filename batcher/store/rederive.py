@@ -25,9 +25,9 @@ from batcher.manifest import Manifest
 from batcher.manifest.tasks import Task
 from batcher.outputs import derived_files, entries
 from batcher.plan import Selection
-from batcher.storage import Layout
 from batcher.store import sidecars
 from batcher.store.derive import Deriver
+from batcher.store.names import Layout
 from batcher.store.output import Output
 
 log = logging.getLogger(__name__)

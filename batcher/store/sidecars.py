@@ -25,7 +25,7 @@ from batcher import fastjson
 from batcher.ledger import FilePresent, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.plan import Selection
-from batcher.storage import Layout
+from batcher.store.names import Layout
 
 log = logging.getLogger(__name__)
 
