@@ -238,7 +238,7 @@ def test_a_stores_listings_cover_every_shards_ledger(
 def test_folder_listings_older_than_the_ledger_are_written_again(
     tmp_path: Path, thread_server: Any
 ) -> None:
-    # Break: reports.summary._listings_stale returns False. A run killed after its ledger
+    # Break: store.listings._listings_stale returns False. A run killed after its ledger
     # rows and before its listings leaves listings older than the ledger.
     server = thread_server()
     path = manifest(server, tmp_path, "out", images=2, chats=2)
@@ -261,7 +261,7 @@ def test_folder_listings_older_than_the_ledger_are_written_again(
 def test_prune_dry_run_on_a_store_changes_nothing_there(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
-    # Break: prune_store without `not dry_run and` before _remove.
+    # Break: store.prune.prune without its `if dry_run: return found` before _remove.
     server = thread_server()
     bucket = s3.bucket()
     url = f"s3://{bucket}/dry"
@@ -299,7 +299,7 @@ def test_status_of_an_edited_manifest_counts_only_its_tasks(
 def test_status_verify_on_a_store_reports_a_missing_object(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
-    # Break: verify_store counts a missing object as matching.
+    # Break: store.verify counts a missing object as matching.
     server = thread_server()
     bucket = s3.bucket()
     url = f"s3://{bucket}/verify"
