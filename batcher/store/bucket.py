@@ -19,11 +19,10 @@ from batcher.location import StoreURL
 from batcher.reports.sheet import Mark
 from batcher.store import sidecars
 from batcher.store.listings import LISTINGS, parse_summary, write_listings
-from batcher.store.lock import Holder, StoreLock
+from batcher.store.lock import Holder, Locks, StoreLock
 from batcher.store.names import LEDGERS, SUMMARY_NAME
 from batcher.store.objects import ObjectStore
 from batcher.store.verify import Problems, verify
-from batcher.store.view import Locks
 from batcher.store.working import (
     cache_root,
     first_listing,

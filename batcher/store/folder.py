@@ -20,8 +20,8 @@ from batcher.reports.sheet import Mark
 from batcher.store import sidecars
 from batcher.store.folderlock import lock_folder, run_in_progress
 from batcher.store.listings import read_summary, write_listings, write_reports
+from batcher.store.lock import Locks
 from batcher.store.verify import Problems, verify
-from batcher.store.view import Locks
 
 log = logging.getLogger(__name__)
 

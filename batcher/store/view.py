@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,16 +14,8 @@ from batcher.errors import UsageError
 from batcher.ledger import Ledger
 from batcher.location import StoreURL
 from batcher.reports.sheet import Mark
+from batcher.store.lock import Locks
 from batcher.store.verify import Problems
-
-
-@dataclass(frozen=True, slots=True)
-class Locks:
-    """What an output's locks say: whether a run writes it now, and (a store's) who holds
-    each lock, for ``status`` and ``unlock``; None where a lock names no holder."""
-
-    running: bool
-    holders: list[dict[str, Any]] | None
 
 
 class View(Protocol):
