@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.imagerefs import FILE, URL, as_data_uri, digest, parse_ref
-from batcher.tasks import Task, chat_messages
+from batcher.manifest.tasks import Task, chat_messages
 
 _CACHE_SIZE = 16
 

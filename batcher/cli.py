@@ -24,7 +24,7 @@ from typing import Any
 from batcher import commands
 from batcher.errors import BatcherError, Interrupted, UsageError
 from batcher.plan import Selection
-from batcher.run.limits import Rate, parse_rate
+from batcher.providers.rates import Rate, parse_rate
 from batcher.run.pool import RunOptions
 from batcher.store import parse_store_url
 

@@ -20,6 +20,8 @@ from batcher.errors import AuthError, BatcherError, Interrupted, ProviderError, 
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import Counts, Plan, make_plan, output_dir
 from batcher.providers import OpenAICompatible, builtin_providers, open_clients, resolve_key
+from batcher.providers.prices import cost_text
+from batcher.providers.rates import Rate
 from batcher.reports.status import (
     ledger_status,
     print_status,
@@ -29,11 +31,9 @@ from batcher.reports.status import (
     verify_folder,
 )
 from batcher.reports.summary import SUMMARY_NAME
-from batcher.run.limits import Rate
 from batcher.run.pool import RunOptions, effective_configs, used_providers
 from batcher.run.pool import run as run_manifest
 from batcher.run.retry import Action, classify
-from batcher.run.spend import cost_text
 from batcher.store import StoreURL, output_target
 from batcher.wording import plural, usd
 

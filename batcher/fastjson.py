@@ -6,7 +6,7 @@ standard library's with ``separators=(",", ":")`` and ``ensure_ascii=False``. Va
 writes (params, JSONL lines) are checked with :func:`unsendable` when the manifest loads, so
 what reaches :func:`dumps` is plain JSON that both libraries write alike. Task ids never use
 this module: their canonical form is the standard library's, byte for byte (see
-:mod:`batcher.tasks`).
+:mod:`batcher.manifest.tasks`).
 """
 
 from __future__ import annotations

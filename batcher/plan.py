@@ -4,16 +4,17 @@ model, and how long the rest takes at each provider's rate limit. Sends nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from batcher.location import StoreURL, output_target
 from batcher.manifest import Manifest
-from batcher.providers.prices import PriceList
-from batcher.run.limits import Rate
-from batcher.run.spend import Cost, estimate
-from batcher.store.url import StoreURL, output_target
-from batcher.tasks import Task, expand
+from batcher.manifest.tasks import Task, expand
+from batcher.providers.prices import TOKENS_PER_PRICE, Cost, Price, PriceList
+from batcher.providers.rates import Rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,3 +136,65 @@ def output_dir(manifest: Manifest, override: str | Path | None) -> Path | StoreU
     if isinstance(override, Path):
         return override.expanduser()
     return output_target(override or manifest.output)
+
+
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text
+
+
+
+# The output bound of a chat request without max_tokens: an upper estimate needs one, and
+# replies longer than this are rare for prompts a batch runs.
+DEFAULT_OUTPUT_TOKENS = 1024
+
+
+
+def input_tokens(task: Task) -> int:
+    """The task's input tokens, estimated from its text (about 4 characters a token)."""
+    if task.messages is not None:
+        chars = sum(len(_message_text(message)) for message in task.messages)
+    else:
+        chars = len(task.prompt) + len(task.system or "")
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+
+def _message_text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # parts: count their text, not the images
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+
+def output_bound(task: Task) -> int:
+    """The most output tokens a chat task may be answered with: its max_tokens, else the
+    default bound."""
+    params = task.params or {}
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = params.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return DEFAULT_OUTPUT_TOKENS
+
+
+
+def answers_asked(task: Task) -> int:
+    """How many images (or chat choices) the task asks for: its ``n``, else 1."""
+    value = (task.params or {}).get("n", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+
+def estimate(task: Task, price: Price) -> float | None:
+    """What one request of the task costs at most: images n x price; chat the estimated input
+    plus the output bound for each of its n choices (an upper estimate). ``None`` for an image
+    model priced by tokens: what an image's output tokens will be cannot be told beforehand."""
+    n = answers_asked(task)
+    if task.kind == "chat":
+        return price.request + (input_tokens(task) * price.input
+                                + n * output_bound(task) * price.output) / TOKENS_PER_PRICE
+    if price.input or price.output:
+        return None
+    return price.request + n * price.image

@@ -26,13 +26,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batcher.atomic import atomic_open
 from batcher.errors import UsageError
 from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
 from batcher.reports.summary import rewrite_summary, write_listings
-from batcher.storage import Layout, atomic_open, lock_folder
+from batcher.storage import Layout, lock_folder
 
 JOURNAL_NAME = ".batcher-prune.json"
 

@@ -86,8 +86,8 @@ def put_rate(moto: MotoProcess) -> float:
     only be as fast as this allows (two objects per chat task, the text and its sidecar)."""
     import asyncio
 
+    from batcher.location import StoreURL
     from batcher.store.objects import ObjectStore
-    from batcher.store.url import StoreURL
 
     async def measure() -> float:
         store = ObjectStore(StoreURL("s3", moto.bucket(), "probe"))
@@ -106,8 +106,8 @@ def list_seconds(url: str) -> float:
     """How long one listing of the whole prefix takes: a resume lists it once."""
     import asyncio
 
+    from batcher.location import parse_store_url
     from batcher.store.objects import ObjectStore
-    from batcher.store.url import parse_store_url
 
     target = parse_store_url(url)
     assert target is not None

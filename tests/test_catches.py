@@ -22,10 +22,10 @@ from scripted import Reply, ScriptedServer, good_image, json_reply
 from test_store import ledger_in_store, manifest, paid
 
 from batcher.ledger import FileRecord, Record
+from batcher.location import parse_store_url
 from batcher.manifest import load_manifest
 from batcher.run.pool import RunOptions, run
 from batcher.store.mirror import cache_root, open_store_output
-from batcher.store.url import parse_store_url
 
 __all__ = ["s3"]  # a fixture, used by name
 

@@ -27,8 +27,8 @@ from scripted import ScriptedServer, good_image, json_reply
 
 from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
+from batcher.manifest.tasks import expand
 from batcher.storage import Layout, short_id
-from batcher.tasks import expand
 
 __all__ = ["s3"]  # a fixture, used by name
 

@@ -19,7 +19,7 @@ from conftest import ledger_rows, provider_block, run_cli, write_manifest
 
 from batcher.errors import ManifestError
 from batcher.manifest import load_manifest
-from batcher.tasks import expand
+from batcher.manifest.tasks import expand
 
 
 def paid(server: Any) -> int:

@@ -18,7 +18,7 @@ from scripted import GOOD_PNG, ScriptedServer, good_image
 
 from batcher.errors import ManifestError
 from batcher.manifest import load_manifest
-from batcher.tasks import expand
+from batcher.manifest.tasks import expand
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 60
 DATA_URI = "data:image/png;base64," + base64.b64encode(GOOD_PNG).decode()

@@ -13,10 +13,10 @@ from typing import Any
 from conftest import ledger_rows, provider_block, run_cli, write_manifest
 
 from batcher.manifest import load_manifest
+from batcher.manifest.tasks import expand
 from batcher.providers.config import builtin_providers
 from batcher.run.pool import Outcome, RunOptions, run
 from batcher.server import canonical_hash
-from batcher.tasks import expand
 
 
 async def run_manifest(path: Path, **options: Any) -> Outcome:

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from batcher.run.limits import Pacer, Rate, parse_rate
+from batcher.providers.rates import Rate, parse_rate
+from batcher.run.limits import Pacer
 
 # --------------------------------------------------------------------------- parse_rate
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from batcher.errors import ManifestError
 from batcher.manifest import load_manifest
 from batcher.manifest.jsonl import iter_jsonl
-from batcher.run.limits import Rate
+from batcher.providers.rates import Rate
 from tests.conftest import write_manifest
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16

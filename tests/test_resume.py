@@ -19,7 +19,7 @@ from typing import Any
 from conftest import provider_block, run_cli, start_cli, write_manifest
 
 from batcher.manifest import load_manifest
-from batcher.tasks import expand
+from batcher.manifest.tasks import expand
 
 TASKS = 120
 CONCURRENCY = 4

@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from batcher.backoff import BACKOFF_BASE, BACKOFF_CAP, backoff, parse_retry_after
 from batcher.errors import (
     DownloadError,
     HTTPStatusError,
@@ -18,15 +19,7 @@ from batcher.errors import (
     ResponseError,
     TransportError,
 )
-from batcher.run.retry import (
-    BACKOFF_BASE,
-    BACKOFF_CAP,
-    Action,
-    Verdict,
-    backoff,
-    classify,
-    parse_retry_after,
-)
+from batcher.run.retry import Action, Verdict, classify
 
 NOW = 1_750_000_000.0  # a fixed "now" for HTTP dates
 

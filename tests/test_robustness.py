@@ -28,7 +28,8 @@ from conftest import ledger_rows, provider_block, run_cli, start_cli, write_mani
 
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
-from batcher.run.limits import Pacer, Rate
+from batcher.providers.rates import Rate
+from batcher.run.limits import Pacer
 from batcher.run.pool import Outcome, RunOptions, run
 
 IMAGES = "/images/generations"

@@ -14,10 +14,10 @@ from conftest import ledger_rows, provider_block, run_cli, write_manifest
 
 from batcher.imagegen import render_png
 from batcher.manifest import load_manifest
+from batcher.manifest.tasks import expand
 from batcher.plan import Selection
 from batcher.run.pool import Outcome, RunOptions, run
 from batcher.server import ChatRequest, ImageRequest, canonical_hash, chat_reply, chat_usage
-from batcher.tasks import expand
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMAGES = "/images/generations"

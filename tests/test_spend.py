@@ -17,10 +17,9 @@ from s3server import S3Server, s3, store_env
 from batcher.errors import ManifestError, UsageError
 from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
-from batcher.plan import Selection, make_plan
-from batcher.providers.prices import Price
+from batcher.plan import DEFAULT_OUTPUT_TOKENS, Selection, make_plan
+from batcher.providers.prices import Price, answer_cost
 from batcher.run.pool import Outcome, RunOptions, run
-from batcher.run.spend import DEFAULT_OUTPUT_TOKENS, answer_cost
 
 __all__ = ["s3"]  # a fixture, used by name
 

@@ -16,17 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batcher import storage
-from batcher.storage import (
-    TMP_PREFIX,
-    AtomicFile,
-    FileWriter,
-    Layout,
-    remove_leftovers,
-    short_id,
-    slugify,
-)
-from batcher.tasks import Task
+from batcher import atomic
+from batcher.atomic import TMP_PREFIX, AtomicFile, FileWriter, remove_leftovers
+from batcher.manifest.tasks import Task
+from batcher.storage import Layout, short_id, slugify
 
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {
     f"{p}{i}" for p in ("com", "lpt") for i in range(10)
@@ -273,13 +266,13 @@ async def test_write_replaces_an_existing_file(tmp_path: Path, files: FileWriter
 async def test_concurrent_writes_of_one_folder(tmp_path: Path, files: FileWriter,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     batches: list[int] = []
-    write_batch = storage._write_batch
+    write_batch = atomic._write_batch
 
     def counted(writes: list[Any]) -> list[Exception | None]:
         batches.append(len(writes))
         return write_batch(writes)
 
-    monkeypatch.setattr(storage, "_write_batch", counted)
+    monkeypatch.setattr(atomic, "_write_batch", counted)
     payloads = {tmp_path / "out" / f"{i}.bin": os.urandom(1000 + i * 40_000) for i in range(12)}
     payloads.update({tmp_path / "out" / f"small-{i}.txt": b"%d" % i for i in range(200)})
     results = await asyncio.gather(*(files.write(path, data) for path, data in payloads.items()))
@@ -310,13 +303,13 @@ async def test_cancelled_writes_while_the_thread_is_busy(
     # A run stopped by a second Ctrl-C: its workers are cancelled while one batch is being
     # written and another waits. close() must still finish, with no error left on the loop.
     release = threading.Event()
-    write_one = storage._write_atomic_sync
+    write_one = atomic._write_atomic_sync
 
     def slow(final: Any, data: bytes) -> None:
         release.wait(10)
         write_one(final, data)
 
-    monkeypatch.setattr(storage, "_write_atomic_sync", slow)
+    monkeypatch.setattr(atomic, "_write_atomic_sync", slow)
     loop_errors: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
     files = FileWriter()
@@ -339,9 +332,9 @@ async def test_cancelled_writes_while_the_thread_is_busy(
 def test_a_leftover_temporary_name_is_skipped(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # A killed process with the same pid (a container's pid 1, say) left this exact name.
-    monkeypatch.setattr(storage, "_tmp_numbers", itertools.count())
+    monkeypatch.setattr(atomic, "_tmp_numbers", itertools.count())
     (tmp_path / f"{TMP_PREFIX}{os.getpid()}-0-report.txt").write_text("left over")
-    with storage.atomic_open(tmp_path / "report.txt", "w") as handle:
+    with atomic.atomic_open(tmp_path / "report.txt", "w") as handle:
         handle.write("fresh")
     assert (tmp_path / "report.txt").read_text() == "fresh"
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from batcher import fastjson
 from batcher.errors import ManifestError
 from batcher.manifest import load_manifest
-from batcher.tasks import Task, expand
+from batcher.manifest.tasks import Task, expand
 from tests.conftest import write_manifest
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))

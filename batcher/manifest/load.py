@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.errors import ManifestError, UsageError
+from batcher.location import parse_store_url
 from batcher.manifest.fields import (
     Where,
     check_fields,
@@ -21,7 +22,6 @@ from batcher.manifest.jsonl import UserIds, check_jsonl
 from batcher.manifest.yamllines import LinedMapping, load_yaml
 from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
 from batcher.providers.prices import ANY_MODEL, PRICE_FIELDS, PriceList, price_from_mapping
-from batcher.store.url import parse_store_url
 
 DEFAULT_JSONL_PROVIDER = "vultr"
 TOP_FIELDS = {"name", "output", "providers", "defaults", "jobs", "budget"}
@@ -106,7 +106,7 @@ def _check_computed_ids(manifest: Manifest, ids: UserIds) -> None:
     files have such an id."""
     if not ids.hashlike:
         return
-    from batcher.tasks import computed_tasks
+    from batcher.manifest.tasks import computed_tasks
 
     for task in computed_tasks(manifest, ids.with_computed):
         found = ids.find_computed(task.id)

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from batcher.errors import ConfigError
 from batcher.providers.prices import PriceList
-from batcher.run.limits import Rate, parse_rate
+from batcher.providers.rates import Rate, parse_rate
 
 #: Set by ``provider: local``: the runner starts the built-in server and fills the URL in.
 LOCAL_URL = "local:"

@@ -15,11 +15,11 @@ from pathlib import Path
 import aiohttp
 import yarl
 
+from batcher.atomic import AtomicFile
+from batcher.backoff import backoff
 from batcher.errors import DownloadError
 from batcher.imagegen import image_kind
 from batcher.imagerefs import check_url
-from batcher.run.retry import backoff
-from batcher.storage import AtomicFile
 
 CHUNK = 256 * 1024
 ATTEMPTS = 3

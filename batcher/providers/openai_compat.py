@@ -21,6 +21,7 @@ import yarl
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 
 from batcher import fastjson
+from batcher.backoff import parse_retry_after
 from batcher.errors import HTTPStatusError, ResponseError, TransportError
 from batcher.providers.answers import (
     Stream,
@@ -31,7 +32,6 @@ from batcher.providers.answers import (
 )
 from batcher.providers.base import ChatAnswer, ImageAnswer
 from batcher.providers.config import ProviderConfig
-from batcher.run.retry import parse_retry_after
 
 MAX_ERROR_MESSAGE = 500
 MAX_ERROR_BODY = 64 * 1024

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from batcher.errors import UsageError
+from batcher.location import StoreURL, output_target
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import output_dir
 from batcher.publish.keep import next_seeds, with_kept_seeds
@@ -15,7 +16,6 @@ from batcher.publish.picks import load_picks, picks_path
 from batcher.publish.publish import open_target, plan_set, publish_set, read_previous
 from batcher.publish.source import RunFiles, open_run_files
 from batcher.publish.variants import Asset, check_picks, collect_assets, stale_entries
-from batcher.store.url import StoreURL, output_target
 from batcher.wording import plural
 
 

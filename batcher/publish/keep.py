@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from batcher.location import StoreURL
 from batcher.manifest import JobSpec, Manifest
 from batcher.manifest.fields import Where
 from batcher.publish.picks import load_picks, picks_path
 from batcher.publish.variants import Asset, Lookup, collect_assets
-from batcher.store.url import StoreURL
 
 
 def check_keep(data: Mapping[str, Any], where: Where, asset: str | None,

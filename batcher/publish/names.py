@@ -18,7 +18,7 @@ from batcher.errors import ManifestError
 if TYPE_CHECKING:
     from batcher.manifest import JobSpec, Manifest
     from batcher.manifest.fields import Where
-    from batcher.tasks import Task
+    from batcher.manifest.tasks import Task
 
 SPECIAL = frozenset({"model", "seed", "job"})
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -121,7 +121,7 @@ def task_asset(job: JobSpec, task: Task) -> str:
 
 def named_tasks(manifest: Manifest) -> Iterator[tuple[str, JobSpec, Task]]:
     """Each task of a job with ``asset:``, with its name, in expansion order."""
-    from batcher.tasks import expand
+    from batcher.manifest.tasks import expand
 
     jobs = {job.name: job for job in manifest.jobs if job.asset is not None}
     for task in expand(manifest):
@@ -132,7 +132,7 @@ def named_tasks(manifest: Manifest) -> Iterator[tuple[str, JobSpec, Task]]:
 
 def check_names(manifest: Manifest) -> None:
     """Every name of the manifest valid, and no name given by two jobs."""
-    from batcher.tasks import expand
+    from batcher.manifest.tasks import expand
 
     jobs = {job.name: job for job in manifest.jobs if job.asset is not None}
     if not jobs:

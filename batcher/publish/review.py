@@ -19,13 +19,13 @@ from urllib.parse import quote
 from aiohttp import web
 
 from batcher.errors import UsageError
+from batcher.location import StoreURL
 from batcher.manifest import Manifest
 from batcher.outputs import entries
 from batcher.publish.picks import Decision, load_picks, picks_path, save_decision
 from batcher.publish.review_page import PAGE
 from batcher.publish.source import RunFiles, open_run_files
 from batcher.publish.variants import Asset, Variant
-from batcher.store.url import StoreURL
 
 TEXT_CHARS = 400
 

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from batcher.errors import UsageError
 from batcher.ledger import FilePresent, Ledger, Record, on_disk
+from batcher.location import StoreURL
 from batcher.outputs import derived_files
-from batcher.store.url import StoreURL
 
 if TYPE_CHECKING:
     from batcher.store.objects import ObjectStore

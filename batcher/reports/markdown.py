@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from batcher.run.spend import cost_text
+from batcher.providers.prices import cost_text
 
 LISTED = 50  # names listed per group; the rest as a count
 

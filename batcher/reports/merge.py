@@ -12,11 +12,12 @@ import os
 import shutil
 from pathlib import Path
 
+from batcher.atomic import temporary_name
 from batcher.errors import UsageError
 from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.outputs import entries
 from batcher.reports.summary import SUMMARY_NAME, write_listings, write_text_atomic
-from batcher.storage import Layout, lock_folder, temporary_name
+from batcher.storage import Layout, lock_folder
 
 _COUNTS = ("total", "ok", "failed", "pending", "skipped", "ran", "requests", "retries",
            "rate_limited")

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from batcher.ledger import Record
 from batcher.outputs import entries
-from batcher.run.spend import Cost
+from batcher.providers.prices import Cost
 from batcher.wording import usd
 
 MAX_CELLS_PER_JOB = 5000

@@ -16,8 +16,8 @@ from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
+from batcher.providers.prices import Cost, cost_text
 from batcher.reports.summary import SUMMARY_NAME
-from batcher.run.spend import Cost, cost_text
 from batcher.storage import LOCK_NAME
 
 

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from batcher import fastjson
+from batcher.atomic import atomic_open
 from batcher.ledger import Ledger, Record
+from batcher.manifest.tasks import Task
 from batcher.outputs import entries
 from batcher.plan import Plan
+from batcher.providers.prices import Cost
 from batcher.reports.progress import Counters
 from batcher.reports.sheet import ContactSheet, Mark
-from batcher.run.spend import Cost, Spend
-from batcher.storage import atomic_open
-from batcher.tasks import Task
+from batcher.run.spend import Spend
 
 SUMMARY_NAME = "summary.json"
 RESULTS_NAME = "results.jsonl"

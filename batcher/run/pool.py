@@ -30,6 +30,8 @@ from typing import Any
 
 import aiohttp
 
+from batcher.atomic import FileWriter, remove_leftovers
+from batcher.backoff import backoff
 from batcher.bodies import InputImages
 from batcher.errors import (
     AuthError,
@@ -43,32 +45,26 @@ from batcher.errors import (
 )
 from batcher.ledger import Record
 from batcher.manifest import Manifest
-from batcher.plan import Plan, Selection, make_plan, output_dir
+from batcher.manifest.tasks import Task
+from batcher.plan import Plan, Selection, estimate, make_plan, output_dir
 from batcher.providers import OpenAICompatible, open_clients
 from batcher.providers.base import ImageAnswer
 from batcher.providers.config import ProviderConfig, resolve_key
 from batcher.providers.download import Downloader
 from batcher.providers.openai_compat import connection_tracing
+from batcher.providers.prices import Cost, answer_cost, failed_attempt_cost, run_spend_text
+from batcher.providers.rates import Rate
 from batcher.reports.progress import Counters, Progress
 from batcher.reports.summary import JobTally, ok_costs_by_job, summarize
-from batcher.run.limits import Pacer, Rate
-from batcher.run.retry import Action, Verdict, backoff, classify, stop_reason
+from batcher.run.limits import Pacer
+from batcher.run.retry import Action, Verdict, classify, stop_reason
 from batcher.run.saving import Saver, task_boundary
 from batcher.run.signals import LAST_MOMENT, Signals
-from batcher.run.spend import (
-    Cost,
-    OverBudget,
-    Spend,
-    answer_cost,
-    estimate,
-    failed_attempt_cost,
-    run_spend_text,
-)
-from batcher.storage import FileWriter, Layout, remove_leftovers
+from batcher.run.spend import OverBudget, Spend
+from batcher.storage import Layout
 from batcher.store.derive import Deriver
 from batcher.store.output import Output, open_output
 from batcher.store.rederive import refresh_derived, replace_derived
-from batcher.tasks import Task
 from batcher.wording import plural, usd
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,8 @@ wrong, and following it could carry the key elsewhere), stops its provider.
 
 from __future__ import annotations
 
-import random
 import re
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from enum import Enum
 
 from batcher.errors import (
@@ -27,8 +23,6 @@ from batcher.errors import (
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 AUTH_STATUS = frozenset({401, 403})
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
 # A 429 whose code or message says the quota (not the rate) is spent: waiting will not help.
 _QUOTA = re.compile(r"insufficient.quota|quota.exceeded|exceeded your (current )?quota|"
                     r"(daily|monthly) quota|billing", re.IGNORECASE)
@@ -82,42 +76,3 @@ def stop_reason(error: ProviderError) -> str:
     return f"the provider says its quota is spent ({error})"
 
 
-def backoff(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
-    """Capped exponential backoff with jitter for the ``attempt``-th retry (1-based)."""
-    ceiling = min(cap, base * 2 ** min(max(attempt - 1, 0), 32))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-
-def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """Seconds to wait from ``retry-after-ms``, else ``Retry-After`` (seconds or an HTTP date).
-
-    Anything unreadable gives ``None``; this never raises.
-    """
-    try:
-        value = headers.get("retry-after-ms")
-        if value is not None:
-            seconds = _number(value)
-            if seconds is not None:
-                return seconds / 1000
-        value = headers.get("retry-after")
-        if value is None:
-            return None
-        seconds = _number(value)
-        if seconds is not None:
-            return seconds
-        when = parsedate_to_datetime(value.strip())
-        if when is None or when.tzinfo is None:
-            return None
-        return max(when.timestamp() - (time.time() if now is None else now), 0.0)
-    except (TypeError, ValueError, OverflowError, IndexError, AttributeError):
-        return None
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text.strip())
-    except (TypeError, ValueError, AttributeError):
-        return None
-    if value != value or value in (float("inf"), float("-inf")):
-        return None
-    return max(value, 0.0)

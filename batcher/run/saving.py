@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from batcher.atomic import FileWriter
 from batcher.bodies import InputImages, build_body
 from batcher.errors import (
     DownloadError,
@@ -28,11 +29,11 @@ from batcher.errors import (
 )
 from batcher.imagegen import image_kind
 from batcher.ledger import FileRecord, Record
+from batcher.manifest.tasks import Task
 from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
 from batcher.providers.download import Downloader
-from batcher.storage import FileWriter, Layout
+from batcher.storage import Layout
 from batcher.store import sidecars
-from batcher.tasks import Task
 
 Answer = ImageAnswer | ChatAnswer
 log = logging.getLogger(__name__)

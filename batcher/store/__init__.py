@@ -5,6 +5,6 @@ batcher may use from here is below. The heavier modules (obstore, the mirror) lo
 command needs them.
 """
 
-from batcher.store.url import StoreURL, output_target, parse_store_url
+from batcher.location import StoreURL, output_target, parse_store_url
 
 __all__ = ["StoreURL", "output_target", "parse_store_url"]

@@ -38,10 +38,10 @@ from obstore.exceptions import (
 )
 from obstore.store import from_url
 
+from batcher.atomic import atomic_open
+from batcher.backoff import backoff
 from batcher.errors import StoreError, UsageError
-from batcher.run.retry import backoff
-from batcher.storage import atomic_open
-from batcher.store.url import StoreURL
+from batcher.location import StoreURL
 
 log = logging.getLogger(__name__)
 

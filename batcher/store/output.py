@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from batcher.ledger import FileRecord, Ledger, Record
+from batcher.location import StoreURL
 from batcher.manifest import Manifest
 from batcher.plan import Selection
-from batcher.store.url import StoreURL
 
 
 class Output(Protocol):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from batcher.errors import StoreError, UsageError
 from batcher.ledger import LEDGER_NAME, Ledger
+from batcher.location import StoreURL
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.prune import (
@@ -41,7 +42,6 @@ from batcher.store.mirror import (
     upload_listings,
 )
 from batcher.store.objects import ObjectStore
-from batcher.store.url import StoreURL
 
 DELETES = 16  # objects deleted at once
 

@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from batcher import fastjson
+from batcher.atomic import atomic_open
 from batcher.ledger import Record
 from batcher.manifest import Manifest
+from batcher.manifest.tasks import Task
 from batcher.outputs import derived_files, entries
 from batcher.plan import Selection
-from batcher.storage import Layout, atomic_open
+from batcher.storage import Layout
 from batcher.store import sidecars
 from batcher.store.derive import Deriver
 from batcher.store.output import Output
-from batcher.tasks import Task
 
 log = logging.getLogger(__name__)
 
