@@ -23,9 +23,7 @@ import aiofiles.os
 TMP_PREFIX = ".tmp-"
 
 
-
 _LEFTOVER = re.compile(r"\.tmp-\d+-")  # what temporary_name() makes: prefix, pid, number
-
 
 
 class AtomicFile:
@@ -66,9 +64,7 @@ class AtomicFile:
             _discard(self.tmp)  # one unlink, on the failure path only
 
 
-
 _tmp_numbers = itertools.count()
-
 
 
 def temporary_name(final: Path) -> Path:
@@ -76,14 +72,11 @@ def temporary_name(final: Path) -> Path:
     return final.with_name(_temporary_name(final.name))
 
 
-
 def _temporary_name(name: str) -> str:
     return f"{TMP_PREFIX}{os.getpid()}-{next(_tmp_numbers)}-{name}"
 
 
-
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-
 
 
 def _create_temporary(final: str | os.PathLike[str]) -> tuple[str, int]:
@@ -100,11 +93,9 @@ def _create_temporary(final: str | os.PathLike[str]) -> tuple[str, int]:
             pass
 
 
-
 def _discard(tmp: str | os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
-
 
 
 @contextlib.contextmanager
@@ -121,7 +112,6 @@ def atomic_open(final: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
-
 def _write_atomic_sync(final: str | os.PathLike[str], data: bytes) -> None:
     """atomic_open() in bare system calls, for the file each task writes."""
     tmp, fd = _create_temporary(final)
@@ -136,7 +126,6 @@ def _write_atomic_sync(final: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         _discard(tmp)
         raise
-
 
 
 class FileWriter:
@@ -198,13 +187,11 @@ class FileWriter:
                 return
 
 
-
 @dataclass(frozen=True, slots=True)
 class _Write:
     final: str | os.PathLike[str]
     data: bytes
     done: asyncio.Future[None]
-
 
 
 def _write_batch(writes: list[_Write]) -> list[Exception | None]:
@@ -219,7 +206,6 @@ def _write_batch(writes: list[_Write]) -> list[Exception | None]:
     return errors
 
 
-
 def _settle(writes: list[_Write], errors: list[Exception | None]) -> None:
     for write, error in zip(writes, errors, strict=True):
         if write.done.done():  # its caller was cancelled while the batch was written
@@ -228,7 +214,6 @@ def _settle(writes: list[_Write], errors: list[Exception | None]) -> None:
             write.done.set_result(None)
         else:
             write.done.set_exception(error)
-
 
 
 def remove_leftovers(root: Path) -> int:

@@ -11,16 +11,13 @@ from email.utils import parsedate_to_datetime
 BACKOFF_BASE = 0.5
 
 
-
 BACKOFF_CAP = 30.0
-
 
 
 def backoff(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
     """Capped exponential backoff with jitter for the ``attempt``-th retry (1-based)."""
     ceiling = min(cap, base * 2 ** min(max(attempt - 1, 0), 32))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
-
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
@@ -46,7 +43,6 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
         return max(when.timestamp() - (time.time() if now is None else now), 0.0)
     except (TypeError, ValueError, OverflowError, IndexError, AttributeError):
         return None
-
 
 
 def _number(text: str) -> float | None:

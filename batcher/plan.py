@@ -39,12 +39,12 @@ class Selection:
     ) -> Iterator[tuple[Task, bool]]:
         """Each selected task and whether a run sends it: not done, not a failure the user
         asked to leave (``--skip-failed``), and within ``--limit`` in expansion order."""
-        budget = self.limit
+        left = self.limit  # tasks --limit still lets this run send
         for task in self.tasks(manifest):
             sends = task.id not in done and not (self.skip_failed and task.id in failed)
-            if sends and budget is not None:
-                sends = budget > 0
-                budget -= sends
+            if sends and left is not None:
+                sends = left > 0
+                left -= sends
             yield task, sends
 
 
@@ -141,11 +141,9 @@ def output_dir(manifest: Manifest, override: str | Path | None) -> Path | StoreU
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text
 
 
-
 # The output bound of a chat request without max_tokens: an upper estimate needs one, and
 # replies longer than this are rare for prompts a batch runs.
 DEFAULT_OUTPUT_TOKENS = 1024
-
 
 
 def input_tokens(task: Task) -> int:
@@ -157,7 +155,6 @@ def input_tokens(task: Task) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
 
-
 def _message_text(message: Mapping[str, Any]) -> str:
     content = message.get("content")
     if isinstance(content, str):
@@ -165,7 +162,6 @@ def _message_text(message: Mapping[str, Any]) -> str:
     if isinstance(content, list):  # parts: count their text, not the images
         return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     return ""
-
 
 
 def output_bound(task: Task) -> int:
@@ -179,12 +175,10 @@ def output_bound(task: Task) -> int:
     return DEFAULT_OUTPUT_TOKENS
 
 
-
 def answers_asked(task: Task) -> int:
     """How many images (or chat choices) the task asks for: its ``n``, else 1."""
     value = (task.params or {}).get("n", 1)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
-
 
 
 def estimate(task: Task, price: Price) -> float | None:

@@ -15,6 +15,7 @@ from typing import Any
 from batcher import fastjson
 from batcher.errors import ManifestError
 from batcher.imagerefs import FILE, check_local, digest, parse_ref
+from batcher.manifest.assets import check_keep, check_template
 from batcher.manifest.fields import (
     Where,
     check_fields,
@@ -245,10 +246,7 @@ def _parse_asset(
     data: Mapping[str, Any], where: Where, var_names: set[str], prompts: tuple[str, ...],
     system: str | None, has_vars_file: bool, seeds: tuple[int, ...] | None,
 ) -> tuple[str | None, int | None, int | None]:
-    """``asset``, ``keep`` and ``max_seeds`` (batcher.publish.names, batcher.publish.keep)."""
-    from batcher.publish.keep import check_keep
-    from batcher.publish.names import check_template
-
+    """``asset``, ``keep`` and ``max_seeds`` (batcher.manifest.assets, batcher.publish.keep)."""
     asset = None
     if "asset" in data:
         asset = check_template(data["asset"], where, var_names, prompts, system,

@@ -91,7 +91,7 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
         if job.file is not None:
             check_jsonl(job.file, max_input_bytes=providers[job.provider].max_input_bytes,
                         provider=providers[job.provider], ids=ids, job=job.name)
-    from batcher.publish.names import check_names
+    from batcher.manifest.named import check_names
 
     check_names(manifest)
     _check_computed_ids(manifest, ids)

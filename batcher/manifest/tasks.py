@@ -21,6 +21,7 @@ from typing import Any
 from batcher.errors import ManifestError
 from batcher.imagerefs import FILE, digest, parse_ref
 from batcher.manifest import JobSpec, Manifest, placeholders
+from batcher.manifest.assets import columns_of, fill
 from batcher.manifest.jsonl import TRANSPORT_FIELDS, JsonlTask, iter_jsonl
 
 ENDPOINTS = {"image": "/images/generations", "chat": "/chat/completions"}
@@ -172,8 +173,6 @@ def _expand_grid(job: JobSpec, base_dir: Path, digests: ImageDigests) -> Iterato
         names = [name for name, _ in grid]
         from_rows = used - var_names
         if from_rows:  # the asset's name may read columns the prompt does not
-            from batcher.publish.names import columns_of
-
             from_rows |= columns_of(job)
         for row in _rows(job, from_rows):
             # product() is lazy, and so are the rows: a million combinations are walked,
@@ -223,8 +222,6 @@ def _grid_cell(
     for model in job.models:
         with_model = _with(with_prompt, "model", model)
         if job.more_seeds:  # keep: N gave some assets more seeds (batcher.publish.keep)
-            from batcher.publish.names import fill
-
             assert job.asset is not None
             name = fill(job.asset, filled, model, None, job.name)
             seeds = job.more_seeds.get(name, job.seeds or (None,))

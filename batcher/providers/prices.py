@@ -83,9 +83,6 @@ def price_from_mapping(data: Mapping[str, Any]) -> Price:
     return Price(**values, named=frozenset(values))
 
 
-
-
-
 def answer_cost(
     kind: str, price: Price, *, images: int, usage: Mapping[str, Any] | None
 ) -> float | None:
@@ -102,7 +99,6 @@ def answer_cost(
         return None
     prompt, completion = tokens
     return cost + (prompt * price.input + completion * price.output) / TOKENS_PER_PRICE
-
 
 
 def failed_attempt_cost(
@@ -127,7 +123,6 @@ def failed_attempt_cost(
     return estimated
 
 
-
 def _usage_tokens(
     usage: Mapping[str, Any] | None, *, input_priced: bool, output_priced: bool
 ) -> tuple[int, int] | None:
@@ -146,7 +141,6 @@ def _usage_tokens(
         else:
             parts.append(value)
     return parts[0], parts[1]
-
 
 
 @dataclass(slots=True)
@@ -182,14 +176,12 @@ class Cost:
         return cost_text(self.value, self.unknown, upper=upper)
 
 
-
 def cost_text(amount: float | None, unknown: int = 0, *, upper: bool = False) -> str:
     """An amount that may be partly or wholly unknown, for people (``None``: unknown)."""
     if amount is None:
         return "unknown"
     text = f"<= {usd(amount)}" if upper else usd(amount)
     return f"{text} + {unknown} unknown" if unknown else text
-
 
 
 def spend_text(cost: Cost, noun: str = "request") -> str:
@@ -199,7 +191,6 @@ def spend_text(cost: Cost, noun: str = "request") -> str:
     if cost.unknown:
         text += f" (+ {plural(cost.unknown, noun)} of unknown price)"
     return text
-
 
 
 def run_spend_text(tallies: Iterable[Any]) -> str:

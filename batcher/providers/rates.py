@@ -9,19 +9,15 @@ from dataclasses import dataclass, field
 _UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
 
 
-
 _UNIT_NAMES = {1.0: "s", 60.0: "min", 3600.0: "h"}
-
 
 
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]+)\s*$")
 
 
-
 # Requests are spaced so that N+1 consecutive starts span the period plus this much: the
 # provider counts arrivals, and arrivals jitter by a few milliseconds on the way there.
 JITTER_MARGIN = 0.02
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +44,6 @@ class Rate:
         count = int(self.count) if self.count == int(self.count) else self.count
         unit = _UNIT_NAMES.get(self.period, f"{self.period:g}s")
         return f"{count}/{unit}"
-
 
 
 def parse_rate(text: str) -> Rate:

@@ -11,28 +11,14 @@ from batcher.errors import UsageError
 from batcher.location import StoreURL, output_target
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import output_dir
-from batcher.publish.keep import next_seeds, with_kept_seeds
+from batcher.publish.assets import asset_set
+from batcher.publish.keep import next_seeds
 from batcher.publish.picks import load_picks, picks_path
 from batcher.publish.publish import open_target, plan_set, publish_set, read_previous
-from batcher.publish.source import RunFiles, open_run_files
-from batcher.publish.variants import Asset, check_picks, collect_assets, stale_entries
+from batcher.publish.review import serve_review
+from batcher.publish.source import open_run_files
+from batcher.publish.variants import check_picks, collect_assets, stale_entries
 from batcher.wording import plural
-
-
-def asset_set(manifest: Manifest, files: RunFiles) -> dict[str, Asset]:
-    """The manifest's assets over a run's files, with the picks; exit 2 on a bad picks file,
-    warnings for stale entries."""
-    if not any(job.asset for job in manifest.jobs):
-        raise UsageError(f"{manifest.path}: no job has asset: (name the files, such as "
-                         "asset: \"icons/{sku}\")")
-    path = picks_path(manifest.path)
-    decisions = load_picks(path)
-    manifest = with_kept_seeds(manifest, files.ok_record, files.seen)
-    assets = collect_assets(manifest, decisions, files.ok_record)
-    check_picks(assets, decisions, str(path))
-    for stale in stale_entries(assets, decisions):
-        print(f"warning: {path}: {stale}", file=sys.stderr)
-    return assets
 
 
 def picks_warnings(manifest: Manifest) -> list[str]:
@@ -97,7 +83,6 @@ async def _publish(manifest: Manifest, source: Path | StoreURL, to: Path | Store
 
 
 def review(path: Path, output: str | None, *, port: int) -> int:
-    from batcher.publish.review import serve_review
 
     manifest = load_manifest(path)
     return serve_review(manifest, output_dir(manifest, output), port=port)

@@ -11,41 +11,13 @@ once stays in the manifest, for status and prune, whatever is decided later).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from batcher.location import StoreURL
 from batcher.manifest import JobSpec, Manifest
-from batcher.manifest.fields import Where
 from batcher.publish.picks import load_picks, picks_path
 from batcher.publish.variants import Asset, Lookup, collect_assets
-
-
-def check_keep(data: Mapping[str, Any], where: Where, asset: str | None,
-               seeds: tuple[int, ...] | None) -> tuple[int | None, int | None]:
-    """A job's ``keep`` and ``max_seeds``, checked."""
-    from batcher.manifest.fields import placeholders
-
-    keep = data.get("keep")
-    if keep is None:
-        if "max_seeds" in data:
-            raise where.error("max_seeds", "goes with keep")
-        return None, None
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise where.error("keep", f"must be a whole number from 1, not {keep!r}")
-    if asset is None:
-        raise where.error("keep", "counts the variants of each asset: give the job an asset")
-    if "seed" in placeholders(asset):
-        raise where.error("keep", "a name with {seed} makes each seed its own asset; "
-                          "take {seed} out of asset")
-    if seeds is None:
-        raise where.error("keep", "varies the seed: give the job seeds")
-    most = data.get("max_seeds", max(4 * keep, len(seeds)))
-    if isinstance(most, bool) or not isinstance(most, int) or most < len(seeds):
-        raise where.error("max_seeds", f"must be a whole number, at least the {len(seeds)} "
-                          f"seeds listed, not {most!r}")
-    return keep, most
 
 
 def next_seeds(job: JobSpec) -> tuple[int, ...]:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from batcher.atomic import TMP_PREFIX, atomic_open
 from batcher.errors import BatcherError, UsageError
 from batcher.location import StoreURL
+from batcher.manifest.assets import name_problem
 from batcher.outputs import entries
-from batcher.publish.names import name_problem
 from batcher.publish.source import RunFiles, StoreFiles
 from batcher.publish.variants import Asset, Variant
 

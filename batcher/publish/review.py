@@ -22,6 +22,7 @@ from batcher.errors import UsageError
 from batcher.location import StoreURL
 from batcher.manifest import Manifest
 from batcher.outputs import entries
+from batcher.publish.assets import asset_set
 from batcher.publish.picks import Decision, load_picks, picks_path, save_decision
 from batcher.publish.review_page import PAGE
 from batcher.publish.source import RunFiles, open_run_files
@@ -37,8 +38,6 @@ def serve_review(manifest: Manifest, target: Path | StoreURL, *, port: int) -> i
 
 
 async def _serve(manifest: Manifest, target: Path | StoreURL, port: int) -> None:
-    from batcher.publish.command import asset_set
-
     async with open_run_files(target) as files:
         assets = asset_set(manifest, files)
         review = Review(manifest, assets, files)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from batcher.errors import ManifestError
 from batcher.ledger import FileRecord, Record
 from batcher.manifest import JobSpec, Manifest
+from batcher.manifest.named import named_tasks
 from batcher.manifest.tasks import Task
-from batcher.publish.names import named_tasks
 from batcher.publish.picks import Decision, Selector
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from batcher.plan import Plan
 from batcher.providers.prices import Cost
 from batcher.reports.progress import Counters
 from batcher.reports.sheet import ContactSheet, Mark
-from batcher.run.spend import Spend
 
 SUMMARY_NAME = "summary.json"
 RESULTS_NAME = "results.jsonl"
@@ -49,7 +48,7 @@ class JobTally:
 
 def summarize(
     plan: Plan, counters: Counters, tally: dict[str, JobTally], *, elapsed: float,
-    spend: Spend | None = None, spent_by_job: dict[str, Cost] | None = None,
+    budget: float | None = None, spent_by_job: dict[str, Cost] | None = None,
 ) -> dict[str, Any]:
     """The summary of the whole selection after a run: ok + failed + pending = total.
 
@@ -77,7 +76,7 @@ def summarize(
               for key in ("total", "ok", "failed", "pending", "skipped", "ran")}
     return {
         **totals, **_costs(run_cost, total_cost),
-        "budget_usd": spend.limit if spend is not None else None,
+        "budget_usd": budget,
         "requests": counters.requests, "retries": counters.retries,
         "rate_limited": counters.rate_limited, "elapsed_s": round(elapsed, 3),
         "exit_code": None, "jobs": jobs, "models": _models_in_order(plan),

@@ -204,7 +204,7 @@ def _interrupted_before(manifest: Manifest, options: RunOptions,
     plan = make_plan(manifest, options.selection, set(), set(),
                      prices={name: c.prices for name, c in configs.items()})
     counters = Counters()
-    summary = summarize(plan, counters, {}, elapsed=0.0, spend=Spend(), spent_by_job={})
+    summary = summarize(plan, counters, {}, elapsed=0.0, spent_by_job={})
     summary["exit_code"] = Interrupted.exit_code
     return Outcome(Interrupted.exit_code, plan, counters, summary, location,
                    Path(location), message)
@@ -298,7 +298,8 @@ class Runner:
             self._progress.close()
             self.ledger.flush()
         summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started,
-                            spend=self.spend, spent_by_job=self._spent_by_job(plan))
+                            budget=self.spend.limit,
+                            spent_by_job=self._spent_by_job(plan))
         summary["exit_code"] = exit_code = self._exit_code(summary)
         summary["not_uploaded"] = self._unkept  # in the working copy: the next run uploads them
         # A moment even after a second signal: a folder's summary is a local write.
@@ -325,7 +326,8 @@ class Runner:
         plan = make_plan(self.manifest, self.options.selection, done, failed,
                          prices={name: c.prices for name, c in self.configs.items()})
         summary = summarize(plan, self.counters, self._tally, elapsed=time.time() - started,
-                            spend=self.spend, spent_by_job=self._spent_by_job(plan))
+                            budget=self.spend.limit,
+                            spent_by_job=self._spent_by_job(plan))
         summary["exit_code"] = Interrupted.exit_code
         return Outcome(Interrupted.exit_code, plan, self.counters, summary,
                        self.output.location, self.root, message)
