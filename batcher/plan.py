@@ -39,12 +39,12 @@ class Selection:
     ) -> Iterator[tuple[Task, bool]]:
         """Each selected task and whether a run sends it: not done, not a failure the user
         asked to leave (``--skip-failed``), and within ``--limit`` in expansion order."""
-        budget = self.limit
+        left = self.limit  # tasks --limit still lets this run send
         for task in self.tasks(manifest):
             sends = task.id not in done and not (self.skip_failed and task.id in failed)
-            if sends and budget is not None:
-                sends = budget > 0
-                budget -= sends
+            if sends and left is not None:
+                sends = left > 0
+                left -= sends
             yield task, sends
 
 
