@@ -70,7 +70,7 @@ def test_every_test_has_its_own_cache_folder(tmp_path: Path) -> None:
 async def test_a_store_task_counts_as_ok_only_once_its_files_and_sidecar_are_in_the_store(
     tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Break: StoreOutput._upload calls kept(record) before the uploads.
+    # Break: store.uploads.Uploads._upload calls kept(record) before the uploads.
     bucket = s3.bucket()
     use_store(monkeypatch, s3, tmp_path / "cache")
     url = parse_store_url(f"s3://{bucket}/keep")
@@ -146,7 +146,7 @@ def test_adopting_after_the_ledger_is_lost_reads_sidecars_of_whole_files_only(
 def test_a_truncated_object_in_the_store_is_not_done(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
-    # Break: StoreOutput.statuses checks only that a file is listed, not its size.
+    # Break: store.restore.earlier checks only that a file is listed, not its size.
     server = thread_server()
     bucket = s3.bucket()
     path = manifest(server, tmp_path, f"s3://{bucket}/cut", images=2, chats=1)
@@ -445,7 +445,7 @@ def test_merge_keeps_the_ok_result_of_a_task_whatever_the_order(tmp_path: Path) 
 def test_a_finished_store_run_again_adopts_nothing_and_keeps_the_attempt_counts(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
-    # Break: StoreOutput._adopt reads the sidecars of every selected task, done ones too (its
+    # Break: store.restore.adopt reads the sidecars of every selected task, done ones too (its
     # `if sends` dropped): each re-run adds their attempts again.
     server = thread_server()
     bucket = s3.bucket()
