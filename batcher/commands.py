@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from batcher.errors import AuthError, BatcherError, Interrupted, ProviderError, UsageError
-from batcher.ledger import LEDGER_NAME, Ledger
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import Counts, Plan, make_plan, output_dir
 from batcher.providers import OpenAICompatible, builtin_providers, open_clients, resolve_key
@@ -32,6 +31,7 @@ from batcher.run.pool import RunOptions, effective_configs, used_providers
 from batcher.run.pool import run as run_manifest
 from batcher.run.retry import Action, classify
 from batcher.store import StoreURL, output_target
+from batcher.store.ledger import LEDGER_NAME, Ledger
 from batcher.store.view import open_view
 from batcher.store.view import unlock as store_unlock
 from batcher.wording import plural, usd

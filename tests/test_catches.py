@@ -21,9 +21,9 @@ from s3server import S3Server, s3, store_env
 from scripted import Reply, ScriptedServer, good_image, json_reply
 from test_store import ledger_in_store, manifest, paid
 
-from batcher.ledger import FileRecord, Record
 from batcher.location import parse_store_url
 from batcher.manifest import load_manifest
+from batcher.records import FileRecord, Record
 from batcher.run.pool import RunOptions, run
 from batcher.store.mirror import open_store_output
 from batcher.store.working import cache_root

@@ -16,9 +16,9 @@ from s3server import S3Server, s3, store_env
 from test_lease import FakeHolder
 
 from batcher.imagegen import render_png
-from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
 from batcher.store.folderlock import lock_folder
+from batcher.store.ledger import Ledger
 from batcher.store.names import JOURNAL_NAME
 from batcher.store.stale import find_stale, manifest_ids
 

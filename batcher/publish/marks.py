@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from batcher.ledger import FilePresent, Ledger, on_disk
 from batcher.location import StoreURL
 from batcher.manifest import Manifest
 from batcher.publish.keep import with_kept_seeds
@@ -15,6 +14,7 @@ from batcher.publish.picks import load_picks, picks_path
 from batcher.publish.source import ok_records
 from batcher.publish.variants import Asset, collect_assets
 from batcher.reports.sheet import Mark
+from batcher.store.ledger import FilePresent, Ledger, on_disk
 
 
 def marks_of(assets: Mapping[str, Asset]) -> dict[str, Mark]:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batcher.errors import UsageError
-from batcher.ledger import FilePresent, Ledger, Record, on_disk
 from batcher.location import StoreURL
 from batcher.outputs import derived_files
+from batcher.records import Record
+from batcher.store.ledger import FilePresent, Ledger, on_disk
 
 if TYPE_CHECKING:
     from batcher.store.objects import ObjectStore

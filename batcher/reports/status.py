@@ -11,10 +11,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batcher.ledger import Ledger, Record
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.providers.prices import Cost, cost_text
+from batcher.records import Record, RecordSource
 
 
 def _totals(manifest: Manifest | None) -> tuple[dict[tuple[str, str], int] | None,
@@ -31,7 +31,7 @@ def _totals(manifest: Manifest | None) -> tuple[dict[tuple[str, str], int] | Non
 
 
 def ledger_status(
-    ledger: Ledger, location: str, manifest: Manifest | None, *,
+    ledger: RecordSource, location: str, manifest: Manifest | None, *,
     problems: Mapping[str, list[dict[str, str]]] | None,
     summary: dict[str, Any] | None, running: bool = False,
 ) -> dict[str, Any]:

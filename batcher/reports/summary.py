@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batcher import fastjson
-from batcher.ledger import Ledger, Record
 from batcher.manifest.tasks import Task
 from batcher.outputs import entries
 from batcher.plan import Plan
 from batcher.providers.prices import Cost
+from batcher.records import Record, RecordSource
 from batcher.reports.progress import Counters
 
 
@@ -92,7 +92,7 @@ def _models_in_order(plan: Plan) -> list[dict[str, Any]]:
 
 
 def summary_for_manifest(
-    summary: dict[str, Any], tasks: Callable[[], Iterable[Task]], ledger: Ledger
+    summary: dict[str, Any], tasks: Callable[[], Iterable[Task]], ledger: RecordSource
 ) -> dict[str, Any]:
     """A summary brought in line with the manifest after a prune: jobs it no longer has are
     dropped, and each remaining job's total, ok, failed, pending and ``cost_total_usd`` come

@@ -43,7 +43,6 @@ from batcher.errors import (
     TransportError,
     UsageError,
 )
-from batcher.ledger import Record
 from batcher.manifest import Manifest
 from batcher.manifest.tasks import Task
 from batcher.plan import Plan, Selection, estimate, make_plan, output_dir
@@ -54,6 +53,7 @@ from batcher.providers.download import Downloader
 from batcher.providers.openai_compat import connection_tracing
 from batcher.providers.prices import Cost, answer_cost, failed_attempt_cost, run_spend_text
 from batcher.providers.rates import Rate
+from batcher.records import Record
 from batcher.reports.progress import Counters, Progress
 from batcher.reports.summary import JobTally, ok_costs_by_job, summarize
 from batcher.run.limits import Pacer

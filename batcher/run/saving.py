@@ -28,10 +28,10 @@ from batcher.errors import (
     ResponseError,
 )
 from batcher.imagegen import image_kind
-from batcher.ledger import FileRecord, Record
 from batcher.manifest.tasks import Task
 from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
 from batcher.providers.download import Downloader
+from batcher.records import FileRecord, Record
 from batcher.store import sidecars
 from batcher.store.names import Layout
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from batcher.errors import StoreError, UsageError
-from batcher.ledger import LEDGER_NAME, Ledger
 from batcher.location import StoreURL
 from batcher.reports.sheet import Mark
 from batcher.store import sidecars
+from batcher.store.ledger import LEDGER_NAME, Ledger
 from batcher.store.listings import LISTINGS, parse_summary, write_listings
 from batcher.store.lock import Holder, Locks, StoreLock
 from batcher.store.names import LEDGERS, SUMMARY_NAME

@@ -13,12 +13,13 @@ from typing import Any
 
 from batcher.atomic import atomic_open
 from batcher.errors import UsageError
-from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record, on_disk
 from batcher.manifest import Manifest
 from batcher.plan import Selection
+from batcher.records import FileRecord, Record
 from batcher.reports.sheet import Mark
 from batcher.store import sidecars
 from batcher.store.folderlock import lock_folder, run_in_progress
+from batcher.store.ledger import LEDGER_NAME, Ledger, on_disk
 from batcher.store.listings import read_summary, write_listings, write_reports
 from batcher.store.lock import Locks
 from batcher.store.verify import Problems, verify

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from batcher.atomic import atomic_open
-from batcher.ledger import Ledger
 from batcher.manifest.tasks import Task
 from batcher.reports.sheet import ContactSheet, Mark
 from batcher.reports.summary import result_lines, summary_for_manifest
+from batcher.store.ledger import Ledger
 from batcher.store.names import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME
 
 LISTINGS = (RESULTS_NAME, INDEX_NAME)

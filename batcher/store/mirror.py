@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from batcher.errors import StoreError, UsageError
-from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.plan import Selection
+from batcher.records import FileRecord, Record
 from batcher.store import restore
 from batcher.store.bucket import write_store_listings
 from batcher.store.folderlock import lock_folder
 from batcher.store.layouts import claim_layout
+from batcher.store.ledger import LEDGER_NAME, Ledger
 from batcher.store.listings import LISTINGS, write_summary
 from batcher.store.lock import LockLost, StoreLock
 from batcher.store.objects import ObjectStore, StoreURL

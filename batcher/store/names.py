@@ -57,7 +57,7 @@ def short_id(task_id: str, length: int = ID_CHARS) -> str:
     bits): names meet only when two tasks share the job, the model, the seed, the first 48
     characters of the prompt's slug *and* this hash; among a million such tasks the chance
     that any two do is about 3 in 100 million (eight characters made it 116 expected pairs).
-    The ledger refuses the rare one left (:meth:`batcher.ledger.Ledger.claim`).
+    The ledger refuses the rare one left (:meth:`batcher.store.ledger.Ledger.claim`).
     """
     return hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:length]
 

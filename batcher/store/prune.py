@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Protocol
 
 from batcher.errors import UsageError
-from batcher.ledger import Ledger
 from batcher.location import StoreURL
 from batcher.manifest import Manifest
 from batcher.plan import Selection
+from batcher.store.ledger import Ledger
 from batcher.store.listings import fresh_summary
 from batcher.store.names import JOURNAL_NAME, SUMMARY_NAME
 from batcher.store.stale import PruneSet, find_stale, journal_bytes, manifest_ids, read_journal

@@ -12,7 +12,7 @@ from typing import Any
 from obstore.exceptions import AlreadyExistsError, PreconditionError
 
 from batcher.errors import StoreError
-from batcher.ledger import Ledger
+from batcher.store.ledger import Ledger
 from batcher.store.lock import LockLost, StoreLock
 from batcher.store.objects import ObjectStore
 

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from batcher.ledger import Record
 from batcher.manifest import Manifest
 from batcher.manifest.tasks import Task
 from batcher.outputs import derived_files, entries
 from batcher.plan import Selection
+from batcher.records import Record
 from batcher.store import sidecars
 from batcher.store.derive import Deriver
 from batcher.store.names import Layout

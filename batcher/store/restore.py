@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batcher.ledger import Ledger
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.store import sidecars
+from batcher.store.ledger import Ledger
 from batcher.store.objects import ObjectStore
 from batcher.store.uploads import Uploads
 from batcher.store.working import is_ledger, merged_view, restore_ledgers

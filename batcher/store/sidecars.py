@@ -24,9 +24,10 @@ from typing import Any
 
 from batcher import fastjson
 from batcher.atomic import atomic_open
-from batcher.ledger import FilePresent, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.plan import Selection
+from batcher.records import Record
+from batcher.store.ledger import FilePresent, Ledger
 from batcher.store.names import Layout
 
 log = logging.getLogger(__name__)

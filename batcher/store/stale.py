@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batcher.errors import UsageError
-from batcher.ledger import Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
+from batcher.records import Record
+from batcher.store.ledger import Ledger
 from batcher.store.names import Layout
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from obstore.exceptions import AlreadyExistsError
 
-from batcher.ledger import FileRecord, Record
 from batcher.outputs import derived_files
+from batcher.records import FileRecord, Record
 from batcher.store.lock import StoreLock
 from batcher.store.objects import ObjectStore
 

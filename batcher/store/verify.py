@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Callable
 
-from batcher.ledger import FileRecord, Ledger, Record
 from batcher.outputs import derived_files
+from batcher.records import FileRecord, Record
+from batcher.store.ledger import Ledger
 
 Problems = dict[str, list[dict[str, str]]]  # task id -> its files missing or changed
 Chunks = Callable[[str], AsyncIterator[bytes]]  # a kept file's bytes; FileNotFoundError: none

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from batcher.errors import UsageError
-from batcher.ledger import Ledger
 from batcher.location import StoreURL
 from batcher.reports.sheet import Mark
+from batcher.store.ledger import Ledger
 from batcher.store.lock import Locks
 from batcher.store.verify import Problems
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from batcher.errors import StoreError, UsageError
-from batcher.ledger import LEDGER_NAME, Ledger
 from batcher.location import StoreURL
+from batcher.store.ledger import LEDGER_NAME, Ledger
 from batcher.store.names import LEDGERS, LOCK_NAME, SUMMARY_NAME, slugify
 from batcher.store.objects import ObjectStore
 
