@@ -17,6 +17,7 @@ import os
 import select
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,8 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show debug logs (also after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in _COMMANDS:
+        command.add_arguments(_command(sub, command.name, command.summary))
+    return parser
 
-    run = _command(sub, "run", "run what is not done yet")
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     _add_run_options(run)
     run.add_argument("--dry-run", action="store_true", help="plan only; send nothing")
     run.add_argument("--no-progress", action="store_true",
@@ -243,17 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with a store output: seconds a failing store is retried before the "
                           "run stops with its tasks pending (default: 300)")
 
-    plan = _command(sub, "plan", "count what a run would do; send nothing")
+
+def _plan_arguments(plan: argparse.ArgumentParser) -> None:
     _add_run_options(plan)
     plan.add_argument("--check", action="store_true",
                       help="ask each provider's /models and flag unknown model names")
 
-    validate = _command(sub, "validate", "check a manifest (exit 0 or 2)")
+
+def _validate_arguments(validate: argparse.ArgumentParser) -> None:
     validate.add_argument("manifest", type=Path, help="a YAML manifest or a JSONL task file")
     validate.add_argument("--provider", metavar="NAME",
                           help="provider for a JSONL task file (default: vultr)")
 
-    status = _command(sub, "status", "what the ledger says: ok, failed, pending, why")
+
+def _status_arguments(status: argparse.ArgumentParser) -> None:
     status.add_argument("target", help="a manifest, an output folder or a store URL")
     status.add_argument("--output", type=_target, metavar="DIR|URL",
                         help="the output of the manifest (default: the manifest's)")
@@ -265,14 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "counts, spend, failures, and with a manifest its assets without "
                              "an ok variant and those not picked yet")
 
-    models = _command(sub, "models", "list a provider's models")
+
+def _models_arguments(models: argparse.ArgumentParser) -> None:
     models.add_argument("provider", help="a built-in provider (vultr, modelverse, openai, "
                         "local) or one the --manifest defines")
     models.add_argument("--manifest", type=Path, metavar="FILE",
                         help="a manifest that defines or overrides the provider "
                              "(default: the built-in providers only)")
 
-    serve = _command(sub, "serve", "the built-in OpenAI-compatible server")
+
+def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=_port, default=8000,
                        help="port of the API; 0 picks a free one (default: 8000)")
     serve.add_argument("--host", default="127.0.0.1",
@@ -294,14 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction from 0 to 1 of distinct requests that always fail with "
                             "500 (default: 0)")
 
-    merge = _command(sub, "merge", "combine shard outputs into one")
+
+def _merge_arguments(merge: argparse.ArgumentParser) -> None:
     merge.add_argument("inputs", nargs="+", type=Path, metavar="OUT",
                        help="output folders of the shards")
     merge.add_argument("--output", type=Path, required=True, metavar="DIR",
                        help="the folder to merge into (required)")
 
-    prune = _command(sub, "prune", "remove the files and ledger rows of tasks the manifest "
-                     "no longer has")
+
+def _prune_arguments(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("manifest", type=Path, help="a YAML manifest or a JSONL task file")
     prune.add_argument("--output", type=_target, metavar="DIR|URL",
                        help="the output folder or store URL (default: the manifest's)")
@@ -314,30 +325,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "manifest still has, or tasks made with another provider than "
                             "the job's (default: refuse, exit 2, nothing removed)")
 
-    report = _command(sub, "report", "write results.jsonl and index.html again")
+
+def _report_arguments(report: argparse.ArgumentParser) -> None:
     report.add_argument("output", type=_target, metavar="DIR|URL|MANIFEST",
                         help="an output folder or a store URL; or a manifest with asset: "
                              "(its output's sheet grouped by asset, with the picks marked)")
 
-    unlock = _command(sub, "unlock", "remove a store's lock left by a run that is gone")
+
+def _unlock_arguments(unlock: argparse.ArgumentParser) -> None:
     unlock.add_argument("output", type=_target, metavar="URL", help="the store URL of the output")
     unlock.add_argument("--shard", type=_shard, metavar="I/N",
                         help="the lock of shard I of N (default: the unsharded run's)")
-    _add_asset_commands(sub)
-    return parser
 
 
-def _add_asset_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``publish`` and ``review`` (batcher.publish)."""
-    publish = _command(sub, "publish", "write the asset set (each asset's chosen variant, "
-                       "by name) and assets.json to a folder or a bucket")
+def _publish_arguments(publish: argparse.ArgumentParser) -> None:
     _add_asset_source(publish)
     publish.add_argument("--to", type=_target, required=True, metavar="DIR|URL",
                          help="where the set goes: a folder or a store URL (required)")
     publish.add_argument("--dry-run", action="store_true",
                          help="list what would be written and removed; write nothing")
-    review = _command(sub, "review", "a local page to pick and reject each asset's variants "
-                      "(writes the picks file)")
+
+
+def _review_arguments(review: argparse.ArgumentParser) -> None:
     _add_asset_source(review)
     review.add_argument("--port", type=_port, default=0,
                         help="port on 127.0.0.1; 0 picks a free one (default: 0)")
@@ -348,6 +357,35 @@ def _add_asset_source(command: argparse.ArgumentParser) -> None:
     command.add_argument("manifest", type=Path, help="a YAML manifest whose jobs have asset:")
     command.add_argument("--output", type=_target, metavar="DIR|URL",
                          help="the run's output (default: the manifest's)")
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    """A command of ``batcher --help``: its name, its one-line summary, its arguments."""
+
+    name: str
+    summary: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+
+
+# The commands in the order `batcher --help` lists them; the epilogs are in _EPILOGS.
+_COMMANDS = (
+    _Command("run", "run what is not done yet", _run_arguments),
+    _Command("plan", "count what a run would do; send nothing", _plan_arguments),
+    _Command("validate", "check a manifest (exit 0 or 2)", _validate_arguments),
+    _Command("status", "what the ledger says: ok, failed, pending, why", _status_arguments),
+    _Command("models", "list a provider's models", _models_arguments),
+    _Command("serve", "the built-in OpenAI-compatible server", _serve_arguments),
+    _Command("merge", "combine shard outputs into one", _merge_arguments),
+    _Command("prune", "remove the files and ledger rows of tasks the manifest no longer has",
+             _prune_arguments),
+    _Command("report", "write results.jsonl and index.html again", _report_arguments),
+    _Command("unlock", "remove a store's lock left by a run that is gone", _unlock_arguments),
+    _Command("publish", "write the asset set (each asset's chosen variant, by name) and "
+             "assets.json to a folder or a bucket", _publish_arguments),
+    _Command("review", "a local page to pick and reject each asset's variants (writes the "
+             "picks file)", _review_arguments),
+)
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:

@@ -25,20 +25,19 @@ from batcher.providers.rates import Rate
 from batcher.reports.status import (
     ledger_status,
     print_status,
-    read_summary,
     run_failures,
-    run_in_progress,
-    verify_folder,
 )
-from batcher.reports.summary import SUMMARY_NAME
 from batcher.run.pool import run as run_manifest
 from batcher.run.retry import Action, classify
 from batcher.run.setup import RunOptions, effective_configs, used_providers
 from batcher.store import StoreURL, output_target
+from batcher.store.ledger import LEDGER_NAME, Ledger
+from batcher.store.view import open_view
+from batcher.store.view import unlock as store_unlock
 from batcher.wording import plural, usd
 
 if TYPE_CHECKING:
-    from batcher.prune import PruneSet
+    from batcher.store.stale import PruneSet
 
 
 def _load(path: Path, provider: str | None, *, budget_off: bool) -> Manifest:
@@ -141,7 +140,8 @@ EXAMPLE_CHARS = 200  # an example message is a hint, not the whole provider answ
 
 def _print_failures(root: Path, started: float, location: str) -> None:
     """The commonest reasons this run's tasks failed, one example message each."""
-    reasons, more = run_failures(root, started)
+    with Ledger(root / LEDGER_NAME, readonly=True) as ledger:
+        reasons, more = run_failures(ledger.records(), started)
     print("batcher: failed tasks by reason:", file=sys.stderr)
     for item in reasons:
         example = " ".join(item.example.split())
@@ -154,19 +154,12 @@ def _print_failures(root: Path, started: float, location: str) -> None:
 
 
 def _done_and_failed(target: Path | StoreURL) -> tuple[set[str], set[str]]:
-    if isinstance(target, StoreURL):
-        return asyncio.run(_done_and_failed_in_store(target))
-    from batcher.store.folder import read_folder
-
-    with read_folder(target, required=False) as ledger:
-        return ledger.statuses(target)
+    return asyncio.run(_statuses(target))
 
 
-async def _done_and_failed_in_store(url: StoreURL) -> tuple[set[str], set[str]]:
-    from batcher.store.mirror import read_store
-
-    async with read_store(url, required=False) as (_store, ledger, listing, _root):
-        return ledger.statuses(lambda path, size: listing.get(path) == size)
+async def _statuses(target: Path | StoreURL) -> tuple[set[str], set[str]]:
+    async with open_view(target, required=False) as view:
+        return view.ledger.statuses(view.present)
 
 
 def plan(path: Path, provider: str | None, options: RunOptions, *, check: bool,
@@ -322,15 +315,7 @@ def status(target: str, output: str | None, *, as_json: bool, verify: bool,
         root = output_dir(manifest, output)
     else:
         root = output_target(output or target)
-    if isinstance(root, StoreURL):
-        report = asyncio.run(_store_status(root, manifest, verify=verify))
-    else:
-        from batcher.store.folder import read_folder
-
-        with read_folder(root) as ledger:
-            report = ledger_status(ledger, str(root), manifest,
-                                   verify=verify_folder(root) if verify else None,
-                                   summary=read_summary(root), running=run_in_progress(root))
+    report = asyncio.run(_status(root, manifest, verify=verify))
     if markdown:  # for $GITHUB_STEP_SUMMARY
         from batcher.publish.command import asset_summary
         from batcher.reports.markdown import render_markdown
@@ -348,27 +333,21 @@ def status(target: str, output: str | None, *, as_json: bool, verify: bool,
     return 1 if report["failed"] or report["pending"] or report.get("changed") else 0
 
 
-async def _store_status(url: StoreURL, manifest: Manifest | None, *,
-                        verify: bool) -> dict[str, Any]:
-    from batcher.store.mirror import lock_holders, read_store, verify_store
-
-    async with read_store(url) as (store, ledger, _listing, _root):
-        problems = await verify_store(store, ledger) if verify else None
-        got = await store.get_bytes(SUMMARY_NAME) if manifest is None else None
-        summary = None
-        with contextlib.suppress(ValueError, TypeError):
-            summary = json.loads(got[0]) if got is not None else None
-        holders = await lock_holders(store, _listing)
-        report = ledger_status(
-            ledger, str(url), manifest, summary=summary if isinstance(summary, dict) else None,
-            verify=None if problems is None else lambda record: problems.get(record.id, []),
-            running=bool(holders))
-        report["holders"] = holders
+async def _status(target: Path | StoreURL, manifest: Manifest | None, *,
+                  verify: bool) -> dict[str, Any]:
+    async with open_view(target) as view:
+        problems = await view.verify() if verify else None
+        summary = await view.summary() if manifest is None else None
+        locks = await view.locks()
+        report = ledger_status(view.ledger, view.location, manifest, summary=summary,
+                               problems=problems, running=locks.running)
+        if locks.holders is not None:
+            report["holders"] = locks.holders
         return report
 
 
 def merge(inputs: list[Path], output: Path) -> int:
-    from batcher.reports.merge import merge_outputs
+    from batcher.store.merge import merge_outputs
 
     count = merge_outputs(inputs, output)
     print(f"merged {plural(count, 'task')} from {plural(len(inputs), 'output')} into {output}")
@@ -389,18 +368,11 @@ async def _prune(manifest: Manifest, output: str | Path | None, *, dry_run: bool
                  required: bool = True, force: bool = False) -> None:
     """Prune the manifest's output (the whole manifest counts, whatever --only says); with
     ``required`` false an output nothing has run into yet is quietly left alone."""
-    from batcher.prune import prune_folder
+    from batcher.store.prune import prune
 
-    target = output_dir(manifest, output)
-    announce = functools.partial(_print_prune, dry_run=dry_run)
-    if isinstance(target, StoreURL):
-        from batcher.store.prune import prune_store
-
-        found = await prune_store(manifest, target, dry_run=dry_run, announce=announce,
-                                  required=required, force=force)
-    else:
-        found = prune_folder(manifest, target, dry_run=dry_run, announce=announce,
-                             required=required, force=force)
+    found = await prune(manifest, output_dir(manifest, output), dry_run=dry_run,
+                        announce=functools.partial(_print_prune, dry_run=dry_run),
+                        required=required, force=force)
     if not found.kept and not found.tasks and not found.names and not required:
         return  # nothing has run into the output yet
     if found.tasks or found.names:
@@ -429,8 +401,6 @@ def _print_prune(found: PruneSet, *, dry_run: bool) -> None:
 
 
 def report(target: str) -> int:
-    from batcher.reports.summary import write_listings
-
     if Path(target).suffix.lower() in {".yaml", ".yml"} and Path(target).is_file():
         manifest = load_manifest(Path(target))
         root = output_dir(manifest, None)
@@ -443,34 +413,20 @@ def report(target: str) -> int:
             return 0
         target = str(root)
     output = output_target(target)
-    if isinstance(output, StoreURL):
-        asyncio.run(_store_report(output))
-        print(f"wrote {output}/results.jsonl and {output}/index.html")
-        return 0
-    from batcher.store.folder import read_folder
-
-    with read_folder(output) as ledger:
-        write_listings(output, ledger)
-    print(f"wrote {output / 'results.jsonl'} and {output / 'index.html'}")
+    asyncio.run(_write_listings(output))
+    print(f"wrote {output}/results.jsonl and {output}/index.html")
     return 0
 
 
-async def _store_report(url: StoreURL) -> None:
-    from batcher.store.mirror import read_store, upload_listings
-
-    async with read_store(url) as (store, ledger, _listing, root):
-        await upload_listings(store, root, ledger)
+async def _write_listings(target: Path | StoreURL) -> None:
+    async with open_view(target) as view:
+        await view.write_listings()
 
 
 def unlock(target: str, shard: tuple[int, int] | None) -> int:
     """Remove a store's lock (a run's, or its shard's), saying whose it was."""
     url = output_target(target)
-    if not isinstance(url, StoreURL):
-        raise UsageError(f"{url}: unlock is for store outputs (s3://, gs://, az://); a folder's "
-                         "lock ends with the process that holds it")
-    from batcher.store.mirror import remove_lock
-
-    name, holder = asyncio.run(remove_lock(url, shard))
+    name, holder = asyncio.run(store_unlock(url, shard))
     if holder is None:
         print(f"unlock: {url} has no lock {name}; nothing to remove")
     else:

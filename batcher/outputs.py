@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batcher.ledger import FileRecord, Record
+from batcher.records import FileRecord, Record
 
 FORMATS = ("png", "webp", "jpeg", "avif")
 AS_DELIVERED = ("original", "as delivered")  # how a manifest may spell the default

@@ -21,11 +21,12 @@ from s3server import S3Server, s3, store_env
 from scripted import Reply, ScriptedServer, good_image, json_reply
 from test_store import ledger_in_store, manifest, paid
 
-from batcher.ledger import FileRecord, Record
 from batcher.location import parse_store_url
 from batcher.manifest import load_manifest
+from batcher.records import FileRecord, Record
 from batcher.run import RunOptions, run
-from batcher.store.mirror import cache_root, open_store_output
+from batcher.store.mirror import open_store_output
+from batcher.store.working import cache_root
 
 __all__ = ["s3"]  # a fixture, used by name
 
@@ -69,7 +70,7 @@ def test_every_test_has_its_own_cache_folder(tmp_path: Path) -> None:
 async def test_a_store_task_counts_as_ok_only_once_its_files_and_sidecar_are_in_the_store(
     tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Break: StoreOutput._upload calls kept(record) before the uploads.
+    # Break: store.uploads.Uploads._upload calls kept(record) before the uploads.
     bucket = s3.bucket()
     use_store(monkeypatch, s3, tmp_path / "cache")
     url = parse_store_url(f"s3://{bucket}/keep")
@@ -145,7 +146,7 @@ def test_adopting_after_the_ledger_is_lost_reads_sidecars_of_whole_files_only(
 def test_a_truncated_object_in_the_store_is_not_done(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
-    # Break: StoreOutput.statuses checks only that a file is listed, not its size.
+    # Break: store.restore.earlier checks only that a file is listed, not its size.
     server = thread_server()
     bucket = s3.bucket()
     path = manifest(server, tmp_path, f"s3://{bucket}/cut", images=2, chats=1)
@@ -237,7 +238,7 @@ def test_a_stores_listings_cover_every_shards_ledger(
 def test_folder_listings_older_than_the_ledger_are_written_again(
     tmp_path: Path, thread_server: Any
 ) -> None:
-    # Break: reports.summary._listings_stale returns False. A run killed after its ledger
+    # Break: store.listings._listings_stale returns False. A run killed after its ledger
     # rows and before its listings leaves listings older than the ledger.
     server = thread_server()
     path = manifest(server, tmp_path, "out", images=2, chats=2)
@@ -260,7 +261,7 @@ def test_folder_listings_older_than_the_ledger_are_written_again(
 def test_prune_dry_run_on_a_store_changes_nothing_there(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
-    # Break: prune_store without `not dry_run and` before _remove.
+    # Break: store.prune.prune without its `if dry_run: return found` before _remove.
     server = thread_server()
     bucket = s3.bucket()
     url = f"s3://{bucket}/dry"
@@ -298,7 +299,7 @@ def test_status_of_an_edited_manifest_counts_only_its_tasks(
 def test_status_verify_on_a_store_reports_a_missing_object(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
-    # Break: verify_store counts a missing object as matching.
+    # Break: store.verify counts a missing object as matching.
     server = thread_server()
     bucket = s3.bucket()
     url = f"s3://{bucket}/verify"
@@ -444,7 +445,7 @@ def test_merge_keeps_the_ok_result_of_a_task_whatever_the_order(tmp_path: Path) 
 def test_a_finished_store_run_again_adopts_nothing_and_keeps_the_attempt_counts(
     tmp_path: Path, thread_server: Any, s3: S3Server
 ) -> None:
-    # Break: StoreOutput._adopt reads the sidecars of every selected task, done ones too (its
+    # Break: store.restore.adopt reads the sidecars of every selected task, done ones too (its
     # `if sends` dropped): each re-run adds their attempts again.
     server = thread_server()
     bucket = s3.bucket()

@@ -25,10 +25,10 @@ from conftest import ledger_rows, provider_block, run_cli, write_manifest
 from s3server import S3Server, s3, store_env
 from scripted import ScriptedServer, good_image, json_reply
 
-from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
 from batcher.manifest.tasks import expand
-from batcher.storage import Layout, short_id
+from batcher.store.ledger import Ledger
+from batcher.store.names import Layout, short_id
 
 __all__ = ["s3"]  # a fixture, used by name
 

@@ -717,8 +717,8 @@ async def test_a_ledger_naming_a_derived_file_outside_the_output_never_deletes_i
 
 
 def test_an_image_pillow_cannot_decode_fails_its_derivation_not_the_task(tmp_path: Path) -> None:
-    from batcher.ledger import FileRecord, Record
     from batcher.outputs import Outputs
+    from batcher.records import FileRecord, Record
     from batcher.store.derive import derive_sync
 
     bad = b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10

@@ -16,10 +16,11 @@ from s3server import S3Server, s3, store_env
 from test_lease import FakeHolder
 
 from batcher.imagegen import render_png
-from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
-from batcher.prune import JOURNAL_NAME, find_stale, manifest_ids
-from batcher.storage import lock_folder
+from batcher.store.folderlock import lock_folder
+from batcher.store.ledger import Ledger
+from batcher.store.names import JOURNAL_NAME
+from batcher.store.stale import find_stale, manifest_ids
 
 __all__ = ["s3"]  # a fixture, used by name
 

@@ -15,11 +15,11 @@ from conftest import ledger_rows, provider_block, run_cli, start_cli, write_mani
 from s3server import S3Server, s3, store_env
 
 from batcher.errors import ManifestError, UsageError
-from batcher.ledger import Ledger
 from batcher.manifest import load_manifest
 from batcher.plan import DEFAULT_OUTPUT_TOKENS, Selection, make_plan
 from batcher.providers.prices import Price, answer_cost
 from batcher.run import Outcome, RunOptions, run
+from batcher.store.ledger import Ledger
 
 __all__ = ["s3"]  # a fixture, used by name
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from batcher import atomic
 from batcher.atomic import TMP_PREFIX, AtomicFile, FileWriter, remove_leftovers
 from batcher.manifest.tasks import Task
-from batcher.storage import Layout, short_id, slugify
+from batcher.store.names import Layout, short_id, slugify
 
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {
     f"{p}{i}" for p in ("com", "lpt") for i in range(10)

@@ -217,19 +217,8 @@ def parse_job(
     vars_file = _parse_vars_file(data["vars_file"], where, base_dir) if "vars_file" in data \
         else None
     var_names = {name for name, _ in job_vars}
-    for key, texts in (("prompts" if "prompts" in data else "prompt", prompts),
-                       ("system", (system,) if system else ()), ("images", images)):
-        for text in texts:
-            try:
-                missing = placeholders(text) - var_names
-            except ValueError as exc:
-                raise where.error(key, str(exc)) from None
-            if missing and vars_file is None:
-                raise where.error(
-                    key, f"{{{sorted(missing)[0]}}} has no var of that name "
-                    "(add it under vars or as a column of a vars_file, or write {{ and }} "
-                    "for literal braces)",
-                )
+    _check_placeholders(data, where, var_names, vars_file is not None,
+                        prompts=prompts, system=system, images=images)
     asset, keep, max_seeds = _parse_asset(data, where, var_names, prompts, system,
                                           vars_file is not None, seeds)
     job = JobSpec(
@@ -240,6 +229,27 @@ def parse_job(
     )
     _check_combinations(job, where, base_dir, max_bytes)
     return job
+
+
+def _check_placeholders(
+    data: Mapping[str, Any], where: Where, var_names: set[str], has_vars_file: bool, *,
+    prompts: tuple[str, ...], system: str | None, images: tuple[str, ...],
+) -> None:
+    """Each ``{name}`` in the prompts, the system message and the input images is well formed
+    and names a var; with a vars_file it may name a column instead (checked per row later)."""
+    for key, texts in (("prompts" if "prompts" in data else "prompt", prompts),
+                       ("system", (system,) if system else ()), ("images", images)):
+        for text in texts:
+            try:
+                missing = placeholders(text) - var_names
+            except ValueError as exc:
+                raise where.error(key, str(exc)) from None
+            if missing and not has_vars_file:
+                raise where.error(
+                    key, f"{{{sorted(missing)[0]}}} has no var of that name "
+                    "(add it under vars or as a column of a vars_file, or write {{ and }} "
+                    "for literal braces)",
+                )
 
 
 def _parse_asset(

@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from batcher.ledger import FilePresent, Ledger, on_disk
 from batcher.location import StoreURL
 from batcher.manifest import Manifest
 from batcher.publish.keep import with_kept_seeds
@@ -15,6 +14,7 @@ from batcher.publish.picks import load_picks, picks_path
 from batcher.publish.source import ok_records
 from batcher.publish.variants import Asset, collect_assets
 from batcher.reports.sheet import Mark
+from batcher.store.ledger import FilePresent, Ledger, on_disk
 
 
 def marks_of(assets: Mapping[str, Asset]) -> dict[str, Mark]:
@@ -44,17 +44,15 @@ def _marks(manifest: Manifest, ledger: Ledger, present: FilePresent) -> dict[str
 async def refresh_sheet(manifest: Manifest, target: Path | StoreURL) -> bool:
     """Write the output's index.html (and results.jsonl) again, grouped by asset, with the
     picks file's decisions; False when nothing has run into it yet."""
-    from batcher.reports.summary import write_listings
+    from batcher.store.listings import write_listings
 
     if not any(job.asset for job in manifest.jobs):
         return False
     if isinstance(target, StoreURL):
-        from batcher.store.mirror import read_store, upload_listings
+        from batcher.store.view import open_view
 
-        async with read_store(target, required=False) as (store, ledger, listing, root):
-            marks = _marks(manifest, ledger,
-                           lambda path, size: listing.get(path) == size)
-            await upload_listings(store, root, ledger, marks)
+        async with open_view(target, required=False) as view:
+            await view.write_listings(_marks(manifest, view.ledger, view.present))
         return True
     found = Ledger.open_existing(target)
     if found is None:

@@ -246,7 +246,7 @@ class StoreTarget:
         self.listing: dict[str, int] = {}
 
     async def open(self) -> None:
-        from batcher.store.mirror import first_listing
+        from batcher.store.working import first_listing
 
         self.listing = await first_listing(self.store)
 

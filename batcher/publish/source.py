@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batcher.errors import UsageError
-from batcher.ledger import FilePresent, Ledger, Record, on_disk
 from batcher.location import StoreURL
 from batcher.outputs import derived_files
+from batcher.records import Record
+from batcher.store.ledger import FilePresent, Ledger, on_disk
 
 if TYPE_CHECKING:
     from batcher.store.objects import ObjectStore
@@ -82,11 +83,11 @@ async def open_run_files(target: Path | StoreURL, *,
                          required: bool = True) -> AsyncIterator[RunFiles]:
     """The output of a run; with ``required`` false an output nothing ran into reads empty."""
     if isinstance(target, StoreURL):
-        from batcher.store.mirror import read_store
+        from batcher.store.bucket import open_bucket_view
 
-        async with read_store(target, required=required) as (store, ledger, listing, _root):
-            records, seen = ok_records(ledger, lambda path, size: listing.get(path) == size)
-            yield StoreFiles(store, target, records, seen)
+        async with open_bucket_view(target, required=required) as view:
+            records, seen = ok_records(view.ledger, view.present)
+            yield StoreFiles(view.store, target, records, seen)
         return
     found = Ledger.open_existing(target)
     if found is None:

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from batcher.errors import ManifestError
-from batcher.ledger import FileRecord, Record
 from batcher.manifest import JobSpec, Manifest
 from batcher.manifest.named import named_tasks
 from batcher.manifest.tasks import Task
 from batcher.publish.picks import Decision, Selector
+from batcher.records import FileRecord, Record
 
 log = logging.getLogger(__name__)
 

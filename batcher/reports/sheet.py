@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from batcher.ledger import Record
 from batcher.outputs import entries
 from batcher.providers.prices import Cost
+from batcher.records import Record
 from batcher.wording import usd
 
 MAX_CELLS_PER_JOB = 5000

@@ -1,76 +1,20 @@
-"""``batcher status``: what the ledger says, per job and model, with failures by reason."""
+"""``batcher status``: what the ledger says, per job and model, with failures by reason.
+
+Rendering only: the store hands over the ledger, the summary, the verify's problems and
+whether a run is writing the output (:mod:`batcher.store.view`)."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record
 from batcher.manifest import Manifest
-from batcher.outputs import derived_files
 from batcher.plan import Selection
 from batcher.providers.prices import Cost, cost_text
-from batcher.reports.summary import SUMMARY_NAME
-from batcher.storage import LOCK_NAME
-
-
-def _sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
-Verify = Callable[[Record], list[dict[str, str]]]
-
-
-def run_in_progress(root: Path) -> bool:
-    """Whether a run holds the folder's lock now (see ``storage.lock_folder``).
-
-    The probe takes a shared lock for an instant and gives it back; a run starting in that
-    instant would stop as if another run held the folder, a risk worth a true answer here.
-    """
-    try:
-        handle = open(root / LOCK_NAME, "rb")  # noqa: SIM115 - closed below
-    except OSError:  # no lock file: no run has held this folder, or it was cleaned up
-        return False
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:  # a file system without locks: nothing to tell
-            return False
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
-def problem(record: Record, file: FileRecord, actual: str | None) -> list[dict[str, str]]:
-    """What ``--verify`` says of a file whose sha256 is ``actual`` (``None``: missing)."""
-    if actual is None:
-        return [{"id": record.id, "path": file.path, "problem": "missing"}]
-    if actual != file.sha256:
-        return [{"id": record.id, "path": file.path, "problem": "changed"}]
-    return []
-
-
-def verify_folder(root: Path) -> Verify:
-    """Re-hash each file of a record under ``root``."""
-    def verify(record: Record) -> list[dict[str, str]]:
-        return [p for file in [*record.files, *derived_files(record)]
-                for p in problem(record, file, _sha256(root / file.path))]
-    return verify
+from batcher.records import Record, RecordSource
 
 
 def _totals(manifest: Manifest | None) -> tuple[dict[tuple[str, str], int] | None,
@@ -87,17 +31,19 @@ def _totals(manifest: Manifest | None) -> tuple[dict[tuple[str, str], int] | Non
 
 
 def ledger_status(
-    ledger: Ledger, location: str, manifest: Manifest | None, *, verify: Verify | None,
+    ledger: RecordSource, location: str, manifest: Manifest | None, *,
+    problems: Mapping[str, list[dict[str, str]]] | None,
     summary: dict[str, Any] | None, running: bool = False,
 ) -> dict[str, Any]:
     """ok / failed / pending per job and model, failures by reason, and (with ``verify``)
-    files that vanished or changed since they were recorded. Without a manifest, the last
+    files that vanished or changed since they were recorded (``problems``, by task id: the
+    store's verify). Without a manifest, the last
     ``summary`` gives the totals; ``running`` says a run is writing the output now."""
     totals, ids = _totals(manifest)
     groups: dict[tuple[str, str], Counter[str]] = {}
     costs: dict[tuple[str, str], Cost] = {}
     reasons: Counter[str] = Counter()
-    problems: list[dict[str, str]] = []
+    changed: list[dict[str, str]] = []
     for record in ledger.records():
         if ids is not None and record.id not in ids:
             continue  # a task the manifest no longer has
@@ -106,8 +52,8 @@ def ledger_status(
             reasons[f"{record.reason}: {record.error}"] += 1
         else:
             costs.setdefault((record.job, record.model), Cost()).add(record.cost_usd)
-            if verify is not None:
-                problems.extend(verify(record))
+            if problems is not None:
+                changed.extend(problems.get(record.id, ()))
     if totals is None:
         totals = _summary_totals(summary or {}, groups)
     rows = []
@@ -127,8 +73,8 @@ def ledger_status(
         "models": rows,
         "failures": [{"reason": reason, "count": count} for reason, count in reasons.most_common()],
     }
-    if verify is not None:
-        report["changed"] = problems
+    if problems is not None:
+        report["changed"] = changed
     return report
 
 
@@ -150,15 +96,6 @@ def _in_order(
     for key in keys:
         first.setdefault(key[0], len(first))
     return sorted(keys, key=lambda key: first[key[0]])  # stable: models keep their order
-
-
-def read_summary(root: Path) -> dict[str, Any] | None:
-    """The summary.json of an output folder, if it has a readable one."""
-    try:
-        summary = json.loads((root / SUMMARY_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
 
 
 def _summary_totals(
@@ -219,18 +156,18 @@ class FailureReason:
     example: str
 
 
-def run_failures(root: Path, since: float, *, top: int = 5) -> tuple[list[FailureReason], int]:
+def run_failures(records: Iterable[Record], since: float, *,
+                 top: int = 5) -> tuple[list[FailureReason], int]:
     """The ``top`` commonest reasons among tasks that failed from ``since`` on (a run's start),
     with one example message each, and how many further reasons there were."""
     counts: Counter[str] = Counter()
     examples: dict[str, str] = {}
-    with Ledger(root / LEDGER_NAME, readonly=True) as ledger:
-        for record in ledger.records():
-            if record.status != "failed" or (record.started or 0.0) < since:
-                continue
-            reason = record.reason or "unknown"
-            counts[reason] += 1
-            examples.setdefault(reason, record.error or "(no message)")
+    for record in records:
+        if record.status != "failed" or (record.started or 0.0) < since:
+            continue
+        reason = record.reason or "unknown"
+        counts[reason] += 1
+        examples.setdefault(reason, record.error or "(no message)")
     reasons = [FailureReason(reason, count, examples[reason])
                for reason, count in counts.most_common(top)]
     return reasons, max(len(counts) - top, 0)

@@ -1,38 +1,25 @@
-"""What a run leaves for people and tools: summary.json, results.jsonl and index.html.
+"""What a run leaves for people and tools, rendered: summary.json's contents and the lines of
+results.jsonl (index.html is :mod:`batcher.reports.sheet`'s).
 
-All three are derived from the ledger (and, for the summary, the run's plan and counters), so
-``batcher report`` and ``batcher merge`` can write them again at any time.
+All are derived from the ledger (and, for the summary, the run's plan and counters), so
+``batcher report`` and ``batcher merge`` can write them again at any time; the store writes
+them (:mod:`batcher.store.listings`).
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from batcher import fastjson
-from batcher.atomic import atomic_open
-from batcher.ledger import Ledger, Record
 from batcher.manifest.tasks import Task
 from batcher.outputs import entries
 from batcher.plan import Plan
 from batcher.providers.prices import Cost
+from batcher.records import Record, RecordSource
 from batcher.reports.progress import Counters
-from batcher.reports.sheet import ContactSheet, Mark
-
-SUMMARY_NAME = "summary.json"
-RESULTS_NAME = "results.jsonl"
-INDEX_NAME = "index.html"
-
-
-def write_text_atomic(path: Path, chunks: Iterable[str]) -> None:
-    """Write text in pieces to a temporary name beside ``path``, flush, then rename."""
-    with atomic_open(path, "w") as handle:
-        for chunk in chunks:
-            handle.write(chunk)
 
 
 @dataclass(slots=True)
@@ -105,7 +92,7 @@ def _models_in_order(plan: Plan) -> list[dict[str, Any]]:
 
 
 def summary_for_manifest(
-    summary: dict[str, Any], tasks: Callable[[], Iterable[Task]], ledger: Ledger
+    summary: dict[str, Any], tasks: Callable[[], Iterable[Task]], ledger: RecordSource
 ) -> dict[str, Any]:
     """A summary brought in line with the manifest after a prune: jobs it no longer has are
     dropped, and each remaining job's total, ok, failed, pending and ``cost_total_usd`` come
@@ -144,52 +131,9 @@ def summary_for_manifest(
             "jobs": jobs, "models": models}
 
 
-def rewrite_summary(root: Path, ledger: Ledger, tasks: Callable[[], Iterable[Task]]) -> None:
-    """:func:`summary_for_manifest` over the folder's summary.json, where it has one."""
-    path = root / SUMMARY_NAME
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if isinstance(summary, dict):
-        fresh = summary_for_manifest(summary, tasks, ledger)
-        write_text_atomic(path, [json.dumps(fresh, indent=2), "\n"])
-
-
 def _costs(run: Cost, total: Cost) -> dict[str, Any]:
     return {"cost_usd": run.value, "cost_unknown_requests": run.unknown,
             "cost_total_usd": total.value, "cost_unknown": total.unknown}
-
-
-def write_reports(
-    root: Path, ledger: Ledger, summary: dict[str, Any], *, rewrite: bool = False
-) -> None:
-    """Write summary.json, and results.jsonl and index.html when ``rewrite`` or a task ran, or
-    a record is newer than them (a re-run of a finished run then reads no rows)."""
-    write_text_atomic(root / SUMMARY_NAME, [json.dumps(summary, indent=2), "\n"])
-    if rewrite or summary["ran"] or _listings_stale(root, ledger):
-        write_listings(root, ledger)
-
-
-def _listings_stale(root: Path, ledger: Ledger) -> bool:
-    """Whether a record is newer than the listings (say, a run killed before writing them)."""
-    try:
-        written = min((root / name).stat().st_mtime for name in (RESULTS_NAME, INDEX_NAME))
-    except OSError:
-        return True
-    return ledger.last_finished() >= written
-
-
-def write_listings(root: Path, ledger: Ledger, title: str | None = None,
-                   marks: Mapping[str, Mark] | None = None) -> None:
-    """results.jsonl and index.html from the ledger alone, in one read of it; ``marks``: the
-    asset set's names and decisions by task id (batcher.publish), for the sheet."""
-    sheet = ContactSheet(marks)
-    records = (sheet.add(record) for record in ledger.records())
-    with atomic_open(root / RESULTS_NAME) as handle:  # bytes as encoded: no copy per line
-        for chunk in _result_lines(records):
-            handle.write(chunk)
-    write_text_atomic(root / INDEX_NAME, sheet.render(root, title))
 
 
 def result_line(record: Record) -> dict[str, Any]:
@@ -228,7 +172,7 @@ def _metadata(record: Record) -> dict[str, Any]:
     }
 
 
-def _result_lines(records: Iterator[Record]) -> Iterator[bytes]:
+def result_lines(records: Iterator[Record]) -> Iterator[bytes]:
     """Each record's line, and its newline apart: a line as large as an answer near
     ``max_response_bytes`` is held once, not copied to join them."""
     for record in records:

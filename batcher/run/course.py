@@ -25,11 +25,11 @@ from typing import Any
 from batcher.backoff import backoff
 from batcher.bodies import InputImages
 from batcher.errors import BatcherError, DownloadError, NameTaken, ProviderError, TransportError
-from batcher.ledger import Record
 from batcher.manifest.tasks import Task
 from batcher.plan import estimate
 from batcher.providers.base import ImageAnswer
 from batcher.providers.prices import Price, answer_cost, failed_attempt_cost
+from batcher.records import Record
 from batcher.reports.progress import Counters
 from batcher.reports.summary import JobTally
 from batcher.run.outcome import Stops
@@ -37,8 +37,8 @@ from batcher.run.retry import Action, classify
 from batcher.run.saving import Saver, task_boundary
 from batcher.run.setup import Lane
 from batcher.run.spend import OverBudget, Reservation, Spend
-from batcher.storage import Layout
 from batcher.store.derive import Deriver
+from batcher.store.names import Layout
 from batcher.store.output import Output
 from batcher.store.rederive import replace_derived
 

@@ -37,8 +37,8 @@ from batcher.run.outcome import Outcome, Stops, interrupted
 from batcher.run.setup import Lane, Providers, RunOptions, check_budget, equipped
 from batcher.run.signals import LAST_MOMENT, Signals
 from batcher.run.spend import Spend
-from batcher.storage import Layout
 from batcher.store.derive import Deriver
+from batcher.store.names import Layout
 from batcher.store.output import Output, open_output
 from batcher.store.rederive import refresh_derived
 from batcher.wording import plural

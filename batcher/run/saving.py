@@ -28,12 +28,12 @@ from batcher.errors import (
     ResponseError,
 )
 from batcher.imagegen import image_kind
-from batcher.ledger import FileRecord, Record
 from batcher.manifest.tasks import Task
 from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
 from batcher.providers.download import Downloader
-from batcher.storage import Layout
+from batcher.records import FileRecord, Record
 from batcher.store import sidecars
+from batcher.store.names import Layout
 
 Answer = ImageAnswer | ChatAnswer
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from batcher.providers.openai_compat import connection_tracing
 from batcher.providers.rates import Rate
 from batcher.run.limits import Pacer
 from batcher.run.saving import Saver
-from batcher.storage import Layout
+from batcher.store.names import Layout
 from batcher.wording import usd
 
 

@@ -15,14 +15,9 @@ sha256 of the canonical body, so a test can predict them and a retry of the same
 
 from __future__ import annotations
 
-from batcher.server.app import (
-    FAULT_KINDS,
-    LocalServer,
-    RequestRecord,
-    ServerOptions,
-    ServerStats,
-    serve_forever,
-)
+from batcher.server.app import LocalServer, serve_forever
+from batcher.server.options import FAULT_KINDS, ServerOptions
+from batcher.server.records import RequestRecord, ServerStats
 from batcher.server.replies import chat_reply, chat_usage
 from batcher.server.requests import (
     CHAT_MODELS,

@@ -1,8 +1,10 @@
-"""Where a run keeps its results: a folder, or an object store through a local working copy.
+"""Every byte batcher keeps, on disk or in a bucket: names and layout, the ledger's sidecars,
+the listings and summary.json, locks, prune, merge, verify.
 
-The runner sees one small interface (:class:`~batcher.store.output.Output`); what the rest of
-batcher may use from here is below. The heavier modules (obstore, the mirror) load only when a
-command needs them.
+A run writes through one small interface (:class:`~batcher.store.output.Output`), every other
+command reads through another (:class:`~batcher.store.view.View`); each has a folder half and
+an object-store half, so no command branches on where an output lives. The heavier modules
+(obstore, the mirror) load only when a command needs them.
 """
 
 from batcher.location import StoreURL, output_target, parse_store_url

@@ -33,11 +33,11 @@ from PIL import Image, PngImagePlugin
 
 from batcher.atomic import atomic_open
 from batcher.imagerefs import DATA, FILE, data_uri_bytes, parse_ref
-from batcher.ledger import Record
 from batcher.manifest import JobSpec, Manifest
 from batcher.manifest.tasks import Task
 from batcher.outputs import DEFAULT_MAX_PIXELS, DELIVERED_KINDS, INPUT_SIDE, Outputs, job_spec
-from batcher.storage import Layout, slugify
+from batcher.records import Record
+from batcher.store.names import Layout, slugify
 
 log = logging.getLogger(__name__)
 

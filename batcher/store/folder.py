@@ -4,20 +4,25 @@ recording it. Tasks whose sidecars say they finished but that the ledger lacks (
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from batcher.atomic import atomic_open
 from batcher.errors import UsageError
-from batcher.ledger import LEDGER_NAME, FileRecord, Ledger, Record, on_disk
 from batcher.manifest import Manifest
 from batcher.plan import Selection
-from batcher.reports.summary import write_reports
-from batcher.storage import lock_folder
+from batcher.records import FileRecord, Record
+from batcher.reports.sheet import Mark
 from batcher.store import sidecars
+from batcher.store.folderlock import lock_folder, run_in_progress
+from batcher.store.ledger import LEDGER_NAME, Ledger, on_disk
+from batcher.store.listings import read_summary, write_listings, write_reports
+from batcher.store.lock import Locks
+from batcher.store.verify import Problems, verify
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +82,49 @@ async def open_folder(root: Path) -> AsyncIterator[FolderOutput]:
         yield FolderOutput(root, ledger)
 
 
-@contextlib.contextmanager
-def read_folder(root: Path, *, required: bool = True) -> Iterator[Ledger]:
+class FolderView:
+    """An output folder for reading: its ledger (a copy, sidecar-only tasks adopted), files."""
+
+    def __init__(self, root: Path, ledger: Ledger) -> None:
+        self.root = root
+        self.ledger = ledger
+        self.location = str(root)
+        self.present = on_disk(root)
+
+    def size(self, path: str) -> int | None:
+        """A kept file's size on disk (None: not there)."""
+        try:
+            return os.stat(self.root / path).st_size
+        except OSError:
+            return None
+
+    async def verify(self) -> Problems:
+        """Every ok task's files read and hashed again."""
+        return await verify(self.ledger, self._chunks)
+
+    async def _chunks(self, path: str) -> AsyncIterator[bytes]:
+        try:
+            handle = (self.root / path).open("rb")
+        except OSError as exc:  # missing, or not a file: either way not what was kept
+            raise FileNotFoundError(path) from exc
+        with handle:
+            while block := handle.read(1 << 20):
+                yield block
+
+    async def summary(self) -> dict[str, Any] | None:
+        return read_summary(self.root)
+
+    async def locks(self) -> Locks:
+        """Whether a run holds the folder's lock now; a folder's lock names no holder (it
+        ends with the process that holds it)."""
+        return Locks(run_in_progress(self.root), None)
+
+    async def write_listings(self, marks: Mapping[str, Mark] | None = None) -> None:
+        write_listings(self.root, self.ledger, marks=marks)
+
+
+@contextlib.asynccontextmanager
+async def open_folder_view(root: Path, *, required: bool = True) -> AsyncIterator[FolderView]:
     """The folder's ledger for reading (``status``, ``plan``, ``report``), with the tasks only
     sidecars tell of adopted into it; nothing in the folder is written. A folder with neither
     a ledger nor a sidecar is an error when ``required``, else reads as an empty ledger."""
@@ -90,8 +136,64 @@ def read_folder(root: Path, *, required: bool = True) -> Iterator[Ledger]:
             raise UsageError(f"{root}: no ledger here (nothing has run into this folder yet)")
         done, failed = view.statuses(root)
         found = sidecars.unaccounted(view, sidecars.folder_sidecars(root), done)
-        asyncio.run(sidecars.adopt(view, found, sidecars.local_reader(root), on_disk(root),
-                                   done, failed))
-        yield view
+        await sidecars.adopt(view, found, sidecars.local_reader(root), on_disk(root), done, failed)
+        yield FolderView(root, view)
     finally:
         view.close()
+
+
+class FolderSite:
+    """Prune's view of a folder: its one ledger, under the folder's lock; files removed with
+    the folders they leave empty."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = self.scratch = root
+        self.location = str(root)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, *, dry_run: bool) -> AsyncIterator[list[Ledger]]:
+        if not (self.root / LEDGER_NAME).is_file():
+            yield []
+            return
+        with contextlib.ExitStack() as stack:
+            if not dry_run:
+                stack.enter_context(lock_folder(self.root))
+            yield [stack.enter_context(Ledger(self.root / LEDGER_NAME, readonly=dry_run))]
+
+    def present(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    async def read(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except OSError:
+            return None
+
+    async def write(self, name: str, data: bytes) -> None:
+        with atomic_open(self.root / name) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    async def publish(self, ledgers: list[Ledger]) -> None:
+        """Nothing to do: the rows went in the folder's own ledger."""
+
+    async def delete(self, names: Iterable[str]) -> None:
+        for name in names:
+            _remove_file(self.root, name)
+
+    async def write_listings(self, ledger: Ledger) -> None:
+        write_listings(self.root, ledger)
+
+
+def _remove_file(root: Path, name: str) -> None:
+    """Remove one file, then its folders while they are empty (up to the output itself)."""
+    path = root / name
+    path.unlink(missing_ok=True)
+    folder = path.parent
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone): its siblings stay
+            break
+        folder = folder.parent

@@ -24,11 +24,12 @@ import re
 
 from batcher.errors import UsageError
 from batcher.store.lock import Holder, StoreLock, watch
+from batcher.store.names import LOCK_NAME
 from batcher.store.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
-UNSHARDED_LOCK = ".batcher.lock"
+
 _SHARD_LOCK = re.compile(r"ledgers/shard-(\d+)-of-(\d+)\.lock")
 
 
@@ -51,7 +52,7 @@ def overlaps(one: str, other: str) -> bool:
 async def lock_names(store: ObjectStore) -> list[str]:
     """Every lock on the prefix (the unsharded one may or may not exist)."""
     shards = [name for name in await store.sizes("ledgers") if _SHARD_LOCK.fullmatch(name)]
-    return [UNSHARDED_LOCK, *sorted(shards)]
+    return [LOCK_NAME, *sorted(shards)]
 
 
 async def claim_layout(store: ObjectStore, lock: StoreLock) -> None:

@@ -126,6 +126,15 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+@dataclass(frozen=True, slots=True)
+class Locks:
+    """What an output's locks say: whether a run writes it now, and (a store's) who holds
+    each lock, for ``status`` and ``unlock``; None where a lock names no holder."""
+
+    running: bool
+    holders: list[dict[str, Any]] | None
+
+
 class StoreLock:
     """The lock object ``name`` in ``store``, held by this process once :meth:`acquire` returns.
 

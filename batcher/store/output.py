@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from batcher.ledger import FileRecord, Ledger, Record
 from batcher.location import StoreURL
 from batcher.manifest import Manifest
 from batcher.plan import Selection
+from batcher.records import FileRecord, Record
+from batcher.store.ledger import Ledger
 
 
 class Output(Protocol):

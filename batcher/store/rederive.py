@@ -10,24 +10,20 @@ something to do does it walk the manifest, in batches, for the tasks to redo.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from batcher import fastjson
-from batcher.atomic import atomic_open
-from batcher.ledger import Record
 from batcher.manifest import Manifest
 from batcher.manifest.tasks import Task
 from batcher.outputs import derived_files, entries
 from batcher.plan import Selection
-from batcher.storage import Layout
+from batcher.records import Record
 from batcher.store import sidecars
 from batcher.store.derive import Deriver
+from batcher.store.names import Layout
 from batcher.store.output import Output
 
 log = logging.getLogger(__name__)
@@ -114,20 +110,7 @@ async def replace_derived(output: Output, deriver: Deriver, task: Task, record: 
             log.warning("task %s: not removing %s: outside the output", record.id, path)
             continue
         await output.remove(path)
-    sidecar = await asyncio.to_thread(rewrite_sidecar, output.root, record)
+    sidecar = await asyncio.to_thread(sidecars.rewrite, output.root, record)
     # The ledger adds attempts up, and nothing was sent for this; the sidecar keeps the count.
     await output.keep(replace(record, attempts=0), sidecar, output.ledger.record, failed,
                       files=derived_files(record))
-
-
-def rewrite_sidecar(root: Path, record: Record) -> str:
-    """The task's sidecar with its record updated (its request kept); returns its name."""
-    name = Layout(root).record_sidecar(record, (f.path for f in record.files))
-    path = root / name
-    data: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):  # missing or unreadable: the record alone
-        data = fastjson.loads(path.read_bytes())
-    request = data.get("request") if isinstance(data, dict) else None
-    with atomic_open(path) as handle:
-        handle.write(sidecars.encode(record, request))
-    return name

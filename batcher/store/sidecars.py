@@ -14,6 +14,7 @@ manifest to go by, every sidecar no ok row of its ledger accounts for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from batcher import fastjson
-from batcher.ledger import FilePresent, Ledger, Record
+from batcher.atomic import atomic_open
 from batcher.manifest import Manifest
 from batcher.plan import Selection
-from batcher.storage import Layout
+from batcher.records import Record
+from batcher.store.ledger import FilePresent, Ledger
+from batcher.store.names import Layout
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,21 @@ def encode(record: Record, request: Mapping[str, Any] | None) -> bytes:
     """A task's sidecar: everything its ledger row says, and the request as sent (input images
     named by sha256)."""
     return fastjson.dumps_bytes({**record.as_dict(), "request": request})
+
+
+def rewrite(root: Path, record: Record) -> str:
+    """The task's sidecar under ``root`` with its record updated (its request kept); returns
+    its name. (A run writes a task's first sidecar through its own file writer, with
+    :func:`encode`.)"""
+    name = Layout(root).record_sidecar(record, (f.path for f in record.files))
+    path = root / name
+    data: Any = {}
+    with contextlib.suppress(OSError, ValueError):  # missing or unreadable: the record alone
+        data = fastjson.loads(path.read_bytes())
+    request = data.get("request") if isinstance(data, dict) else None
+    with atomic_open(path) as handle:
+        handle.write(encode(record, request))
+    return name
 
 
 def decode(data: bytes) -> Record:

@@ -1,41 +1,23 @@
-"""``batcher prune``: remove the files and ledger rows of tasks the manifest no longer has.
-
-After a prompt edit the old prompt's tasks stay in the ledger, and so in results.jsonl and
-index.html. Prune finds every row whose id the manifest (all of it: ``--only`` and ``--shard``
-select what a run sends, not what the output keeps) no longer expands to, removes those rows,
-then their files and sidecars, and writes the listings again.
-
-Order, against a crash at any point: the names to remove are first written to a journal
-(``.batcher-prune.json``), then the rows go in one transaction, then the files, then the
-listings are written, then the journal goes. Rows go before files so that no row ever names
-a missing file: a row whose files are gone would be listed in results.jsonl and the contact
-sheet as ok, and ``status --verify`` would call the output damaged. Files left behind by a
-prune killed after its rows went are named in the journal, and the next prune removes them
-(and writes the listings) first. A name that a kept row uses is
-never removed (a name is never shared: see Ledger.claim; older outputs are checked anyway).
-
-The folder flavour lives here; :mod:`batcher.store.prune` does the same for an object store.
+"""What ``batcher prune`` removes: the ledger rows of tasks the manifest no longer has, and
+the names (files, derived files, sidecars) only they use; and the prunes it refuses as likely
+mistakes. The removing itself, in the order that survives a crash, is :mod:`batcher.store.prune`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batcher.atomic import atomic_open
 from batcher.errors import UsageError
-from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.manifest import Manifest
 from batcher.outputs import derived_files
 from batcher.plan import Selection
-from batcher.reports.summary import rewrite_summary, write_listings
-from batcher.storage import Layout, lock_folder
-
-JOURNAL_NAME = ".batcher-prune.json"
+from batcher.records import Record
+from batcher.store.ledger import Ledger
+from batcher.store.names import Layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,59 +164,3 @@ def _safe(name: str) -> bool:
     """A name a ledger could hold: relative, no way out of the output."""
     parts = name.split("/")
     return bool(name) and not name.startswith("/") and ".." not in parts and "" not in parts
-
-
-Announce = Callable[[PruneSet], None]
-
-
-def prune_folder(manifest: Manifest, root: Path, *, dry_run: bool, announce: Announce,
-                 required: bool = True, force: bool = False) -> PruneSet:
-    """Prune an output folder; ``announce`` is told what goes before anything is removed.
-
-    Holds the folder's lock while it writes, so a run writing the folder makes it stop with
-    exit 2; a dry run only reads. A folder with no ledger is an error when ``required``, else
-    has nothing to prune (``run --prune`` into a new folder)."""
-    if not (root / LEDGER_NAME).is_file():
-        if not required:
-            return PruneSet(str(root))
-        raise UsageError(f"{root}: no ledger here (nothing has run into this folder yet)")
-    ids = manifest_ids(manifest)
-    journal = root / JOURNAL_NAME
-    with contextlib.ExitStack() as stack:
-        if not dry_run:
-            stack.enter_context(lock_folder(root))
-        ledger = stack.enter_context(Ledger(root / LEDGER_NAME, readonly=dry_run))
-        had_journal = journal.is_file()
-        leftover = read_journal(journal.read_bytes() if had_journal else None)
-        found = find_stale([ledger], ids, manifest, str(root),
-                           lambda name: (root / name).is_file(), leftover, force=force)
-        announce(found)
-        if dry_run:
-            return found
-        if not (found.tasks or found.names or had_journal):  # the listings still hold
-            rewrite_summary(root, ledger, lambda: Selection().tasks(manifest))
-            return found
-        with atomic_open(journal) as handle:
-            handle.write(journal_bytes(found.names))
-            handle.flush()
-            os.fsync(handle.fileno())
-        ledger.remove(task.id for task in found.tasks)
-        for name in found.names:
-            _remove_file(root, name)
-        write_listings(root, ledger)  # before the journal goes: a kill here is redone
-        rewrite_summary(root, ledger, lambda: Selection().tasks(manifest))
-        journal.unlink()
-    return found
-
-
-def _remove_file(root: Path, name: str) -> None:
-    """Remove one file, then its folders while they are empty (up to the output itself)."""
-    path = root / name
-    path.unlink(missing_ok=True)
-    folder = path.parent
-    while folder != root and root in folder.parents:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (or already gone): its siblings stay
-            break
-        folder = folder.parent

@@ -7,17 +7,18 @@ wins over a failed one (:meth:`Ledger.absorb`).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from batcher.atomic import temporary_name
 from batcher.errors import UsageError
-from batcher.ledger import LEDGER_NAME, Ledger, Record
 from batcher.outputs import entries
-from batcher.reports.summary import SUMMARY_NAME, write_listings, write_text_atomic
-from batcher.storage import Layout, lock_folder
+from batcher.records import Record
+from batcher.store.folderlock import lock_folder
+from batcher.store.ledger import LEDGER_NAME, Ledger
+from batcher.store.listings import read_summary, write_listings, write_summary
+from batcher.store.names import Layout
 
 _COUNTS = ("total", "ok", "failed", "pending", "skipped", "ran", "requests", "retries",
            "rate_limited")
@@ -113,12 +114,7 @@ def _count_tasks(inputs: list[Path]) -> int:
 
 
 def _merge_summaries(inputs: list[Path], output: Path) -> None:
-    summaries = []
-    for folder in inputs:
-        try:
-            summaries.append(json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            continue
+    summaries = [summary for folder in inputs if (summary := read_summary(folder)) is not None]
     merged: dict[str, object] = {key: sum(int(s.get(key, 0)) for s in summaries) for key in _COUNTS}
     jobs: dict[str, dict[str, int]] = {}
     for summary in summaries:
@@ -130,4 +126,4 @@ def _merge_summaries(inputs: list[Path], output: Path) -> None:
     merged["exit_code"] = max((int(s.get("exit_code", 0)) for s in summaries), default=0)
     merged["jobs"] = jobs
     merged["merged_from"] = [str(folder) for folder in inputs]
-    write_text_atomic(output / SUMMARY_NAME, [json.dumps(merged, indent=2), "\n"])
+    write_summary(output, merged)

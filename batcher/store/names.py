@@ -1,4 +1,4 @@
-"""The output folder's names: slugs, short ids, the layout of a task's files, and the folder lock.
+"""The output's names: slugs, short ids, a task's files, and the files batcher keeps of its own.
 
 File names are built only from sanitised slugs and hashes, so no prompt, model name or task id
 can place a file outside the output folder. Files are written by :mod:`batcher.atomic`.
@@ -6,22 +6,24 @@ can place a file outside the output folder. Files are written by :mod:`batcher.a
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from batcher.errors import UsageError
 from batcher.manifest.tasks import Task
 
-LOCK_NAME = ".batcher.lock"
+LOCK_NAME = ".batcher.lock"  # a folder's lock, and the unsharded run's lock in a store
+SUMMARY_NAME = "summary.json"
+RESULTS_NAME = "results.jsonl"
+INDEX_NAME = "index.html"
+JOURNAL_NAME = ".batcher-prune.json"  # what an unfinished prune still has to remove
+LEDGERS = "ledgers/"  # a store's shards' ledgers, locks and summaries
 SLUG_MAX = 48
 # Names Windows refuses for a file or folder whatever the extension (checked on the stem).
 _RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(10)}
@@ -55,7 +57,7 @@ def short_id(task_id: str, length: int = ID_CHARS) -> str:
     bits): names meet only when two tasks share the job, the model, the seed, the first 48
     characters of the prompt's slug *and* this hash; among a million such tasks the chance
     that any two do is about 3 in 100 million (eight characters made it 116 expected pairs).
-    The ledger refuses the rare one left (:meth:`batcher.ledger.Ledger.claim`).
+    The ledger refuses the rare one left (:meth:`batcher.store.ledger.Ledger.claim`).
     """
     return hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:length]
 
@@ -151,23 +153,3 @@ def _stem_of(job: str, model: str, prompt: str, seed: int | None, task_id: str,
     seed_part = "" if seed is None else f"-s{seed}"
     return (f"{slugify(job, 64)}/{slugify(model, 64)}/"
             f"{slugify(prompt)}{seed_part}-{short_id(task_id, id_chars)}")
-
-
-@contextlib.contextmanager
-def lock_folder(root: Path) -> Iterator[None]:
-    """Hold the output folder for one run: a second run into it stops with a clear error
-    instead of interleaving files and removing the other's temporary files."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / LOCK_NAME, "a")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise UsageError(f"{root}: cannot use as the output folder ({exc.strerror})") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"{root}: another batcher run is writing to this folder") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
