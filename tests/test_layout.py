@@ -1,5 +1,6 @@
 """The package reads top to bottom: each package under batcher/ and each top-level module is a
-room, and no two rooms import each other, directly or round a circle.
+room, and no two rooms import each other, directly or round a circle. Classes stay under 200
+lines and functions under 60, so each fits in a reader's head.
 
 The imports are read from the source (every import, lazy ones and TYPE_CHECKING ones too),
 not from a running interpreter, so an import that only some command makes still counts.
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "batcher"
+MAX_CLASS = 200
+MAX_FUNCTION = 60
 
 
 def _room(module: str) -> str | None:
@@ -103,3 +106,22 @@ def test_no_room_imports_another_round_a_circle() -> None:
 def test_the_circle_check_sees_a_circle() -> None:
     graph = {"a": {"b": {"x"}}, "b": {"c": {"y"}}, "c": {"a": {"z"}}, "d": {"a": {"w"}}}
     assert _circles(graph) == [{"a", "b", "c"}]
+
+
+def _too_long() -> Iterator[str]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                limit = MAX_CLASS
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                limit = MAX_FUNCTION
+            else:
+                continue
+            assert node.end_lineno is not None
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                yield f"{path.relative_to(PACKAGE.parent)}: {node.name} is {lines} lines"
+
+
+def test_classes_and_functions_fit_in_a_readers_head() -> None:
+    assert list(_too_long()) == []
