@@ -329,7 +329,7 @@ async def test_a_full_disk_still_stops_the_run(
 ) -> None:
     import errno
 
-    from batcher.atomic import FileWriter
+    from batcher.store.atomic import FileWriter
 
     async def full(self: object, path: Path, data: bytes) -> tuple[int, str]:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batcher import atomic
-from batcher.atomic import TMP_PREFIX, AtomicFile, FileWriter, remove_leftovers
 from batcher.manifest.tasks import Task
+from batcher.store import atomic
+from batcher.store.atomic import TMP_PREFIX, AtomicFile, FileWriter, remove_leftovers
 from batcher.store.names import Layout, short_id, slugify
 
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {

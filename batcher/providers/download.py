@@ -10,12 +10,13 @@ provider sends as a URL cannot make a parser below raise in the middle of a run.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import yarl
 
-from batcher.atomic import AtomicFile
 from batcher.backoff import backoff
 from batcher.errors import DownloadError
 from batcher.imagegen import image_kind
@@ -25,11 +26,27 @@ CHUNK = 256 * 1024
 ATTEMPTS = 3
 
 
-class Downloader:
-    """Downloads image URLs into atomic files under the output folder."""
+class Sink(Protocol):
+    """Where a download's bytes go (the store's atomic file): entered, written, then its size
+    and sha256 read; leaving it with an error leaves no file."""
 
-    def __init__(self, session: aiohttp.ClientSession, *, cap: int, timeout: float) -> None:
+    size: int
+
+    @property
+    def sha256(self) -> str: ...
+    async def write(self, data: bytes) -> None: ...
+    async def __aenter__(self) -> Sink: ...
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None: ...
+
+
+class Downloader:
+    """Downloads image URLs into files the store opens (``open_file``: a final path to a
+    :class:`Sink`)."""
+
+    def __init__(self, session: aiohttp.ClientSession, *, cap: int, timeout: float,
+                 open_file: Callable[[Path], Sink]) -> None:
         self._session = session
+        self._open_file = open_file
         self._cap = cap
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0))
 
@@ -76,7 +93,7 @@ class Downloader:
         if kind is None:
             raise DownloadError("the image URL did not serve an image", reason="not_image")
         final = stem.with_name(f"{stem.name}.{kind}")
-        async with AtomicFile(final) as handle:
+        async with self._open_file(final) as handle:
             await handle.write(first)
             async for block in response.content.iter_chunked(CHUNK):
                 if handle.size + len(block) > self._cap:

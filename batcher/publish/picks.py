@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 import yaml
 
-from batcher.atomic import atomic_open
 from batcher.errors import ManifestError
 from batcher.manifest.fields import Where, kind_of
+from batcher.store.atomic import atomic_open
 
 SELECTOR_FIELDS = ("seed", "model", "image")
 ENTRY_FIELDS = ("pick", "reject")

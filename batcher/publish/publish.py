@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from batcher.atomic import TMP_PREFIX, atomic_open
 from batcher.errors import BatcherError, UsageError
 from batcher.location import StoreURL
 from batcher.manifest.assets import name_problem
 from batcher.outputs import entries
 from batcher.publish.source import RunFiles, StoreFiles
 from batcher.publish.variants import Asset, Variant
+from batcher.store.atomic import TMP_PREFIX, atomic_open
 
 if TYPE_CHECKING:
     from batcher.store.objects import ObjectStore

@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from batcher.atomic import remove_leftovers
 from batcher.errors import Interrupted
 from batcher.manifest import Manifest
 from batcher.manifest.tasks import Task
@@ -37,6 +36,7 @@ from batcher.run.outcome import Outcome, Stops, interrupted
 from batcher.run.setup import Lane, Providers, RunOptions, check_budget, equipped
 from batcher.run.signals import LAST_MOMENT, Signals
 from batcher.run.spend import Spend
+from batcher.store.atomic import remove_leftovers
 from batcher.store.derive import Deriver
 from batcher.store.names import Layout
 from batcher.store.output import Output, open_output

@@ -6,7 +6,7 @@ the answer was paid for, and asking again would pay for the good ones twice.
 A completion's text goes to a ``.txt`` file; with ``n`` > 1, each choice to its own
 ``<stem>-<k>.txt`` (k from 1), as the images of one answer do. Every finished task gets a
 ``.json`` sidecar carrying its ledger record and request. Every file is atomic (see
-:mod:`batcher.storage`).
+:mod:`batcher.store.atomic`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from batcher.atomic import FileWriter
 from batcher.bodies import InputImages, build_body
 from batcher.errors import (
     DownloadError,
@@ -33,6 +32,7 @@ from batcher.providers.base import ChatAnswer, ImageAnswer, Provider
 from batcher.providers.download import Downloader
 from batcher.records import FileRecord, Record
 from batcher.store import sidecars
+from batcher.store.atomic import FileWriter
 from batcher.store.names import Layout
 
 Answer = ImageAnswer | ChatAnswer
@@ -126,12 +126,9 @@ class Saver:
         return FileRecord(final.relative_to(self.layout.root).as_posix(), size, sha)
 
     async def write_sidecar(self, record: Record, request: dict[str, Any]) -> str:
-        """Write the task's ``<stem>.json``: everything its ledger row says, and the request as
-        sent (input images by sha256). A run on another machine adopts a task from it instead
-        of paying for it again. Returns its name."""
-        name = self.layout.sidecar_name(record)
-        await self.files.write(self.layout.path(name), sidecars.encode(record, request))
-        return name
+        """Write the task's ``<stem>.json`` (:func:`batcher.store.sidecars.write`); returns its
+        name."""
+        return await sidecars.write(self.files, self.layout, record, request)
 
     def _base(self, task: Task, status: str, attempts: int, started: float) -> Record:
         finished = time.time()

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import aiohttp
 
-from batcher.atomic import FileWriter
 from batcher.errors import UsageError
 from batcher.manifest import Manifest
 from batcher.manifest.tasks import Task
@@ -29,6 +28,7 @@ from batcher.providers.openai_compat import connection_tracing
 from batcher.providers.rates import Rate
 from batcher.run.limits import Pacer
 from batcher.run.saving import Saver
+from batcher.store.atomic import AtomicFile, FileWriter
 from batcher.store.names import Layout
 from batcher.wording import usd
 
@@ -160,7 +160,8 @@ async def equipped(providers: Providers, layout: Layout) -> AsyncIterator[Equipm
                             asyncio.Queue(maxsize=2 * config.concurrency))
                  for name, config in providers.configs.items()}
         files = FileWriter()
-        downloaders = {name: Downloader(downloads, cap=c.download_cap, timeout=c.timeout)
+        downloaders = {name: Downloader(downloads, cap=c.download_cap, timeout=c.timeout,
+                                        open_file=AtomicFile)
                        for name, c in providers.configs.items()}
         try:
             yield Equipment(lanes, Saver(layout, downloaders, files))

@@ -3,7 +3,7 @@ thumbnails of an edit task's input images for the contact sheet. Pillow decodes,
 (Lanczos) and encodes; the work runs on a thread, off the event loop.
 
 The image as delivered is never touched: derived files are made from it once it is in place,
-each written under a temporary name and renamed (:func:`batcher.atomic.atomic_open`). Names:
+each written under a temporary name and renamed (:func:`batcher.store.atomic.atomic_open`). Names:
 ``<stem>.<ext>`` for the full-size copy (``<stem>@full.<ext>`` when that is the delivered
 file's own name), ``<stem>@<size>.<ext>`` for each size, ``<job>/inputs/<sha16>.webp`` for
 input thumbnails (shared by the tasks of a job that use the same input).
@@ -31,12 +31,12 @@ from xml.sax.saxutils import escape, quoteattr
 
 from PIL import Image, PngImagePlugin
 
-from batcher.atomic import atomic_open
 from batcher.imagerefs import DATA, FILE, data_uri_bytes, parse_ref
 from batcher.manifest import JobSpec, Manifest
 from batcher.manifest.tasks import Task
 from batcher.outputs import DEFAULT_MAX_PIXELS, DELIVERED_KINDS, INPUT_SIDE, Outputs, job_spec
 from batcher.records import Record
+from batcher.store.atomic import atomic_open
 from batcher.store.names import Layout, slugify
 
 log = logging.getLogger(__name__)

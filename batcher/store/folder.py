@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from batcher.atomic import atomic_open
 from batcher.errors import UsageError
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.records import FileRecord, Record
 from batcher.reports.sheet import Mark
 from batcher.store import sidecars
+from batcher.store.atomic import atomic_open
 from batcher.store.folderlock import lock_folder, run_in_progress
 from batcher.store.ledger import LEDGER_NAME, Ledger, on_disk
 from batcher.store.listings import read_summary, write_listings, write_reports

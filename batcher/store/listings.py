@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from batcher.atomic import atomic_open
 from batcher.manifest.tasks import Task
 from batcher.reports.sheet import ContactSheet, Mark
 from batcher.reports.summary import result_lines, summary_for_manifest
+from batcher.store.atomic import atomic_open
 from batcher.store.ledger import Ledger
 from batcher.store.names import INDEX_NAME, RESULTS_NAME, SUMMARY_NAME
 

@@ -11,10 +11,10 @@ import os
 import shutil
 from pathlib import Path
 
-from batcher.atomic import temporary_name
 from batcher.errors import UsageError
 from batcher.outputs import entries
 from batcher.records import Record
+from batcher.store.atomic import temporary_name
 from batcher.store.folderlock import lock_folder
 from batcher.store.ledger import LEDGER_NAME, Ledger
 from batcher.store.listings import read_summary, write_listings, write_summary

@@ -1,7 +1,7 @@
 """The output's names: slugs, short ids, a task's files, and the files batcher keeps of its own.
 
 File names are built only from sanitised slugs and hashes, so no prompt, model name or task id
-can place a file outside the output folder. Files are written by :mod:`batcher.atomic`.
+can place a file outside the output folder. Files are written by :mod:`batcher.store.atomic`.
 """
 
 from __future__ import annotations

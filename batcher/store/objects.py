@@ -38,10 +38,10 @@ from obstore.exceptions import (
 )
 from obstore.store import from_url
 
-from batcher.atomic import atomic_open
 from batcher.backoff import backoff
 from batcher.errors import StoreError, UsageError
 from batcher.location import StoreURL
+from batcher.store.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from batcher import fastjson
-from batcher.atomic import atomic_open
 from batcher.manifest import Manifest
 from batcher.plan import Selection
 from batcher.records import Record
+from batcher.store.atomic import FileWriter, atomic_open
 from batcher.store.ledger import FilePresent, Ledger
 from batcher.store.names import Layout
 
@@ -42,10 +42,19 @@ def encode(record: Record, request: Mapping[str, Any] | None) -> bytes:
     return fastjson.dumps_bytes({**record.as_dict(), "request": request})
 
 
+async def write(files: FileWriter, layout: Layout, record: Record,
+                request: Mapping[str, Any]) -> str:
+    """Write a finished task's first ``<stem>.json`` through the run's file writer: everything
+    its ledger row says, and the request as sent (input images by sha256). A run on another
+    machine adopts the task from it instead of paying for it again. Returns its name."""
+    name = layout.sidecar_name(record)
+    await files.write(layout.path(name), encode(record, request))
+    return name
+
+
 def rewrite(root: Path, record: Record) -> str:
     """The task's sidecar under ``root`` with its record updated (its request kept); returns
-    its name. (A run writes a task's first sidecar through its own file writer, with
-    :func:`encode`.)"""
+    its name."""
     name = Layout(root).record_sidecar(record, (f.path for f in record.files))
     path = root / name
     data: Any = {}

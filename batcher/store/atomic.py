@@ -1,6 +1,7 @@
 """The one way batcher writes a file: under a temporary name in its final folder, flushed, then
 renamed, so a final name never holds a partial file; and the clean-up of the temporary files a
-killed run left behind. Every writer (the store, downloads, reports, publish) goes through here.
+killed run left behind. Every writer goes through here: the store itself, downloads (the run
+hands the downloader this file to write into), and publish.
 """
 
 from __future__ import annotations
