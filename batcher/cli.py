@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from batcher.plan import Selection
 from batcher.providers.rates import Rate, parse_rate
 from batcher.run.setup import RunOptions
 from batcher.store import parse_store_url
+from batcher.version import version
 
 log = logging.getLogger("batcher")
 
@@ -187,12 +187,6 @@ _EPILOGS = {
 }
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("batcher")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
-        return "unknown"
-
 
 def _command(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
@@ -215,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="batcher", description="Run manifests of image and chat jobs, paced and resumable.",
         epilog=_EPILOGS["batcher"], formatter_class=_Formatter,
     )
-    parser.add_argument("--version", action="version", version=f"batcher {_version()}",
+    parser.add_argument("--version", action="version", version=f"batcher {version()}",
                         help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show debug logs (also after the command)")

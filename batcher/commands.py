@@ -1,4 +1,6 @@
-"""What each command does, returning its exit code; printing for people happens here."""
+"""What each command does, returning its exit code: loads, asks the store and the run, and
+prints for people (the status table, the progress line and publish's lines are printed by
+:mod:`batcher.reports.status`, :mod:`batcher.reports.progress` and :mod:`batcher.publish`)."""
 
 from __future__ import annotations
 

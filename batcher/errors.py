@@ -1,7 +1,7 @@
 """The exception tree of batcher.
 
 Everything batcher raises on purpose derives from :class:`BatcherError`; the CLI turns each
-family into one exit code and a plain message, and nothing else in the package prints.
+family into one exit code and a plain message; no other exception leaves a command.
 
     BatcherError
     ├── UsageError            exit 2: a bad command line or option
@@ -10,7 +10,7 @@ family into one exit code and a plain message, and nothing else in the package p
     ├── AuthError             exit 3: the provider refused the key or the config (401/403)
     ├── Interrupted           exit 130: Ctrl-C or SIGTERM; the same command resumes
     ├── StoreError            exit 1: an object store stayed down or refused the credentials
-    └── ProviderError         one request went wrong; the runner retries it or records it
+    └── ProviderError         one request went wrong; the run's course retries it or records it
         ├── HTTPStatusError   the provider answered with a non-2xx status
         ├── ResponseError     a 2xx answer without what it promises (bad JSON, no data, bad base64)
         ├── TransportError    timeout, refused or reset connection, truncated body

@@ -403,7 +403,7 @@ def test_status_says_when_a_run_is_writing_the_folder(tmp_path: Path, thread_ser
         run.communicate(timeout=60)
 
     assert busy.returncode == 1, busy.stdout + busy.stderr
-    assert "note: a batcher run is writing to this folder now" in busy.stdout, busy.stdout
+    assert "note: a batcher run is writing to this output now" in busy.stdout, busy.stdout
     assert busy_json["running"] is True
     after = run_cli("status", str(path))
     assert after.returncode == 1 and "note:" not in after.stdout, after.stdout

@@ -1,6 +1,7 @@
 """Everything a user writes, loaded and checked before a request is sent: YAML manifests
 (:mod:`.load`, :mod:`.jobs`, :mod:`.fields`, :mod:`.yamllines`), JSONL task files
-(:mod:`.jsonl`) and vars files (:mod:`.varsfile`).
+(:mod:`.jsonl`), vars files (:mod:`.varsfile`) and asset names (:mod:`.assets`,
+:mod:`.named`); and the tasks it expands to, with their ids (:mod:`.tasks`).
 
 A manifest that cannot be run raises :class:`~batcher.errors.ManifestError` naming the file,
 the line and the field.

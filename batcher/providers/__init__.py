@@ -1,4 +1,6 @@
-"""Providers: profiles and keys (config), the interface (base), the OpenAI-compatible client."""
+"""Providers: profiles and keys (config), rate limits (rates), prices and costs (prices),
+parameter rules (rules), the interface (base), the OpenAI-compatible client (openai_compat),
+what an answer holds (answers) and image downloads (download)."""
 
 from __future__ import annotations
 

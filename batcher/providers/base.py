@@ -39,7 +39,8 @@ class ChatAnswer:
 
 
 class Provider(Protocol):
-    """An image and chat API. :class:`OpenAICompatible` is the one implementation batcher ships."""
+    """An image and chat API. :class:`~batcher.providers.openai_compat.OpenAICompatible` is the
+    one implementation batcher ships."""
 
     config: ProviderConfig
 

@@ -13,7 +13,7 @@ from batcher.errors import ConfigError
 from batcher.providers.prices import PriceList
 from batcher.providers.rates import Rate, parse_rate
 
-#: Set by ``provider: local``: the runner starts the built-in server and fills the URL in.
+#: Set by ``provider: local``: open_clients() starts the built-in server and fills the URL in.
 LOCAL_URL = "local:"
 
 

@@ -54,7 +54,7 @@ class Downloader:
         """Download ``url`` to ``stem`` plus the image's extension; retried a few times.
 
         Returns (path, size, sha256). Raises :class:`DownloadError` once the tries are spent;
-        the runner then pays for the generation again, at most ``regenerations`` times. A URL
+        the run's course then pays for the generation again, at most ``regenerations`` times. A URL
         that is not a fetchable http(s) URL raises at once (``bad_url``), never fetched.
         """
         checked = image_url(url)

@@ -183,7 +183,7 @@ def print_status(report: dict[str, Any]) -> None:
     print(f"{report['output']}: {report['ok']} ok, {report['failed']} failed, "
           f"{report['pending']} pending of {report['total']}")
     if report["running"]:
-        print("note: a batcher run is writing to this folder now; these counts are changing")
+        print("note: a batcher run is writing to this output now; these counts are changing")
     print(f"{'job':<24} {'model':<40} {'ok':>8} {'failed':>8} {'pending':>8}  spent")
     for row in report["models"]:
         print(f"{row['job']:<24} {row['model']:<40} {row['ok']:>8} {row['failed']:>8} "

@@ -1,7 +1,8 @@
 """Pacing for one provider: a strict rate limit, a concurrency cap and a shared 429 pause.
 
-The policy lives here, apart from the work: the runner only calls ``async with pacer.slot()``
-around each request and ``pacer.pause(seconds)`` when the provider says to slow down.
+The policy lives here, apart from the work: a task's course (:mod:`batcher.run.course`) only
+calls ``async with pacer.slot()`` around each request and ``pacer.pause(seconds)`` when the
+provider says to slow down.
 """
 
 from __future__ import annotations

@@ -84,8 +84,10 @@ class Stops:
         elif verdict.cause is Cause.WAIT_TOO_LONG:
             self.provider(lane, f"it asked to wait {verdict.wait or 0:.0f} s, over max_wait "
                                 f"{config.max_wait:g} s")
-        else:
+        elif verdict.cause is Cause.QUOTA_SPENT:
             self.provider(lane, f"the provider says its quota is spent ({error})")
+        else:  # a cause classify() gained without a wording here
+            self.provider(lane, str(error))
 
     def unreachable(self, lane: Lane) -> None:
         self.provider(lane, f"the endpoint {lane.client.base_url} is unreachable (every "

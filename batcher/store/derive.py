@@ -17,9 +17,7 @@ read, never its pixels (``too_many_pixels``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
-import importlib.metadata
 import io
 import logging
 import os
@@ -38,6 +36,7 @@ from batcher.outputs import DEFAULT_MAX_PIXELS, DELIVERED_KINDS, INPUT_SIDE, Out
 from batcher.records import Record
 from batcher.store.atomic import atomic_open
 from batcher.store.names import Layout, slugify
+from batcher.version import version
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +68,13 @@ XMP_NS = "https://batcher.invalid/ns/1.0/"
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # XML 1.0 forbids these
 
 
-@functools.cache
-def _version() -> str:
-    try:
-        return importlib.metadata.version("batcher")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
 
 def metadata_of(record: Record) -> dict[str, str]:
     """What a derived file says about itself (``metadata: true``)."""
     return {
         "prompt": record.prompt, "model": record.model,
         "seed": "" if record.seed is None else str(record.seed), "task_id": record.id,
-        "job": record.job, "provider": record.provider, "batcher_version": _version(),
+        "job": record.job, "provider": record.provider, "batcher_version": version(),
     }
 
 

@@ -1,4 +1,5 @@
-"""The interface the runner writes through, and how a run opens its output."""
+"""The interface a run writes through (from :mod:`batcher.run.course`), and how a run opens
+its output."""
 
 from __future__ import annotations
 
