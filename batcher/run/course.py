@@ -201,8 +201,8 @@ class Course:
         # the tasks begun before starting others).
         away = (lane.answered and self.spend.limit is None
                 and lane.backing_off < MAX_BACKING_OFF)
-        return Retry(verdict.wait if verdict.wait is not None else backoff(tries.attempt),
-                        away)
+        wait = verdict.wait if verdict.wait is not None else backoff(tries.attempt)
+        return Retry(wait, away)
 
     def _name_taken(self, task: Task) -> NameTaken | None:
         stem = self.layout.task_stem(task)
