@@ -41,7 +41,8 @@ class FolderOutput:
         """Done and failed by the ledger; finished tasks only a sidecar tells of are adopted."""
         done, failed = self.ledger.statuses(self.root)
         found = sidecars.wanted(manifest, selection, self.root, done, failed,
-                                sidecars.local_exists(self.root))
+                                sidecars.local_exists(self.root),
+                                sidecars.folder_sidecars(self.root))
         adopted = await sidecars.adopt(self.ledger, found, sidecars.local_reader(self.root),
                                        self.present, done, failed)
         if adopted:

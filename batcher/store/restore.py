@@ -44,7 +44,8 @@ async def adopt(store: ObjectStore, root: Path, ledger: Ledger, listing: dict[st
         got = await store.get_bytes(name)
         return None if got is None else got[0]
 
-    found = sidecars.wanted(manifest, selection, root, done, failed, listing.__contains__)
+    found = sidecars.wanted(manifest, selection, root, done, failed, listing.__contains__,
+                            filter(sidecars.is_sidecar_name, listing))
     return await sidecars.adopt(ledger, found, read,
                                 lambda path, size: listing.get(path) == size, done, failed)
 
@@ -57,7 +58,7 @@ async def upload_left_behind(uploads: Uploads, ledger: Ledger, listing: dict[str
     files match its sidecar (size and sha256), files first, then record it."""
     root = uploads.root
     found = sidecars.wanted(manifest, selection, root, done, failed,
-                            sidecars.local_exists(root))
+                            sidecars.local_exists(root), sidecars.folder_sidecars(root))
     records = [(name, record) for task_id, name in found
                if (record := sidecars.finished_here(root, name, task_id)) is not None]
     for name, record in records:

@@ -116,9 +116,14 @@ def is_sidecar_name(name: str) -> bool:
 
 
 def wanted(manifest: Manifest, selection: Selection, root: Path, done: set[str],
-           failed: set[str], exists: Callable[[str], bool]) -> list[tuple[str | None, str]]:
+           failed: set[str], exists: Callable[[str], bool],
+           held: Iterable[str]) -> list[tuple[str | None, str]]:
     """(task id, sidecar name) of the tasks a run would send whose sidecar exists (under
-    today's name, or an older batcher's 8-character one)."""
+    today's name, or an older batcher's 8-character one). ``held``: the sidecar names the
+    output holds, read lazily; an output that holds none (a first run) costs no walk of the
+    manifest's tasks."""
+    if next(iter(held), None) is None:
+        return []
     layout = Layout(root)
     found: dict[str, str] = {}  # task id -> its sidecar, the current name before the older one
     for task, sends in selection.walk(manifest, done, failed):
