@@ -100,11 +100,12 @@ def test_a_holder_resumed_after_a_takeover_starts_no_request(
     _out, holder_err = holder.communicate(timeout=120)
     _out, taker_err = taker.communicate(timeout=120)
 
-    # Before the gate, each of the 16 workers started its next request on resuming. A request
-    # whose gate passed in the instant before the pause may still go out: a few at most
-    # (up to 4 seen on a loaded machine).
+    # Without the gate each of the 16 workers starts its next request on resuming (16 seen,
+    # every time). With it, only requests already past their gate when the pause came go out:
+    # up to 4 on a quiet machine, 10 seen on one loaded by two other test runs (a request whose
+    # headers were written before the pause finishes its body after it).
     started = arrivals(a) - before
-    assert started <= 6, f"the resumed holder started {started} requests after losing its lock"
+    assert started <= 12, f"the resumed holder started {started} requests after losing its lock"
     assert taker.returncode == 0, taker_err
     assert holder.returncode != 0 and "over" in holder_err
     assert "Traceback" not in holder_err
