@@ -8,8 +8,8 @@ the line and the field.
 """
 
 from batcher.manifest.fields import placeholders
-from batcher.manifest.jobs import JobSpec
-from batcher.manifest.load import Manifest, load_manifest
+from batcher.manifest.jobs import JobSpec, Manifest
+from batcher.manifest.load import load_manifest
 from batcher.manifest.yamllines import load_yaml_with_lines
 
 __all__ = ["JobSpec", "Manifest", "load_manifest", "load_yaml_with_lines", "placeholders"]

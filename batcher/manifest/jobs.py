@@ -1,5 +1,6 @@
 """One job of a manifest: its fields checked (prompts, vars, vars_file, seeds, images, params,
-outputs) into a :class:`JobSpec`, a prompt grid or a JSONL ``file`` of tasks."""
+outputs) into a :class:`JobSpec`, a prompt grid or a JSONL ``file`` of tasks; and the
+:class:`Manifest` the jobs make up (read by :func:`batcher.manifest.load.load_manifest`)."""
 
 from __future__ import annotations
 
@@ -334,3 +335,19 @@ def parse_file_job(
     outputs = _parse_outputs(data["outputs"], where) if "outputs" in data else None
     return JobSpec(name=name, type="file", provider=provider, line=where.line(), file=path,
                    outputs=outputs)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A whole manifest: where it came from, where it writes, its providers and jobs."""
+
+    name: str
+    path: Path
+    output: str  # a folder path or an object-store URL (s3://, gs://, az://)
+    providers: Mapping[str, ProviderConfig]
+    jobs: tuple[JobSpec, ...]
+    budget: float | None = None  # USD for one run
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +16,16 @@ from batcher.manifest.fields import (
     checked_name,
     require_mapping,
 )
-from batcher.manifest.jobs import JOB_FIELDS, JobSpec, parse_job
+from batcher.manifest.jobs import JOB_FIELDS, JobSpec, Manifest, parse_job
 from batcher.manifest.jsonl import UserIds, check_jsonl
+from batcher.manifest.named import check_names
+from batcher.manifest.tasks import computed_tasks
 from batcher.manifest.yamllines import LinedMapping, load_yaml
 from batcher.providers.config import ProviderConfig, builtin_providers, provider_from_mapping
 from batcher.providers.prices import ANY_MODEL, PRICE_FIELDS, PriceList, price_from_mapping
 
 DEFAULT_JSONL_PROVIDER = "vultr"
 TOP_FIELDS = {"name", "output", "providers", "defaults", "jobs", "budget"}
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """A whole manifest: where it came from, where it writes, its providers and jobs."""
-
-    name: str
-    path: Path
-    output: str  # a folder path or an object-store URL (s3://, gs://, az://)
-    providers: Mapping[str, ProviderConfig]
-    jobs: tuple[JobSpec, ...]
-    budget: float | None = None  # USD for one run
-
-    @property
-    def base_dir(self) -> Path:
-        return self.path.parent
 
 
 def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
@@ -91,8 +76,6 @@ def load_manifest(path: str | Path, *, provider: str | None = None) -> Manifest:
         if job.file is not None:
             check_jsonl(job.file, max_input_bytes=providers[job.provider].max_input_bytes,
                         provider=providers[job.provider], ids=ids, job=job.name)
-    from batcher.manifest.named import check_names
-
     check_names(manifest)
     _check_computed_ids(manifest, ids)
     return manifest
@@ -106,8 +89,6 @@ def _check_computed_ids(manifest: Manifest, ids: UserIds) -> None:
     files have such an id."""
     if not ids.hashlike:
         return
-    from batcher.manifest.tasks import computed_tasks
-
     for task in computed_tasks(manifest, ids.with_computed):
         found = ids.find_computed(task.id)
         if found is not None:

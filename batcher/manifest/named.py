@@ -8,8 +8,7 @@ from collections.abc import Iterator
 
 from batcher.errors import ManifestError
 from batcher.manifest.assets import columns_of, fill, folder_clash
-from batcher.manifest.jobs import JobSpec
-from batcher.manifest.load import Manifest
+from batcher.manifest.jobs import JobSpec, Manifest
 from batcher.manifest.tasks import Task, expand
 from batcher.manifest.varsfile import iter_rows
 

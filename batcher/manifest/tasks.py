@@ -20,8 +20,9 @@ from typing import Any
 
 from batcher.errors import ManifestError
 from batcher.imagerefs import FILE, digest, parse_ref
-from batcher.manifest import JobSpec, Manifest, placeholders
 from batcher.manifest.assets import columns_of, fill
+from batcher.manifest.fields import placeholders
+from batcher.manifest.jobs import JobSpec, Manifest
 from batcher.manifest.jsonl import TRANSPORT_FIELDS, JsonlTask, iter_jsonl
 
 ENDPOINTS = {"image": "/images/generations", "chat": "/chat/completions"}
