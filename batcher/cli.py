@@ -22,7 +22,9 @@ from typing import Any
 
 from batcher import commands
 from batcher.errors import BatcherError, Interrupted, UsageError
+from batcher.manifest.load import DEFAULT_JSONL_PROVIDER
 from batcher.plan import Selection
+from batcher.providers.config import builtin_providers
 from batcher.providers.rates import Rate, parse_rate
 from batcher.run.setup import RunOptions
 from batcher.store import parse_store_url
@@ -102,8 +104,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="output folder, or an object-store URL s3://BUCKET/PREFIX, "
                              "gs://..., az://... (default: the manifest's output, else "
                              "output/NAME)")
-    parser.add_argument("--provider", metavar="NAME",
-                        help="provider for a JSONL task file (default: vultr)")
+    _jsonl_provider(parser)
     parser.add_argument("--concurrency", type=_positive, metavar="N",
                         help="most requests in flight, a whole number; overrides every "
                              "provider's concurrency (default: each provider's own)")
@@ -249,10 +250,14 @@ def _plan_arguments(plan: argparse.ArgumentParser) -> None:
                       help="ask each provider's /models and flag unknown model names")
 
 
+def _jsonl_provider(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", metavar="NAME", help="provider for a JSONL task file "
+                        f"(default: {DEFAULT_JSONL_PROVIDER})")
+
+
 def _validate_arguments(validate: argparse.ArgumentParser) -> None:
     validate.add_argument("manifest", type=Path, help="a YAML manifest or a JSONL task file")
-    validate.add_argument("--provider", metavar="NAME",
-                          help="provider for a JSONL task file (default: vultr)")
+    _jsonl_provider(validate)
 
 
 def _status_arguments(status: argparse.ArgumentParser) -> None:
@@ -269,8 +274,9 @@ def _status_arguments(status: argparse.ArgumentParser) -> None:
 
 
 def _models_arguments(models: argparse.ArgumentParser) -> None:
-    models.add_argument("provider", help="a built-in provider (vultr, modelverse, openai, "
-                        "local) or one the --manifest defines")
+    built_in = ", ".join(builtin_providers())
+    models.add_argument("provider", help=f"a built-in provider ({built_in}) or one the "
+                        "--manifest defines")
     models.add_argument("--manifest", type=Path, metavar="FILE",
                         help="a manifest that defines or overrides the provider "
                              "(default: the built-in providers only)")
@@ -310,8 +316,7 @@ def _prune_arguments(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("manifest", type=Path, help="a YAML manifest or a JSONL task file")
     prune.add_argument("--output", type=_target, metavar="DIR|URL",
                        help="the output folder or store URL (default: the manifest's)")
-    prune.add_argument("--provider", metavar="NAME",
-                       help="provider for a JSONL task file (default: vultr)")
+    _jsonl_provider(prune)
     prune.add_argument("--dry-run", action="store_true",
                        help="list what would be removed; remove nothing")
     prune.add_argument("--force", action="store_true",
