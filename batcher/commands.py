@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from batcher.errors import AuthError, BatcherError, Interrupted, ProviderError, UsageError
+from batcher.location import beside
 from batcher.manifest import Manifest, load_manifest
 from batcher.plan import Counts, Plan, make_plan, output_dir
 from batcher.providers import OpenAICompatible, builtin_providers, open_clients, resolve_key
@@ -411,12 +412,12 @@ def report(target: str) -> int:
 
             if not asyncio.run(refresh_sheet(manifest, root)):
                 raise UsageError(f"{root}: no ledger here")
-            print(f"wrote {root}/results.jsonl and {root}/index.html")
+            print(f"wrote {beside(root, 'results.jsonl')} and {beside(root, 'index.html')}")
             return 0
         target = str(root)
     output = output_target(target)
     asyncio.run(_write_listings(output))
-    print(f"wrote {output}/results.jsonl and {output}/index.html")
+    print(f"wrote {beside(output, 'results.jsonl')} and {beside(output, 'index.html')}")
     return 0
 
 

@@ -46,3 +46,9 @@ def parse_store_url(text: str) -> StoreURL | None:
 def output_target(text: str) -> Path | StoreURL:
     """Where a run writes: a store URL, or a folder (``~`` expanded)."""
     return parse_store_url(text) or Path(text).expanduser()
+
+
+def beside(target: Path | StoreURL, name: str) -> str:
+    """A file of an output, for messages: a folder's as a path (``results.jsonl`` in ``.``),
+    a store's as a URL."""
+    return str(target / name) if isinstance(target, Path) else f"{target}/{name}"

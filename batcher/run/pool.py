@@ -129,8 +129,8 @@ class Pool:
             # the grace period, and a task whose upload is cut short stays pending.
             settled, _ = await self.signals.graced(self._settle())
             if not settled:
-                log.warning("uploads cut short: their tasks stay pending in the store; the next "
-                            "run on this machine uploads them from its working copy")
+                log.warning("keeping the paid results cut short: their tasks stay pending; the "
+                            "next run on this machine keeps them with no request")
             self._progress.close()
             self.output.ledger.flush()
         return await self._finish(plan, started)
