@@ -6,14 +6,13 @@ stands for the 60 s default; a fresh XDG_CACHE_HOME stands for a fresh machine."
 from __future__ import annotations
 
 import signal
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import provider_block, run_cli, start_cli, write_manifest
+from conftest import pics_and_lines, provider_block, run_cli, start_cli, write_manifest
 from faultproxy import StoreProxy, is_upload
 from s3server import S3Server, s3, store_env
 
@@ -29,24 +28,9 @@ def env(endpoint: str, cache: Path, lease: str = LEASE) -> dict[str, str]:
 def manifest(server: Any, folder: Path, output: str, *, images: int, chats: int,
              concurrency: int = 4) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    text = f"name: durable\noutput: {output}\n" + provider_block(
-        server, concurrency=concurrency) + textwrap.dedent(f"""\
-        jobs:
-          - name: pics
-            type: image
-            provider: test
-            model: flux.1-schnell
-            prompt: "A lantern number {{n}}"
-            vars: {{n: {list(range(images))}}}
-            params: {{size: 256x256, response_format: b64_json}}
-          - name: lines
-            type: chat
-            provider: test
-            model: llama-3.1-8b-instruct
-            prompt: "Describe lantern {{n}}"
-            vars: {{n: {list(range(chats))}}}
-            params: {{max_tokens: 20}}
-        """)
+    text = (f"name: durable\noutput: {output}\n"
+            + provider_block(server, concurrency=concurrency)
+            + pics_and_lines("lantern", images=images, chats=chats))
     return write_manifest(folder, text)
 
 
